@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Set up what is missing on a fresh Debian machine and build hotpipe (release).
+#   - Debian packages the build needs (only when missing; needs root or sudo)
+#   - a Python venv with torch==2.11.0 (the libtorch hotpipe links), in a cache outside
+#     the checkout so CI and fresh clones reuse it: $HOTPIPE_CACHE (~/.cache/hotpipe)
+#   - the demo model models/restore.pt (written by scripts/make_demo_model.py)
+#   - cargo build --release
+# Idempotent: a second run only rebuilds what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+need_pkgs=()
+for p in pkg-config cmake nasm; do
+  command -v "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
+done
+command -v cc >/dev/null 2>&1 || need_pkgs+=(build-essential)
+command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3 python3-venv)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  log "installing Debian packages: ${need_pkgs[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  log "installing the Rust toolchain (rustup)"
+  curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+  source "$HOME/.cargo/env"
+fi
+
+if ! "$HOTPIPE_VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$HOTPIPE_TORCH_VERSION')" 2>/dev/null; then
+  log "creating $HOTPIPE_VENV with torch==$HOTPIPE_TORCH_VERSION (about 4.7 GB, once per machine)"
+  mkdir -p "$HOTPIPE_CACHE"
+  python3 -m venv "$HOTPIPE_VENV"
+  "$HOTPIPE_VENV/bin/python" -m pip install -q --upgrade pip
+  "$HOTPIPE_VENV/bin/python" -m pip install -q "torch==$HOTPIPE_TORCH_VERSION" numpy pillow
+fi
+"$HOTPIPE_VENV/bin/python" -c "import numpy, PIL" 2>/dev/null || "$HOTPIPE_VENV/bin/python" -m pip install -q numpy pillow
+
+if [ ! -f models/restore.pt ]; then
+  log "writing the demo model models/restore.pt"
+  mkdir -p models
+  "$HOTPIPE_PYTHON" scripts/make_demo_model.py models/restore.pt >/dev/null
+fi
+
+log "building hotpipe (release)"
+cargo build --release --locked --quiet 2>&1 || cargo build --release --locked
+log "ready: target/release/hotpipe"

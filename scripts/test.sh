@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up what is missing, then run the whole test suite: formatting, clippy, and every
+# unit and integration test (CPU; tests that need CUDA say so and skip).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+source scripts/env.sh
+cargo fmt --all -- --check
+cargo clippy --release --all-targets --locked -- -D warnings
+cargo test --release --locked

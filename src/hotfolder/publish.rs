@@ -1,0 +1,128 @@
+//! Publishing files: write to a temporary name in the target directory, fsync, rename to
+//! the final name without replacing anything, fsync the directory.
+//!
+//! A reader of the output directory therefore sees either nothing or a complete file,
+//! even across a crash or power loss, and an existing file is never overwritten: a name
+//! that is taken gets a `-1`, `-2`, ... suffix. Temporary names start with `.` and end
+//! in `.hotpipe-tmp`, so tools (and hotpipe's own recovery) can tell and remove them.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Suffix of temporary files; anything ending in it is a leftover of an interrupted write.
+pub const TMP_SUFFIX: &str = ".hotpipe-tmp";
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Rename `from` to `to`, failing with `AlreadyExists` instead of replacing `to`.
+pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    let c =
+        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (f, t) = (c(from)?, c(to)?);
+    // SAFETY: both are valid NUL-terminated paths; renameat2 does not retain them.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        // Filesystems without RENAME_NOREPLACE: link() also refuses to replace.
+        Some(libc::EINVAL) | Some(libc::ENOSYS) => {
+            std::fs::hard_link(from, to)?;
+            std::fs::remove_file(from)
+        }
+        _ => Err(err),
+    }
+}
+
+/// fsync a directory, making the renames in it durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Write `bytes` as `dir/<stem>.<ext>` (or `<stem>-N.<ext>` when taken) durably.
+/// Returns the final path.
+pub fn write_new(
+    dir: &Path,
+    stem: &str,
+    ext: &str,
+    bytes: &[u8],
+    durable: bool,
+) -> std::io::Result<PathBuf> {
+    let tmp = dir.join(format!(
+        ".{stem}.{}.{}{TMP_SUFFIX}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = File::options().write(true).create_new(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        if durable {
+            f.sync_all()?;
+        }
+        drop(f);
+        let path = place_noreplace(&tmp, dir, stem, ext)?;
+        if durable {
+            sync_dir(dir)?;
+        }
+        Ok(path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Rename `from` into `dir` as `<stem>.<ext>`, adding `-N` until the name is free.
+pub fn place_noreplace(from: &Path, dir: &Path, stem: &str, ext: &str) -> std::io::Result<PathBuf> {
+    let dot = if ext.is_empty() { "" } else { "." };
+    for n in 0..100_000u32 {
+        let name = if n == 0 {
+            format!("{stem}{dot}{ext}")
+        } else {
+            format!("{stem}-{n}{dot}{ext}")
+        };
+        let to = dir.join(name);
+        match rename_noreplace(from, &to) {
+            Ok(()) => return Ok(to),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "no free name for {stem}.{ext} in {}",
+        dir.display()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        let a = write_new(d.path(), "x", "jpg", b"1", true).unwrap();
+        let b = write_new(d.path(), "x", "jpg", b"2", true).unwrap();
+        assert_eq!(a.file_name().unwrap(), "x.jpg");
+        assert_eq!(b.file_name().unwrap(), "x-1.jpg");
+        assert_eq!(std::fs::read(&a).unwrap(), b"1");
+        assert_eq!(std::fs::read(&b).unwrap(), b"2");
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "no temporary file left: {names:?}");
+    }
+}

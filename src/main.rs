@@ -1,0 +1,107 @@
+//! The `hotpipe` binary: parses the command line, sets up logging, calls the library.
+//! `anyhow` lives here and nowhere else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use hotpipe::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "hotpipe",
+    version,
+    about = "A folder in, a GPU image model, a folder out."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline once over files and folders, writing results into --out.
+    Process {
+        #[arg(long, default_value = "pipeline.toml")]
+        config: PathBuf,
+        /// Output folder (created if missing); existing files are never replaced.
+        #[arg(long)]
+        out: PathBuf,
+        /// Input files and folders (folders are read recursively, hidden entries skipped).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// No progress bar or progress lines.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Validate the config, load the model, run one dummy batch and describe it.
+    Check {
+        #[arg(long, default_value = "pipeline.toml")]
+        config: PathBuf,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HOTPIPE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Process {
+            config,
+            out,
+            inputs,
+            quiet,
+        } => {
+            let cfg = Config::load(&config)?;
+            let inputs = hotpipe::process::collect_inputs(&inputs).map_err(anyhow::Error::msg)?;
+            let opts = hotpipe::process::RunOptions {
+                progress: !quiet,
+                ..Default::default()
+            };
+            let s = hotpipe::process::run(&cfg, inputs, &out, opts)
+                .context("pipeline failed to start")?;
+            tracing::info!("stage telemetry\n{}", s.report);
+            println!(
+                "done {}, failed {}, {:.2} s, {:.1} images/s",
+                s.done,
+                s.failed.len(),
+                s.elapsed.as_secs_f64(),
+                s.images_per_s()
+            );
+            for f in &s.failed {
+                println!("failed: {}: {}: {}", f.path.display(), f.stage, f.reason);
+            }
+            Ok(if s.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Check { config } => {
+            let cfg = Config::load(&config)?;
+            let report = hotpipe::check::check(&cfg)?;
+            print!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! The unit of work: one input file, as it moves through the stages.
+//!
+//! An [`Item`] is owned by exactly one stage at a time and only moves forward; each stage
+//! wraps it with what it produced ([`Frame`] after decode). Everything the end of the
+//! pipeline needs to report or publish (name, attempts, sidecar data) rides on the item,
+//! so no stage has to look anything up in another's state.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::error::ItemError;
+use crate::pipeline::pool::PooledBuf;
+
+/// A region of the source image to fit, in the coordinates of the original (not
+/// DCT-scaled) image. May extend past the image border; the outside is padded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Region {
+    pub x0: f32,
+    pub y0: f32,
+    pub x1: f32,
+    pub y1: f32,
+}
+
+#[derive(Debug)]
+pub struct Item {
+    /// Unique within one run; orders log lines and outcomes.
+    pub id: u64,
+    /// Where the input is read from (`work/` in the hot folder).
+    pub path: PathBuf,
+    /// Output base name: the input's stem, sanitised.
+    pub name: String,
+    /// How many times processing this file has been started (durable in the hot folder).
+    pub attempts: u32,
+    /// When the item entered the pipeline, for latency.
+    pub started: Instant,
+    /// What to fit instead of the whole image (the face crop sets it).
+    pub region: Option<Region>,
+    /// JSON written beside the output as `<name>.json` (the face crop's box and landmarks).
+    pub sidecar: Option<serde_json::Value>,
+}
+
+impl Item {
+    pub fn new(id: u64, path: PathBuf) -> Item {
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Item {
+            id,
+            name: sanitize_name(&stem),
+            path,
+            attempts: 1,
+            started: Instant::now(),
+            region: None,
+            sidecar: None,
+        }
+    }
+}
+
+/// A decoded image: tightly packed RGB8 in a pooled buffer.
+#[derive(Debug)]
+pub struct Frame {
+    pub pixels: PooledBuf,
+    pub width: u32,
+    pub height: u32,
+    /// Size of the image before any DCT-domain downscale at decode (what `Region`s and
+    /// sidecars refer to). Equal to `width`/`height` for a full decode.
+    pub orig_width: u32,
+    pub orig_height: u32,
+}
+
+/// What happened to one item, reported once by whichever stage finished it.
+#[derive(Debug)]
+pub struct Outcome {
+    pub item: Item,
+    /// Output files written, or why the item failed.
+    pub result: Result<Vec<PathBuf>, ItemError>,
+}
+
+/// Make an output base name from an input stem: no path separators, no leading dot (a
+/// hidden file, or `..`), no control characters (a newline in a name breaks every log
+/// and shell loop downstream). Unicode and spaces survive; an empty result becomes
+/// `unnamed`. Also capped at 200 bytes, leaving room for a suffix and extension under
+/// the usual 255-byte name limit.
+pub fn sanitize_name(stem: &str) -> String {
+    let mut out: String = stem
+        .chars()
+        .map(|c| {
+            if c == '/' || c == '\\' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    while out.starts_with('.') {
+        out.replace_range(0..1, "_");
+    }
+    if out.len() > 200 {
+        let mut end = 200;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+    }
+    if out.trim().is_empty() {
+        out = "unnamed".to_string();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(sanitize_name("a b ü 漢"), "a b ü 漢");
+        assert_eq!(sanitize_name(".hidden"), "_hidden");
+        assert_eq!(sanitize_name("..x"), "_.x");
+        assert_eq!(sanitize_name("a\nb\tc"), "a_b_c");
+        assert_eq!(sanitize_name(""), "unnamed");
+        assert!(sanitize_name(&"é".repeat(300)).len() <= 200);
+    }
+}

@@ -1,0 +1,174 @@
+//! Fixtures shared by the integration tests: real images, real TorchScript models traced
+//! with tch, config files, all built in temp dirs in code.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use tch::{CModule, Device, Kind, Tensor, nn};
+
+/// A smooth, deterministic RGB test picture (gradients and a disc).
+pub fn picture(w: u32, h: u32, seed: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+        let d = ((fx - 0.5).powi(2) + (fy - 0.5).powi(2)).sqrt();
+        let disc = if d < 0.25 { 80.0 } else { 0.0 };
+        image::Rgb([
+            (fx * 200.0 + disc + seed as f32 * 7.0) as u8,
+            (fy * 200.0 + (seed % 5) as f32 * 9.0) as u8,
+            ((1.0 - fx) * 150.0 + disc) as u8,
+        ])
+    })
+}
+
+pub fn write_jpeg(path: &Path, w: u32, h: u32, seed: u32) {
+    picture(w, h, seed)
+        .save_with_format(path, image::ImageFormat::Jpeg)
+        .unwrap();
+}
+
+pub fn write_png(path: &Path, w: u32, h: u32, seed: u32) {
+    picture(w, h, seed)
+        .save_with_format(path, image::ImageFormat::Png)
+        .unwrap();
+}
+
+/// Trace and save a small residual conv net: x + 0.1 * tanh(conv(x)), clamped to [0, 1].
+pub fn restore_model(path: &Path) {
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    tch::manual_seed(1);
+    let conv = nn::conv2d(
+        vs.root(),
+        3,
+        3,
+        3,
+        nn::ConvConfig {
+            padding: 1,
+            ..Default::default()
+        },
+    );
+    vs.freeze();
+    let mut f = |xs: &[Tensor]| {
+        let x = &xs[0];
+        vec![(x + x.apply(&conv).tanh() * 0.1).clamp(0.0, 1.0)]
+    };
+    let m = CModule::create_by_tracing(
+        "Restore",
+        "forward",
+        &[Tensor::rand([1, 3, 16, 16], (Kind::Float, Device::Cpu))],
+        &mut f,
+    )
+    .unwrap();
+    m.save(path).unwrap();
+}
+
+/// A model that breaks the contract: returns one channel.
+pub fn one_channel_model(path: &Path) {
+    let mut f = |xs: &[Tensor]| vec![xs[0].mean_dim(Some([1i64].as_slice()), true, Kind::Float)];
+    let m = CModule::create_by_tracing(
+        "Grey",
+        "forward",
+        &[Tensor::rand([1, 3, 16, 16], (Kind::Float, Device::Cpu))],
+        &mut f,
+    )
+    .unwrap();
+    m.save(path).unwrap();
+}
+
+/// A 2x nearest upscaler (output size differs from input).
+pub fn upscale_model(path: &Path) {
+    let mut f = |xs: &[Tensor]| {
+        vec![
+            xs[0]
+                .repeat_interleave_self_int(2, Some(2), None)
+                .repeat_interleave_self_int(2, Some(3), None),
+        ]
+    };
+    let m = CModule::create_by_tracing(
+        "Up",
+        "forward",
+        &[Tensor::rand([1, 3, 16, 16], (Kind::Float, Device::Cpu))],
+        &mut f,
+    )
+    .unwrap();
+    m.save(path).unwrap();
+}
+
+pub fn write(path: &Path, text: &str) -> PathBuf {
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
+}
+
+pub fn hotpipe() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_hotpipe"))
+}
+
+/// Sorted file names in a folder.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+/// PSNR in dB between two equally sized RGB8 buffers.
+pub fn psnr(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let mse: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    }
+}
+
+/// The shared bench folder beside the checkout, if present.
+pub fn shared_bench() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench");
+    p.join("peers.py")
+        .is_file()
+        .then(|| p.canonicalize().unwrap())
+}
+
+/// The venv interpreter with torch (set by scripts/env.sh).
+pub fn python() -> Option<PathBuf> {
+    let p = PathBuf::from(std::env::var_os("HOTPIPE_PYTHON")?);
+    p.is_file().then_some(p)
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xffff_ffffu32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// A PNG signature and a valid IHDR claiming `w x h` RGB8, and nothing else: a decoder
+/// that trusts the header would try to allocate w * h * 3 bytes.
+pub fn png_header(w: u32, h: u32) -> Vec<u8> {
+    let mut chunk = b"IHDR".to_vec();
+    chunk.extend_from_slice(&w.to_be_bytes());
+    chunk.extend_from_slice(&h.to_be_bytes());
+    chunk.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend_from_slice(&13u32.to_be_bytes());
+    png.extend_from_slice(&chunk);
+    png.extend_from_slice(&crc32(&chunk).to_be_bytes());
+    png
+}

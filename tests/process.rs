@@ -1,0 +1,307 @@
+//! `hotpipe process` end to end: real images, real TorchScript models, the real binary.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use hotpipe::config::Config;
+use hotpipe::stages::decode::Decoder;
+use hotpipe::stages::fit::Fitter;
+use tch::{CModule, Device, Kind, Tensor};
+
+fn config(dir: &Path, model: &str, extra: &str) -> std::path::PathBuf {
+    write(
+        &dir.join("p.toml"),
+        &format!(
+            "[model]\npath = \"{model}\"\ndevice = \"cpu\"\nmax_batch = 4\n\n[preprocess]\nsize = 64\n\n[encode]\nformat = \"png\"\n\n[pipeline]\ndecode_threads = 2\nencode_threads = 2\n{extra}"
+        ),
+    )
+}
+
+#[test]
+fn good_and_bad_files_give_exactly_the_expected_outputs_and_failures() {
+    let d = tempfile::tempdir().unwrap();
+    let inp = d.path().join("in");
+    std::fs::create_dir(&inp).unwrap();
+    restore_model(&d.path().join("m.pt"));
+    for i in 0..6 {
+        write_jpeg(
+            &inp.join(format!("good{i}.jpg")),
+            100 + 13 * i,
+            80 + 7 * i,
+            i,
+        );
+    }
+    write_png(&inp.join("pic ü.png"), 90, 90, 9);
+    std::fs::write(inp.join("empty.jpg"), b"").unwrap();
+    std::fs::write(inp.join("notes.txt"), b"this is not an image").unwrap();
+    let mut jpg = std::fs::read(inp.join("good0.jpg")).unwrap();
+    jpg.truncate(jpg.len() / 3);
+    std::fs::write(inp.join("truncated.jpg"), &jpg).unwrap();
+    // 20000 x 20000 PNG header: over the default 16384 limit, never decoded.
+    let png = png_header(20000, 20000);
+    std::fs::write(inp.join("huge.png"), &png).unwrap();
+
+    let cfg = config(d.path(), "m.pt", "");
+    let out = d.path().join("out");
+    let r = hotpipe()
+        .args(["process", "--quiet", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .arg(&inp)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(
+        r.status.code(),
+        Some(1),
+        "any failure gives exit 1\n{stdout}\n{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let mut expected: Vec<String> = (0..6).map(|i| format!("good{i}.png")).collect();
+    expected.push("pic ü.png".into());
+    expected.sort();
+    assert_eq!(names(&out), expected);
+    assert!(stdout.contains("done 7, failed 4"), "{stdout}");
+    for (name, reason) in [
+        ("empty.jpg", "empty file"),
+        ("notes.txt", "not a recognised image"),
+        ("truncated.jpg", "JPEG"),
+        ("huge.png", "over the"),
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("{name} not listed:\n{stdout}"));
+        assert!(line.contains(reason), "{line}");
+    }
+    // Running again never overwrites: outputs get a suffix.
+    let r = hotpipe()
+        .args(["process", "--quiet", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .arg(inp.join("good0.jpg"))
+        .output()
+        .unwrap();
+    assert!(r.status.success());
+    assert!(names(&out).contains(&"good0-1.png".to_string()));
+}
+
+#[test]
+fn output_equals_the_model_applied_in_the_test() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m.pt");
+    restore_model(&m);
+    let src = d.path().join("a.png");
+    write_png(&src, 150, 100, 3);
+    let cfg_path = config(d.path(), "m.pt", "");
+    let out = d.path().join("out");
+    let r = hotpipe()
+        .args(["process", "--quiet", "--config"])
+        .arg(&cfg_path)
+        .arg("--out")
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let got = image::open(out.join("a.png")).unwrap().into_rgb8();
+    assert_eq!(got.dimensions(), (64, 64));
+
+    // Reference: the library's decode and fit, then the model through tch directly.
+    let cfg = Config::load(&cfg_path).unwrap();
+    let mut dec = Decoder::new(cfg.decode.clone(), hotpipe::pipeline::pool::BufPool::new(2));
+    let frame = dec.decode(&std::fs::read(&src).unwrap()).unwrap();
+    let mut fitted = vec![0u8; 64 * 64 * 3];
+    Fitter::new(cfg.preprocess.clone())
+        .fit(&frame, None, &mut fitted)
+        .unwrap();
+    let x = Tensor::from_slice(&fitted)
+        .view([1, 64, 64, 3])
+        .permute([0, 3, 1, 2])
+        .to_kind(Kind::Float)
+        / 255.0;
+    let model = CModule::load_on_device(&m, Device::Cpu).unwrap();
+    let y = model.forward_ts(&[x]).unwrap();
+    let y: Vec<u8> = Vec::try_from(
+        (y.clamp(0.0, 1.0) * 255.0)
+            .round()
+            .to_kind(Kind::Uint8)
+            .permute([0, 2, 3, 1])
+            .flatten(0, -1),
+    )
+    .unwrap();
+    let max_diff = got
+        .as_raw()
+        .iter()
+        .zip(&y)
+        .map(|(&a, &b)| (a as i32 - b as i32).abs())
+        .max()
+        .unwrap();
+    // Tolerance: identical arithmetic, so at most one level from float rounding order.
+    assert!(max_diff <= 1, "max difference {max_diff}");
+    // And the model really changed the image (the test could not pass by copying input).
+    assert!(fitted.iter().zip(got.as_raw()).any(|(a, b)| a != b));
+}
+
+#[test]
+fn model_breaking_the_contract_fails_at_start_up() {
+    let d = tempfile::tempdir().unwrap();
+    one_channel_model(&d.path().join("grey.pt"));
+    write_png(&d.path().join("a.png"), 64, 64, 1);
+    let cfg = config(d.path(), "grey.pt", "");
+    let r = hotpipe()
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(
+        err.contains("must return N x 3 x H' x W'") && err.contains("[2, 1, 64, 64]"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("frame #"),
+        "no C++ backtrace for users: {err}"
+    );
+    let r = hotpipe()
+        .args(["process", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(d.path().join("o"))
+        .arg(d.path().join("a.png"))
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    assert!(names(&d.path().join("o")).is_empty(), "nothing processed");
+    let cfg = config(d.path(), "missing.pt", "");
+    let r = hotpipe()
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&r.stderr).contains("no such file"));
+}
+
+#[test]
+fn check_describes_model_and_upscaler_output_size() {
+    let d = tempfile::tempdir().unwrap();
+    upscale_model(&d.path().join("up.pt"));
+    let cfg = config(d.path(), "up.pt", "");
+    let r = hotpipe()
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(
+        out.contains("device: cpu")
+            && out.contains("output: N x 3 x 128 x 128")
+            && out.contains("batch: 4"),
+        "{out}"
+    );
+    write_jpeg(&d.path().join("a.jpg"), 200, 100, 1);
+    let r = hotpipe()
+        .args(["process", "--quiet", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(d.path().join("o"))
+        .arg(d.path().join("a.jpg"))
+        .output()
+        .unwrap();
+    assert!(r.status.success());
+    assert_eq!(image::open(d.path().join("o/a.png")).unwrap().width(), 128);
+}
+
+#[test]
+fn config_errors_name_key_and_line() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write(
+        &d.path().join("bad.toml"),
+        "[model]\npath = \"m.pt\"\ndevise = \"cpu\"\n",
+    );
+    let r = hotpipe()
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(
+        err.contains("line 3") && err.contains("devise") && err.contains("device"),
+        "{err}"
+    );
+}
+
+#[test]
+fn frame_buffers_do_not_grow_with_the_number_of_images() {
+    let d = tempfile::tempdir().unwrap();
+    restore_model(&d.path().join("m.pt"));
+    let cfg = Config::load(&config(d.path(), "m.pt", "channel_capacity = 2\n")).unwrap();
+    let mut created = Vec::new();
+    for n in [8usize, 48] {
+        let inp = d.path().join(format!("in{n}"));
+        std::fs::create_dir(&inp).unwrap();
+        for i in 0..n {
+            write_jpeg(&inp.join(format!("{i:03}.jpg")), 120, 90, i as u32);
+        }
+        let inputs = hotpipe::process::collect_inputs(&[inp]).unwrap();
+        let s = hotpipe::process::run(
+            &cfg,
+            inputs,
+            &d.path().join(format!("out{n}")),
+            Default::default(),
+        )
+        .unwrap();
+        assert_eq!(s.done, n);
+        created.push(s.frame_buffers_created);
+    }
+    // The pool is bounded by its capacity: 6x more images allocate no more buffers than
+    // the pool holds, and at most what the smaller run had plus the pipeline's depth.
+    let cap = 2 * 2 + 2 + 1 + 16;
+    assert!(created[1] <= cap, "{created:?}");
+    assert!(
+        created[1] <= created[0] + 8,
+        "buffers grew with image count: {created:?}"
+    );
+}
+
+#[test]
+fn oom_split_loses_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    restore_model(&d.path().join("m.pt"));
+    let cfg = Config::load(&config(d.path(), "m.pt", "")).unwrap();
+    let inp = d.path().join("in");
+    std::fs::create_dir(&inp).unwrap();
+    for i in 0..12 {
+        write_jpeg(&inp.join(format!("{i:02}.jpg")), 100, 100, i);
+    }
+    let inputs = hotpipe::process::collect_inputs(&[inp.clone()]).unwrap();
+    let opts = hotpipe::process::RunOptions {
+        start: hotpipe::pipeline::StartOptions {
+            inject_oom: 5,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let s = hotpipe::process::run(&cfg, inputs.clone(), &d.path().join("oom"), opts).unwrap();
+    assert_eq!((s.done, s.failed.len()), (12, 0));
+    let s2 =
+        hotpipe::process::run(&cfg, inputs, &d.path().join("plain"), Default::default()).unwrap();
+    assert_eq!(s2.done, 12);
+    // Split batches give the same pixels as whole ones.
+    for n in names(&d.path().join("plain")) {
+        let a = image::open(d.path().join("oom").join(&n))
+            .unwrap()
+            .into_rgb8();
+        let b = image::open(d.path().join("plain").join(&n))
+            .unwrap()
+            .into_rgb8();
+        assert_eq!(a.as_raw(), b.as_raw(), "{n}");
+    }
+}
