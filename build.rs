@@ -14,4 +14,20 @@ fn main() {
     println!("cargo:rustc-link-arg=-L{lib}");
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch,--as-needed");
     println!("cargo:rerun-if-changed=build.rs");
+
+    // The CUDA stream/event shim (src/runtime/cuda/shim.cpp). It includes only libtorch's
+    // device-generic c10 headers, which the PyPI wheel ships next to its lib directory, so
+    // no CUDA toolkit is needed to build it; on a machine without a GPU it is linked but
+    // never called. PyTorch >= 2.7 wheels use the C++11 ABI.
+    let root = std::path::Path::new(&lib).join("..");
+    cc::Build::new()
+        .cpp(true)
+        .file("src/runtime/cuda/shim.cpp")
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .compile("hotpipe_cuda_shim");
+    println!("cargo:rerun-if-changed=src/runtime/cuda/shim.cpp");
 }

@@ -695,7 +695,7 @@ impl Config {
                 4096,
                 2 * cores.max(4),
             )?,
-            batch_slots: cx.int_in(&pl.batch_slots, "pipeline.batch_slots", 2, 16, 3usize)?,
+            batch_slots: cx.int_in(&pl.batch_slots, "pipeline.batch_slots", 1, 16, 3usize)?,
         };
 
         let face_crop = match &raw.face_crop {

@@ -99,8 +99,23 @@ pub fn torch_message(e: &tch::TchError) -> String {
 }
 
 /// The first non-empty line of a message, without libtorch's "Exception raised from"
-/// trailer.
+/// trailer. A TorchScript interpreter error's first line only says that an operation
+/// failed; the reason is the later `RuntimeError:` line, which is appended.
 pub fn first_line(full: &str) -> String {
+    let first = first_line_only(full);
+    let reason = full
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("RuntimeError:"));
+    match reason {
+        Some(r) if first.contains("failed in the TorchScript interpreter") => {
+            format!("{first} {r}")
+        }
+        _ => first,
+    }
+}
+
+fn first_line_only(full: &str) -> String {
     let line = full
         .lines()
         .map(str::trim)
@@ -124,5 +139,10 @@ mod tests {
             "Internal torch error - The size of tensor a (3) must match"
         );
         assert_eq!(first_line("\n\n  x  \ny"), "x");
+        let ts = "The following operation failed in the TorchScript interpreter.\nTraceback of TorchScript:\n  ...\nRuntimeError: Input type (c10::BFloat16) and bias type (float) should be the same\n";
+        assert_eq!(
+            first_line(ts),
+            "The following operation failed in the TorchScript interpreter. RuntimeError: Input type (c10::BFloat16) and bias type (float) should be the same"
+        );
     }
 }

@@ -97,6 +97,9 @@ pub struct RuntimeInfo {
     pub precision: Kind,
 }
 
+/// Reads one queue's current length (for the telemetry sampler).
+type QueueProbe = Box<dyn Fn() -> usize + Send>;
+
 /// A decoded image on its way to the fit stage.
 pub type Decoded = (Item, Frame);
 
@@ -169,7 +172,9 @@ impl Pipeline {
         }
         let max_batch = match cfg.model.as_ref().map(|m| m.max_batch) {
             Some(BatchSize::Fixed(n)) => n,
-            Some(BatchSize::Auto) | None => 8,
+            // Several devices share the slot ring, so the smallest device sets the size.
+            Some(BatchSize::Auto) => models.iter().map(Model::auto_batch).min().unwrap_or(8),
+            None => 8,
         };
         let timeout = Duration::from_millis(cfg.model.as_ref().map_or(10, |m| m.batch_timeout_ms));
         let info = RuntimeInfo {
@@ -256,9 +261,12 @@ impl Pipeline {
         }
 
         // decode
-        // Frames in flight: one per decoder, the channel, one per fit worker, plus the
-        // detect stage's batch; the pool is sized so it never is the limit by accident.
-        let decode_pool = BufPool::new(pl.decode_threads * 2 + cap + pl.fit_threads + 16);
+        // Decoded frames are the pipeline's largest buffers (a 2048 px photo is 12 MiB), so
+        // the pool, not the channel, bounds how many exist: one per decoder and fit worker,
+        // one for an EXIF rotation in progress, a few queued for fit, and what the detect
+        // stage batches. A full pool blocks decoders, which is the intended back-pressure.
+        let middle_frames = if opts.middle.is_some() { 8 } else { 0 };
+        let decode_pool = BufPool::new(pl.decode_threads + pl.fit_threads + 3 + middle_frames);
         telemetry.set_threads(Stage::Decode, pl.decode_threads);
         let (fit_tx, fit_rx) = if opts.middle.is_some() {
             bounded::<Decoded>(cap)
@@ -428,7 +436,7 @@ impl Pipeline {
         let (stop_tx, stop_rx) = bounded::<()>(0);
         {
             let tel = Arc::clone(&telemetry);
-            let probes: Vec<(Stage, usize, Box<dyn Fn() -> usize + Send>)> = vec![
+            let probes: Vec<(Stage, usize, QueueProbe)> = vec![
                 (Stage::Read, cap, Box::new(move || probe_input.len())),
                 (Stage::Decode, cap, Box::new(move || probe_read.len())),
                 (Stage::Fit, cap, Box::new(move || probe_fit.len())),

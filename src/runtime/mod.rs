@@ -6,6 +6,7 @@
 //!   encoders read from.
 
 pub mod batcher;
+pub mod cuda;
 pub mod infer;
 pub mod model;
 

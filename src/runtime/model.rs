@@ -158,6 +158,47 @@ impl Model {
         self.kind
     }
 
+    /// `max_batch = "auto"`: on a GPU, measure the model's memory for batches of one and
+    /// two (the difference is the per-image footprint, the rest weights and workspace)
+    /// and fit as many images as 70% of the free memory holds, leaving room for the
+    /// allocator's fragmentation and the next batch's copy. Capped at 256. On the CPU
+    /// memory is not what bounds a batch, and larger batches only add latency: 8.
+    pub fn auto_batch(&self) -> usize {
+        let Device::Cuda(i) = self.device else {
+            return 8;
+        };
+        let _guard = tch::no_grad_guard();
+        let (h, w) = self.in_hw;
+        let peak_for = |n: i64| -> Option<usize> {
+            crate::runtime::cuda::peak_allocated(i, true).ok()?;
+            let x = Tensor::f_zeros([n, h, w, 3], (Kind::Uint8, self.device)).ok()?;
+            let _y = self.forward_u8(&x).ok()?;
+            tch::Cuda::synchronize(i as i64);
+            crate::runtime::cuda::peak_allocated(i, false).ok()
+        };
+        let (Some(p1), Some(p2)) = (peak_for(1), peak_for(2)) else {
+            tracing::warn!(
+                device = i,
+                "cannot measure the model's memory; max_batch = 8"
+            );
+            return 8;
+        };
+        let per_image = p2.saturating_sub(p1).max(1);
+        let free = crate::runtime::cuda::mem_info(i)
+            .map(|(f, _)| f)
+            .unwrap_or(0);
+        let n = ((free as f64 * 0.7) / per_image as f64) as usize;
+        let n = n.clamp(1, 256);
+        tracing::info!(
+            device = i,
+            per_image_mib = per_image >> 20,
+            free_mib = free >> 20,
+            max_batch = n,
+            "sized the batch from free device memory"
+        );
+        n
+    }
+
     /// Run a uint8 `N x H x W x 3` batch that is already on the model's device; returns
     /// uint8 `N x H' x W' x 3`, contiguous, on the device.
     pub fn forward_u8(&self, x: &Tensor) -> Result<Tensor, TchError> {

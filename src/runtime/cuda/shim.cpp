@@ -1,0 +1,131 @@
+// hotpipe's CUDA stream/event shim.
+//
+// tch 0.24 exposes pinned memory and non-blocking copies but no streams or events. This
+// file adds exactly what the inference worker needs, using only libtorch's
+// device-generic c10 API (DeviceGuardImplInterface, c10::Stream, c10::Event,
+// c10::StreamGuard, the DeviceAllocator), so it compiles against the PyPI wheel's headers
+// without the CUDA toolkit. Every entry point catches all exceptions and returns an error
+// code; the message is kept per thread for hp_last_error(). Nothing is thrown across the C
+// boundary.
+#include <ATen/core/Tensor.h>
+#include <c10/core/CachingDeviceAllocator.h>
+#include <c10/core/Event.h>
+#include <c10/core/Stream.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
+#include <cstring>
+#include <string>
+
+namespace {
+thread_local std::string last_error;
+
+int fail(const char* what) {
+  last_error = what;
+  return 1;
+}
+
+template <typename F>
+int guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  } catch (...) {
+    return fail("unknown C++ exception");
+  }
+}
+
+const c10::impl::DeviceGuardImplInterface* cuda_impl() {
+  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+}
+}  // namespace
+
+extern "C" {
+
+const char* hp_last_error() { return last_error.c_str(); }
+
+int hp_stream_from_pool(int device, int high_priority, void** out) {
+  return guarded([&] {
+    c10::Device d(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device));
+    c10::Stream s = cuda_impl()->getStreamFromGlobalPool(d, high_priority != 0);
+    *out = new c10::Stream(s);
+  });
+}
+
+void hp_stream_free(void* s) { delete static_cast<c10::Stream*>(s); }
+
+int hp_stream_synchronize(void* s) {
+  return guarded([&] { static_cast<c10::Stream*>(s)->synchronize(); });
+}
+
+int hp_stream_guard_enter(void* s, void** out) {
+  return guarded([&] { *out = new c10::StreamGuard(*static_cast<c10::Stream*>(s)); });
+}
+
+void hp_stream_guard_exit(void* g) { delete static_cast<c10::StreamGuard*>(g); }
+
+int hp_event_new(void** out) {
+  return guarded([&] { *out = new c10::Event(c10::DeviceType::CUDA); });
+}
+
+void hp_event_free(void* e) { delete static_cast<c10::Event*>(e); }
+
+int hp_event_record(void* e, void* s) {
+  return guarded([&] { static_cast<c10::Event*>(e)->record(*static_cast<c10::Stream*>(s)); });
+}
+
+int hp_event_block(void* e, void* s) {
+  return guarded([&] { static_cast<c10::Event*>(e)->block(*static_cast<c10::Stream*>(s)); });
+}
+
+int hp_event_synchronize(void* e) {
+  return guarded([&] { static_cast<c10::Event*>(e)->synchronize(); });
+}
+
+int hp_event_query(void* e, int* done) {
+  return guarded([&] { *done = static_cast<c10::Event*>(e)->query() ? 1 : 0; });
+}
+
+// dst.copy_(src, non_blocking) on the current stream (set a StreamGuard first).
+int hp_copy_(void* dst, void* src, int non_blocking) {
+  return guarded([&] {
+    static_cast<at::Tensor*>(dst)->copy_(*static_cast<at::Tensor*>(src), non_blocking != 0);
+  });
+}
+
+// Tell the caching allocator `t` is in use on `s`, so its memory is not handed out again
+// until the work queued on `s` so far has finished.
+int hp_record_stream(void* t, void* s) {
+  return guarded([&] { static_cast<at::Tensor*>(t)->record_stream(*static_cast<c10::Stream*>(s)); });
+}
+
+int hp_mem_info(int device, size_t* free_bytes, size_t* total_bytes) {
+  return guarded([&] {
+    c10::DeviceGuard g(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
+    auto info = c10::getDeviceAllocator(c10::DeviceType::CUDA)->getMemoryInfo(static_cast<c10::DeviceIndex>(device));
+    *free_bytes = info.first;
+    *total_bytes = info.second;
+  });
+}
+
+// Peak bytes allocated by the caching allocator on `device` since the last reset.
+int hp_peak_allocated(int device, int reset, size_t* peak) {
+  return guarded([&] {
+    auto* a = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    auto idx = static_cast<c10::DeviceIndex>(device);
+    if (reset) {
+      a->resetPeakStats(idx);
+    }
+    auto stats = a->getDeviceStats(idx);
+    *peak = static_cast<size_t>(
+        stats.allocated_bytes[static_cast<size_t>(c10::CachingDeviceAllocator::StatType::AGGREGATE)].peak);
+  });
+}
+
+int hp_empty_cache() {
+  return guarded([&] { c10::getDeviceAllocator(c10::DeviceType::CUDA)->emptyCache(); });
+}
+}

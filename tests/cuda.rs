@@ -1,0 +1,101 @@
+//! GPU data path: pinned double buffers and the copy/compute streams. Needs CUDA; on a
+//! machine without it each test prints why it skipped (CI is CPU-only).
+
+mod common;
+
+use common::*;
+use hotpipe::config::Config;
+
+fn cuda() -> bool {
+    if !tch::Cuda::is_available() {
+        eprintln!("SKIPPED: no CUDA device (tch::Cuda::is_available() is false)");
+        return false;
+    }
+    true
+}
+
+fn cfg(dir: &std::path::Path, device: &str, precision: &str, slots: usize) -> Config {
+    Config::load(&write(
+        &dir.join(format!("{device}-{precision}-{slots}.toml").replace(':', "_")),
+        &format!(
+            "[model]\npath = \"m.pt\"\ndevice = \"{device}\"\nmax_batch = 4\nprecision = \"{precision}\"\n[preprocess]\nsize = 64\n[encode]\nformat = \"png\"\n[pipeline]\nbatch_slots = {slots}\n"
+        ),
+    ))
+    .unwrap()
+}
+
+#[test]
+fn gpu_streams_match_cpu_outputs() {
+    if !cuda() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    restore_model(&d.path().join("m.pt"));
+    let inp = d.path().join("in");
+    std::fs::create_dir(&inp).unwrap();
+    for i in 0..37 {
+        write_jpeg(&inp.join(format!("{i:02}.jpg")), 80 + 3 * i, 100, i);
+    }
+    let inputs = hotpipe::process::collect_inputs(&[inp]).unwrap();
+    let run = |c: &Config, name: &str| {
+        let out = d.path().join(name);
+        let s = hotpipe::process::run(c, inputs.clone(), &out, Default::default()).unwrap();
+        assert_eq!((s.done, s.failed.len()), (37, 0), "{name}");
+        out
+    };
+    let cpu = run(&cfg(d.path(), "cpu", "fp32", 2), "cpu");
+    for (precision, slots, max_allowed) in [
+        ("fp32", 2, 1),
+        ("fp32", 1, 1),
+        ("fp32", 4, 1),
+        ("fp16", 2, 8),
+        ("bf16", 3, 8),
+    ] {
+        let gpu = run(
+            &cfg(d.path(), "cuda:0", precision, slots),
+            &format!("gpu-{precision}-{slots}"),
+        );
+        for n in names(&cpu) {
+            let a = image::open(cpu.join(&n)).unwrap().into_rgb8();
+            let b = image::open(gpu.join(&n)).unwrap().into_rgb8();
+            let max = a
+                .as_raw()
+                .iter()
+                .zip(b.as_raw())
+                .map(|(&x, &y)| (x as i32 - y as i32).abs())
+                .max()
+                .unwrap();
+            assert!(
+                max <= max_allowed,
+                "{precision} slots {slots} {n}: max diff {max}"
+            );
+        }
+    }
+}
+
+#[test]
+fn cuda_shim_streams_events_and_memory() {
+    if !cuda() {
+        return;
+    }
+    use hotpipe::runtime::cuda::{self, Event, Stream};
+    use tch::{Device, Kind, Tensor};
+    let copy = Stream::from_pool(0, false).unwrap();
+    let host = Tensor::arange(1 << 20, (Kind::Float, Device::Cpu)).pin_memory(Device::Cuda(0));
+    let mut dev = Tensor::zeros([1 << 20], (Kind::Float, Device::Cuda(0)));
+    {
+        let _g = copy.enter().unwrap();
+        cuda::copy_(&mut dev, &host, true).unwrap();
+    }
+    let mut ev = Event::new().unwrap();
+    ev.record(&copy).unwrap();
+    ev.synchronize().unwrap();
+    assert!(ev.query().unwrap());
+    assert_eq!(
+        dev.sum(Kind::Double).double_value(&[]),
+        host.sum(Kind::Double).double_value(&[])
+    );
+    let (free, total) = cuda::mem_info(0).unwrap();
+    assert!(free > 0 && free <= total);
+    cuda::empty_cache().unwrap();
+}
