@@ -7,8 +7,10 @@
 //! - [`stages`]: read, decode, fit, encode (each a function of one item plus its state);
 //! - [`runtime`]: the model, batching, the inference worker (the only code touching tch);
 //! - [`hotfolder`]: publishing files (and the daemon's folder protocol);
-//! - [`process`]: the one-shot `hotpipe process` run with progress and a summary.
+//! - [`process`]: the one-shot `hotpipe process` run with progress and a summary;
+//! - [`bench`]: `hotpipe bench`, each stage's speed alone and the whole pipeline's.
 
+pub mod bench;
 pub mod check;
 pub mod config;
 pub mod error;

@@ -36,6 +36,19 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Measure each stage alone on a folder's images, then the whole pipeline, and say
+    /// which stage bounds it.
+    Bench {
+        #[arg(long, default_value = "pipeline.toml")]
+        config: PathBuf,
+        /// Seconds to run each stage (at least one pass over the folder).
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Measure the stages only, not the whole pipeline.
+        #[arg(long)]
+        stages_only: bool,
+        folder: PathBuf,
+    },
     /// Validate the config, load the model, run one dummy batch and describe it.
     Check {
         #[arg(long, default_value = "pipeline.toml")]
@@ -96,6 +109,20 @@ fn real_main() -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Command::Bench {
+            config,
+            seconds,
+            stages_only,
+            folder,
+        } => {
+            let cfg = Config::load(&config)?;
+            let opts = hotpipe::bench::BenchOptions {
+                min_time: std::time::Duration::from_secs_f64(seconds.max(0.0)),
+                pipeline: !stages_only,
+            };
+            print!("{}", hotpipe::bench::run(&cfg, &folder, &opts)?);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {
             let cfg = Config::load(&config)?;

@@ -33,7 +33,7 @@ use crate::runtime::batcher::{Assembler, SlotMemory};
 use crate::runtime::infer::{EncodeJob, OutRing, WorkerParts, run_worker};
 use crate::runtime::model::Model;
 use crate::runtime::to_device;
-use crate::stages::decode::Decoder;
+use crate::stages::decode::{Decoder, ScaleTarget};
 use crate::stages::encode::Encoder;
 use crate::stages::fit::Fitter;
 use crate::stages::read::{Input, read_input};
@@ -268,6 +268,18 @@ impl Pipeline {
         let middle_frames = if opts.middle.is_some() { 8 } else { 0 };
         let decode_pool = BufPool::new(pl.decode_threads + pl.fit_threads + 3 + middle_frames);
         telemetry.set_threads(Stage::Decode, pl.decode_threads);
+        // JPEGs may be decoded at a DCT-reduced scale that still covers the fit; with a
+        // middle stage the region is chosen after decoding, so only the whole image's
+        // crop is a safe bound (see `ScaleTarget`).
+        let scale_target = ScaleTarget {
+            width: cfg.preprocess.width,
+            height: cfg.preprocess.height,
+            fit: if opts.middle.is_some() {
+                crate::config::FitMode::Crop
+            } else {
+                cfg.preprocess.fit
+            },
+        };
         let (fit_tx, fit_rx) = if opts.middle.is_some() {
             bounded::<Decoded>(cap)
         } else {
@@ -280,7 +292,8 @@ impl Pipeline {
                 read_rx.clone(),
                 dec_tx.clone(),
             );
-            let mut decoder = Decoder::new(cfg.decode.clone(), Arc::clone(&decode_pool));
+            let mut decoder = Decoder::new(cfg.decode.clone(), Arc::clone(&decode_pool))
+                .with_scaling(Some(scale_target));
             threads.push(spawn(format!("hp-decode-{i}"), move || {
                 for (item, input) in rx {
                     let t = Timer::start();

@@ -1,10 +1,26 @@
 //! Decode: bytes of a JPEG, PNG or WebP file to a packed RGB8 [`Frame`] in a pooled buffer.
 //!
-//! Inputs are untrusted: dimensions and the decoder's allocations are bounded by
-//! `image::Limits` from `[decode]`, checked from the header before any pixel buffer is
-//! touched, so a 50000 x 50000 header costs nothing. EXIF orientation is applied, so a
-//! phone photo is upright before it is fitted. Greyscale, alpha (composited on white) and
-//! 16-bit inputs are converted to RGB8.
+//! Inputs are untrusted: dimensions and the decoder's allocations are bounded by the
+//! `[decode]` limits, checked from the header before any pixel buffer is touched, so a
+//! 50000 x 50000 header costs nothing. EXIF orientation is applied, so a phone photo is
+//! upright before it is fitted. Greyscale, CMYK, alpha (composited on white) and 16-bit
+//! inputs are converted to RGB8.
+//!
+//! Two codecs, split by what each is best at (measured: see `BENCHMARKS.md`):
+//! - **JPEG (YCbCr, greyscale, RGB) goes through libjpeg-turbo 3** (the `turbojpeg` crate,
+//!   built from its bundled source). It is the faster full decoder and, above all, it can
+//!   decode at 1/2, 1/4 or 1/8 scale in the DCT domain: when the image is at least twice
+//!   the model's input, most pixels would be thrown away by the resize anyway, and not
+//!   computing them is the largest single saving in the CPU stages. The scale is chosen
+//!   per image by [`ScaleTarget::reduction`] so that the part the fit stage keeps is never
+//!   smaller than the output (the resize still does the last, exact step, so quality stays
+//!   within a fraction of a dB-scale difference of a full decode; a test checks PSNR).
+//!   libjpeg-turbo does not read EXIF, so the orientation is parsed here from the APP1
+//!   segment ([`jpeg_orientation`]).
+//! - **CMYK/YCCK JPEGs, PNG and WebP go through the `image` crate** (zune-jpeg, png,
+//!   image-webp), with `image::Limits`. libjpeg-turbo can only emit CMYK pixels for CMYK
+//!   files, and such files are rare enough that a second code path for them is not worth
+//!   it; zune-jpeg converts them to RGB.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -12,24 +28,96 @@ use std::sync::Arc;
 use image::metadata::Orientation;
 use image::{ColorType, ImageDecoder, ImageFormat, ImageReader, Limits};
 
-use crate::config::DecodeConfig;
+use crate::config::{DecodeConfig, FitMode};
 use crate::pipeline::item::Frame;
 use crate::pipeline::pool::{BufPool, PooledBuf};
+use crate::stages::fit::{Rect, source_rect};
 
-/// One decode worker's state: limits and reusable scratch memory.
+/// Progressive JPEGs with more scans than this are refused: each scan re-reads the whole
+/// coefficient buffer, so a crafted file with thousands of tiny scans is a cheap way to
+/// burn CPU (libjpeg-turbo's own advice for untrusted input).
+const MAX_JPEG_SCANS: u32 = 500;
+
+/// What the decoded frame will be fitted to, so a JPEG can be decoded at a reduced scale
+/// without dropping below it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScaleTarget {
+    pub width: u32,
+    pub height: u32,
+    /// The fit mode whose source rectangle must keep at least `width x height` pixels.
+    /// When a stage between decode and fit picks the region (the face crop), pass
+    /// [`FitMode::Crop`]: the region is not known at decode time, and crop keeps the whole
+    /// image's shorter side at or above the target, which the face crop accepts.
+    pub fit: FitMode,
+}
+
+impl ScaleTarget {
+    /// The largest DCT reduction (1, 2, 4 or 8) that keeps the source rectangle of an
+    /// upright `w x h` image at least as large as the target on both axes; 1 when the image
+    /// is less than twice the target.
+    pub fn reduction(&self, w: u32, h: u32) -> u32 {
+        let full = Rect {
+            x0: 0.0,
+            y0: 0.0,
+            x1: w as f64,
+            y1: h as f64,
+        };
+        let r = source_rect(full, self.fit, self.width, self.height);
+        // Pad mode's rectangle reaches past the image; only the image part is decoded, but
+        // the scale factor (output pixels per source pixel) is what matters, and it is the
+        // same for the whole rectangle.
+        let slack = ((r.x1 - r.x0) / self.width as f64).min((r.y1 - r.y0) / self.height as f64);
+        [8u32, 4, 2]
+            .into_iter()
+            .find(|&d| {
+                // libjpeg-turbo rounds scaled sizes up; a rounded-up size is still >= target
+                // when the exact quotient is, so the exact test is the safe one.
+                slack >= d as f64
+            })
+            .unwrap_or(1)
+    }
+}
+
+/// One decode worker's state: limits, codec handles and reusable scratch memory.
 pub struct Decoder {
     cfg: DecodeConfig,
     pool: Arc<BufPool>,
     scratch: Vec<u8>,
+    /// `None` when libjpeg-turbo could not be initialised; JPEGs then go through `image`.
+    tj: Option<turbojpeg::Decompressor>,
+    target: Option<ScaleTarget>,
+    /// The reduction used for the last decoded image (1 = full decode), for statistics.
+    last_reduction: u32,
 }
 
 impl Decoder {
     pub fn new(cfg: DecodeConfig, pool: Arc<BufPool>) -> Decoder {
+        let tj = turbojpeg::Decompressor::new()
+            .and_then(|mut d| d.set_scan_limit(MAX_JPEG_SCANS).map(|()| d))
+            .map_err(|e| {
+                tracing::warn!("libjpeg-turbo unavailable, JPEGs decode through image: {e}")
+            })
+            .ok();
         Decoder {
             cfg,
             pool,
             scratch: Vec::new(),
+            tj,
+            target: None,
+            last_reduction: 1,
         }
+    }
+
+    /// Allow DCT-domain downscaling of JPEGs for frames that will be fitted to `target`
+    /// (`None`: always decode at full size, which `Frame::orig_*` then equals).
+    pub fn with_scaling(mut self, target: Option<ScaleTarget>) -> Decoder {
+        self.target = target;
+        self
+    }
+
+    /// The DCT reduction applied to the last image decoded (1, 2, 4 or 8).
+    pub fn last_reduction(&self) -> u32 {
+        self.last_reduction
     }
 
     fn limits(&self) -> Limits {
@@ -40,9 +128,125 @@ impl Decoder {
         l
     }
 
+    /// The header's size against the limits, before anything is allocated.
+    fn check_size(&self, w: u32, h: u32, bytes_per_px: u64) -> Result<(), String> {
+        if w > self.cfg.max_width || h > self.cfg.max_height {
+            return Err(format!(
+                "image is {w} x {h}, over the limit of {} x {} (decode.max_width, decode.max_height)",
+                self.cfg.max_width, self.cfg.max_height
+            ));
+        }
+        if w == 0 || h == 0 {
+            return Err(format!("image has no pixels ({w} x {h})"));
+        }
+        let need = w as u64 * h as u64 * bytes_per_px;
+        if need > self.cfg.max_alloc_bytes {
+            return Err(format!(
+                "decoding would take {} MiB, over the limit of {} MiB (decode.max_alloc_mib)",
+                need >> 20,
+                self.cfg.max_alloc_bytes >> 20
+            ));
+        }
+        Ok(())
+    }
+
     /// Decode `data`. The error is a reason for the user ("not an image", "over the
     /// limits", "truncated").
     pub fn decode(&mut self, data: &[u8]) -> Result<Frame, String> {
+        self.last_reduction = 1;
+        if data.starts_with(&[0xFF, 0xD8, 0xFF]) && self.tj.is_some() {
+            match self.decode_turbo(data) {
+                Ok(Some(frame)) => return Ok(frame),
+                Ok(None) => {}
+                // A truncated file or one over the limits fails here. Anything else
+                // libjpeg-turbo calls corrupt (it also refuses files with mere warnings,
+                // such as stray bytes between markers, which cameras write) gets a second
+                // chance with the more lenient zune-jpeg; its error is reported only if
+                // that fails too.
+                Err(reason) if reason.starts_with("invalid JPEG") => {
+                    self.last_reduction = 1;
+                    return self.decode_image(data).map_err(|_| reason);
+                }
+                Err(reason) => return Err(reason),
+            }
+        }
+        self.decode_image(data)
+    }
+
+    /// JPEG through libjpeg-turbo. `Ok(None)`: a JPEG it cannot turn into RGB (CMYK,
+    /// YCCK), for the `image` path.
+    fn decode_turbo(&mut self, data: &[u8]) -> Result<Option<Frame>, String> {
+        let Some(tj) = self.tj.as_mut() else {
+            return Ok(None);
+        };
+        let header = tj.read_header(data).map_err(|e| jpeg_error(&e))?;
+        if matches!(
+            header.colorspace,
+            turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK
+        ) {
+            return Ok(None);
+        }
+        let (w, h) = (
+            u32::try_from(header.width).map_err(|_| "image too large".to_string())?,
+            u32::try_from(header.height).map_err(|_| "image too large".to_string())?,
+        );
+        // A full-size RGB frame bounds the output; a progressive file also holds every
+        // DCT coefficient (2 bytes per sample, up to 3 samples per pixel) while decoding,
+        // whatever the output scale.
+        let per_px = if header.is_progressive { 6 } else { 3 };
+        self.check_size(w, h, per_px)?;
+        let orientation = jpeg_orientation(data).unwrap_or(Orientation::NoTransforms);
+        let (uw, uh) = if swaps_axes(orientation) {
+            (h, w)
+        } else {
+            (w, h)
+        };
+        let d = match self.target {
+            Some(t) if !header.is_lossless => t.reduction(uw, uh),
+            _ => 1,
+        };
+        let factor = turbojpeg::ScalingFactor::new(1, d as usize);
+        let tj = self.tj.as_mut().expect("checked above");
+        tj.set_scaling_factor(factor).map_err(|e| jpeg_error(&e))?;
+        let (sw, sh) = (factor.scale(header.width), factor.scale(header.height));
+        let mut out = self.pool.get(sw * sh * 3);
+        let img = turbojpeg::Image {
+            pixels: &mut out[..],
+            width: sw,
+            pitch: sw * 3,
+            height: sh,
+            format: turbojpeg::PixelFormat::RGB,
+        };
+        tj.decompress(data, img).map_err(|e| jpeg_error(&e))?;
+        self.last_reduction = d;
+        let (sw, sh) = (sw as u32, sh as u32);
+        let (pixels, fw, fh) = self.apply_orientation(out, sw, sh, orientation);
+        Ok(Some(Frame {
+            pixels,
+            width: fw,
+            height: fh,
+            orig_width: uw,
+            orig_height: uh,
+        }))
+    }
+
+    fn apply_orientation(
+        &self,
+        px: PooledBuf,
+        w: u32,
+        h: u32,
+        o: Orientation,
+    ) -> (PooledBuf, u32, u32) {
+        if o == Orientation::NoTransforms {
+            return (px, w, h);
+        }
+        let mut dst = self.pool.get(px.len());
+        let (nw, nh) = orient(&px, w, h, o, &mut dst);
+        (dst, nw, nh)
+    }
+
+    /// Everything else through the `image` crate, under `image::Limits`.
+    fn decode_image(&mut self, data: &[u8]) -> Result<Frame, String> {
         let reader = ImageReader::new(Cursor::new(data))
             .with_guessed_format()
             .map_err(|e| format!("cannot read: {e}"))?;
@@ -59,23 +263,8 @@ impl Decoder {
         reader.limits(self.limits());
         let mut dec = reader.into_decoder().map_err(|e| describe(format, e))?;
         let (w, h) = dec.dimensions();
-        if w > self.cfg.max_width || h > self.cfg.max_height {
-            return Err(format!(
-                "image is {w} x {h}, over the limit of {} x {} (decode.max_width, decode.max_height)",
-                self.cfg.max_width, self.cfg.max_height
-            ));
-        }
-        if w == 0 || h == 0 {
-            return Err(format!("image has no pixels ({w} x {h})"));
-        }
+        self.check_size(w, h, 3)?;
         let rgb_len = w as usize * h as usize * 3;
-        if rgb_len as u64 > self.cfg.max_alloc_bytes {
-            return Err(format!(
-                "decoded image would take {} MiB, over the limit of {} MiB (decode.max_alloc_mib)",
-                rgb_len >> 20,
-                self.cfg.max_alloc_bytes >> 20
-            ));
-        }
         let orientation = dec.orientation().unwrap_or(Orientation::NoTransforms);
         let color = dec.color_type();
         let mut out = self.pool.get(rgb_len);
@@ -89,14 +278,7 @@ impl Decoder {
                 .map_err(|e| describe(format, e))?;
             to_rgb8(color, &self.scratch, &mut out)?;
         }
-        let (out, w, h) = if orientation == Orientation::NoTransforms {
-            (out, w, h)
-        } else {
-            let mut dst = self.pool.get(rgb_len);
-            let (nw, nh) = orient(&out, w, h, orientation, &mut dst);
-            drop(out);
-            (dst, nw, nh)
-        };
+        let (out, w, h) = self.apply_orientation(out, w, h, orientation);
         Ok(Frame {
             pixels: out,
             width: w,
@@ -108,6 +290,68 @@ impl Decoder {
 
     pub fn pool(&self) -> &Arc<BufPool> {
         &self.pool
+    }
+}
+
+/// libjpeg-turbo's message, phrased for the user. Its warnings (a truncated file, corrupt
+/// data) are errors here: the pipeline would rather fail an item than feed a half-grey
+/// image to the model.
+fn jpeg_error(e: &turbojpeg::Error) -> String {
+    let msg = match e {
+        turbojpeg::Error::TurboJpegError(m) => m.clone(),
+        other => other.to_string(),
+    };
+    if msg.contains("Premature end") || msg.contains("premature end") {
+        "truncated JPEG file".to_string()
+    } else {
+        format!("invalid JPEG data: {msg}")
+    }
+}
+
+fn swaps_axes(o: Orientation) -> bool {
+    matches!(
+        o,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    )
+}
+
+/// The EXIF orientation of a JPEG, read from its APP1 "Exif" segment; `None` when there
+/// is none or it is malformed (treated as upright, as every viewer does). Only the marker
+/// segments before the first scan are walked, each skipped by its length, so the cost is a
+/// few dozen bytes read however large the file.
+pub fn jpeg_orientation(data: &[u8]) -> Option<Orientation> {
+    let mut pos = 2; // after SOI
+    loop {
+        // Markers may be preceded by any number of 0xFF fill bytes.
+        while *data.get(pos)? == 0xFF && *data.get(pos + 1)? == 0xFF {
+            pos += 1;
+        }
+        if *data.get(pos)? != 0xFF {
+            return None;
+        }
+        let marker = *data.get(pos + 1)?;
+        match marker {
+            // Start of scan or end of image: the metadata segments are all before these.
+            0xDA | 0xD9 => return None,
+            // Standalone markers carry no length.
+            0x01 | 0xD0..=0xD7 => {
+                pos += 2;
+                continue;
+            }
+            _ => {}
+        }
+        let len = u16::from_be_bytes([*data.get(pos + 2)?, *data.get(pos + 3)?]) as usize;
+        if len < 2 {
+            return None;
+        }
+        let seg = data.get(pos + 4..pos + 2 + len)?;
+        if marker == 0xE1 && seg.starts_with(b"Exif\0\0") {
+            return Orientation::from_exif_chunk(&seg[6..]);
+        }
+        pos += 2 + len;
     }
 }
 
@@ -186,14 +430,7 @@ fn to_rgb8(color: ColorType, src: &[u8], dst: &mut PooledBuf) -> Result<(), Stri
 /// Apply an EXIF orientation: write the upright image into `dst`, return its size.
 pub fn orient(src: &[u8], w: u32, h: u32, o: Orientation, dst: &mut [u8]) -> (u32, u32) {
     let (w, h) = (w as usize, h as usize);
-    let swap = matches!(
-        o,
-        Orientation::Rotate90
-            | Orientation::Rotate270
-            | Orientation::Rotate90FlipH
-            | Orientation::Rotate270FlipH
-    );
-    let (dw, dh) = if swap { (h, w) } else { (w, h) };
+    let (dw, dh) = if swaps_axes(o) { (h, w) } else { (w, h) };
     for y in 0..dh {
         let row = &mut dst[y * dw * 3..(y + 1) * dw * 3];
         for x in 0..dw {
@@ -290,6 +527,203 @@ mod tests {
         small.max_width = 32;
         let mut d = Decoder::new(small, BufPool::new(2));
         assert!(d.decode(&good).unwrap_err().contains("over the"));
+    }
+
+    /// A JPEG of `w x h` RGB pixels, by libjpeg-turbo at quality 95.
+    pub(crate) fn jpeg_rgb(px: &[u8], w: usize, h: usize) -> Vec<u8> {
+        let img = turbojpeg::Image {
+            pixels: px,
+            width: w,
+            pitch: w * 3,
+            height: h,
+            format: turbojpeg::PixelFormat::RGB,
+        };
+        turbojpeg::compress(img, 95, turbojpeg::Subsamp::Sub2x2)
+            .unwrap()
+            .to_vec()
+    }
+
+    /// `jpeg` with an EXIF APP1 segment holding only an orientation tag, right after SOI.
+    fn with_exif_orientation(jpeg: &[u8], value: u16) -> Vec<u8> {
+        let mut tiff = b"MM\0\x2a\0\0\0\x08".to_vec();
+        tiff.extend_from_slice(&1u16.to_be_bytes()); // one IFD entry
+        tiff.extend_from_slice(&0x0112u16.to_be_bytes()); // Orientation
+        tiff.extend_from_slice(&3u16.to_be_bytes()); // SHORT
+        tiff.extend_from_slice(&1u32.to_be_bytes()); // count
+        tiff.extend_from_slice(&value.to_be_bytes());
+        tiff.extend_from_slice(&[0, 0, 0, 0, 0, 0]); // value padding, next IFD = 0
+        let mut seg = b"Exif\0\0".to_vec();
+        seg.extend_from_slice(&tiff);
+        let mut out = jpeg[..2].to_vec();
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&((seg.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(&seg);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    /// Left half red, right half blue.
+    fn halves(w: usize, h: usize) -> Vec<u8> {
+        (0..w * h)
+            .flat_map(|i| {
+                if i % w < w / 2 {
+                    [230, 20, 20]
+                } else {
+                    [20, 20, 230]
+                }
+            })
+            .collect()
+    }
+
+    fn px(f: &Frame, x: u32, y: u32) -> [u8; 3] {
+        let i = ((y * f.width + x) * 3) as usize;
+        [f.pixels[i], f.pixels[i + 1], f.pixels[i + 2]]
+    }
+
+    fn near(a: [u8; 3], b: [u8; 3]) -> bool {
+        a.iter().zip(b).all(|(&x, y)| x.abs_diff(y) <= 24)
+    }
+
+    #[test]
+    fn exif_rotated_jpeg_is_upright() {
+        let jpeg = jpeg_rgb(&halves(64, 32), 64, 32);
+        assert_eq!(jpeg_orientation(&jpeg), None);
+        // 6 = rotate 90 degrees clockwise to display: the left (red) half goes on top.
+        let rotated = with_exif_orientation(&jpeg, 6);
+        assert_eq!(jpeg_orientation(&rotated), Some(Orientation::Rotate90));
+        let mut d = Decoder::new(cfg(), BufPool::new(8));
+        let f = d.decode(&rotated).unwrap();
+        assert_eq!((f.width, f.height), (32, 64));
+        assert_eq!((f.orig_width, f.orig_height), (32, 64));
+        assert!(near(px(&f, 16, 4), [230, 20, 20]), "{:?}", px(&f, 16, 4));
+        assert!(near(px(&f, 16, 60), [20, 20, 230]), "{:?}", px(&f, 16, 60));
+        // The same through the `image` path (its own EXIF reader) agrees.
+        let g = d.decode_image(&rotated).unwrap();
+        assert_eq!((g.width, g.height), (32, 64));
+        assert!(near(px(&g, 16, 4), [230, 20, 20]));
+    }
+
+    #[test]
+    fn scaled_decode_keeps_the_target_and_original_size() {
+        let (w, h) = (2048usize, 1200usize);
+        let jpeg = jpeg_rgb(&halves(w, h), w, h);
+        let target = |fit| ScaleTarget {
+            width: 512,
+            height: 512,
+            fit,
+        };
+        // Crop: shorter side 1200 / 512 = 2.3 -> 1/2. Pad: longer side 2048 / 512 = 4 -> 1/4.
+        for (fit, d, sw, sh) in [
+            (FitMode::Crop, 2, 1024, 600),
+            (FitMode::Pad, 4, 512, 300),
+            (FitMode::Stretch, 2, 1024, 600),
+        ] {
+            let mut dec = Decoder::new(cfg(), BufPool::new(8)).with_scaling(Some(target(fit)));
+            let f = dec.decode(&jpeg).unwrap();
+            assert_eq!(dec.last_reduction(), d, "{fit:?}");
+            assert_eq!((f.width, f.height), (sw, sh), "{fit:?}");
+            assert_eq!((f.orig_width, f.orig_height), (2048, 1200));
+            assert!(near(px(&f, 2, 2), [230, 20, 20]));
+        }
+        // Less than twice the target: full decode.
+        let small = jpeg_rgb(&halves(900, 700), 900, 700);
+        let mut dec =
+            Decoder::new(cfg(), BufPool::new(8)).with_scaling(Some(target(FitMode::Crop)));
+        let f = dec.decode(&small).unwrap();
+        assert_eq!((dec.last_reduction(), f.width, f.height), (1, 900, 700));
+        assert_eq!(target(FitMode::Crop).reduction(4096, 4096), 8);
+        assert_eq!(target(FitMode::Crop).reduction(1023, 4096), 1);
+    }
+
+    #[test]
+    fn greyscale_jpeg_becomes_rgb() {
+        let (w, h) = (32usize, 16usize);
+        let grey: Vec<u8> = (0..w * h)
+            .map(|i| if i % w < 16 { 40 } else { 200 })
+            .collect();
+        let img = turbojpeg::Image {
+            pixels: &grey[..],
+            width: w,
+            pitch: w,
+            height: h,
+            format: turbojpeg::PixelFormat::GRAY,
+        };
+        let jpeg = turbojpeg::compress(img, 95, turbojpeg::Subsamp::Gray)
+            .unwrap()
+            .to_vec();
+        assert_eq!(
+            turbojpeg::read_header(&jpeg).unwrap().colorspace,
+            turbojpeg::Colorspace::Gray
+        );
+        let mut d = Decoder::new(cfg(), BufPool::new(8));
+        let f = d.decode(&jpeg).unwrap();
+        assert_eq!((f.width, f.height, f.pixels.len()), (32, 16, 32 * 16 * 3));
+        assert!(near(px(&f, 2, 8), [40, 40, 40]), "{:?}", px(&f, 2, 8));
+        assert!(near(px(&f, 30, 8), [200, 200, 200]));
+    }
+
+    #[test]
+    fn cmyk_jpeg_becomes_rgb() {
+        // Left half pure cyan ink, right half no ink at all (white paper). Stored the way
+        // Photoshop writes CMYK JPEGs (with an Adobe marker, as libjpeg-turbo adds): ink
+        // values inverted, 255 = no ink. Real-world CMYK files follow that convention and
+        // so does zune-jpeg when it converts them.
+        let (w, h) = (32usize, 16usize);
+        let cmyk: Vec<u8> = (0..w * h)
+            .flat_map(|i| {
+                if i % w < 16 {
+                    [0, 255, 255, 255]
+                } else {
+                    [255, 255, 255, 255]
+                }
+            })
+            .collect();
+        let img = turbojpeg::Image {
+            pixels: &cmyk[..],
+            width: w,
+            pitch: w * 4,
+            height: h,
+            format: turbojpeg::PixelFormat::CMYK,
+        };
+        let mut c = turbojpeg::Compressor::new().unwrap();
+        c.set_quality(95).unwrap();
+        c.set_subsamp(turbojpeg::Subsamp::None).unwrap();
+        let jpeg = c.compress_to_vec(img).unwrap();
+        let cs = turbojpeg::read_header(&jpeg).unwrap().colorspace;
+        assert!(matches!(
+            cs,
+            turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK
+        ));
+        let mut d = Decoder::new(cfg(), BufPool::new(8));
+        let f = d.decode(&jpeg).unwrap();
+        assert_eq!((f.width, f.height), (32, 16));
+        assert!(
+            near(px(&f, 2, 8), [0, 255, 255]),
+            "cyan: {:?}",
+            px(&f, 2, 8)
+        );
+        assert!(
+            near(px(&f, 30, 8), [255, 255, 255]),
+            "white: {:?}",
+            px(&f, 30, 8)
+        );
+    }
+
+    #[test]
+    fn truncated_and_corrupt_jpegs_fail_with_reasons() {
+        let jpeg = jpeg_rgb(&halves(64, 64), 64, 64);
+        let mut d = Decoder::new(cfg(), BufPool::new(8));
+        let e = d.decode(&jpeg[..jpeg.len() / 2]).unwrap_err();
+        assert!(e.contains("JPEG"), "{e}");
+        let e = d.decode(&jpeg[..40]).unwrap_err();
+        assert!(e.contains("JPEG"), "{e}");
+        // A header over the limits is refused before any pixel buffer is allocated.
+        let mut small = cfg();
+        small.max_width = 32;
+        let pool = BufPool::new(2);
+        let mut d = Decoder::new(small, Arc::clone(&pool));
+        assert!(d.decode(&jpeg).unwrap_err().contains("over the limit"));
+        assert_eq!(pool.created(), 0);
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //! images, so steady-state encoding allocates nothing for the result. PNG uses fast
 //! compression (outputs are intermediate files, written often, read once). WebP is
 //! lossless: the `image` crate has no lossy WebP encoder, and `quality` does not apply.
+//!
+//! JPEG goes through libjpeg-turbo (the same library that decodes): measured on the
+//! reference outputs it is several times faster than the `image` crate's encoder (see
+//! `BENCHMARKS.md`), and it is what PIL uses, so outputs look like the peers'. Chroma is
+//! subsampled 4:2:0, PIL's default at this quality. It compresses straight into a slice
+//! sized by libjpeg-turbo's worst-case bound, so no reallocation ever happens mid-image.
 
 use image::ImageEncoder;
 use image::codecs::jpeg::JpegEncoder;
@@ -15,14 +21,39 @@ use crate::config::{EncodeConfig, Format};
 pub struct Encoder {
     cfg: EncodeConfig,
     buf: Vec<u8>,
+    /// libjpeg-turbo compressor for JPEG output; `None` when it could not be set up, and
+    /// then the `image` crate's encoder is used.
+    tj: Option<turbojpeg::Compressor>,
 }
 
 impl Encoder {
     pub fn new(cfg: EncodeConfig) -> Encoder {
+        let tj = (cfg.format == Format::Jpeg)
+            .then(|| {
+                turbojpeg::Compressor::new().and_then(|mut c| {
+                    c.set_quality(cfg.quality as i32)?;
+                    c.set_subsamp(turbojpeg::Subsamp::Sub2x2)?;
+                    Ok(c)
+                })
+            })
+            .and_then(|r| {
+                r.map_err(|e| {
+                    tracing::warn!("libjpeg-turbo unavailable, JPEG encodes through image: {e}")
+                })
+                .ok()
+            });
         Encoder {
             cfg,
             buf: Vec::new(),
+            tj,
         }
+    }
+
+    /// Use the `image` crate's JPEG encoder even when libjpeg-turbo is available (for
+    /// benchmarks comparing the two).
+    pub fn without_turbojpeg(mut self) -> Encoder {
+        self.tj = None;
+        self
     }
 
     pub fn extension(&self) -> &'static str {
@@ -32,6 +63,27 @@ impl Encoder {
     /// Encode `pixels` (`w x h` packed RGB8). The returned slice is valid until the next
     /// call.
     pub fn encode(&mut self, pixels: &[u8], w: u32, h: u32) -> Result<&[u8], String> {
+        if let Some(tj) = self.tj.as_mut() {
+            let (w, h) = (w as usize, h as usize);
+            let bound = tj
+                .buf_len(w, h)
+                .map_err(|e| format!("JPEG encoding failed: {e}"))?;
+            // Grows once to the bound for this output size, then is reused as is.
+            if self.buf.len() < bound {
+                self.buf.resize(bound, 0);
+            }
+            let img = turbojpeg::Image {
+                pixels,
+                width: w,
+                pitch: w * 3,
+                height: h,
+                format: turbojpeg::PixelFormat::RGB,
+            };
+            let n = tj
+                .compress_to_slice(img, &mut self.buf)
+                .map_err(|e| format!("JPEG encoding failed: {e}"))?;
+            return Ok(&self.buf[..n]);
+        }
         self.buf.clear();
         let color = image::ExtendedColorType::Rgb8;
         let r = match self.cfg.format {
@@ -70,6 +122,43 @@ mod tests {
             if format != Format::Jpeg {
                 assert_eq!(img.as_raw(), &px, "{format:?} is lossless");
             }
+        }
+    }
+
+    #[test]
+    fn jpeg_buffer_is_reused_and_both_encoders_agree() {
+        // A smooth gradient, so a JPEG of it is close to the source.
+        let (w, h) = (64u32, 48u32);
+        let px: Vec<u8> = (0..w * h)
+            .flat_map(|i| {
+                let (x, y) = (i % w, i / w);
+                [(x * 4) as u8, (y * 5) as u8, 128]
+            })
+            .collect();
+        let cfg = EncodeConfig {
+            format: Format::Jpeg,
+            quality: 90,
+        };
+        let mut e = Encoder::new(cfg.clone());
+        assert!(e.tj.is_some(), "libjpeg-turbo is built in");
+        let first = e.encode(&px, w, h).unwrap().to_vec();
+        let ptr = e.buf.as_ptr();
+        for _ in 0..5 {
+            assert_eq!(e.encode(&px, w, h).unwrap(), &first[..]);
+        }
+        assert_eq!(e.buf.as_ptr(), ptr, "no reallocation after the first image");
+        let mut plain = Encoder::new(cfg).without_turbojpeg();
+        let other = plain.encode(&px, w, h).unwrap().to_vec();
+        for bytes in [first, other] {
+            let img = image::load_from_memory(&bytes).unwrap().into_rgb8();
+            let err = img
+                .as_raw()
+                .iter()
+                .zip(&px)
+                .map(|(&a, &b)| a.abs_diff(b) as u32)
+                .max()
+                .unwrap();
+            assert!(err <= 16, "max error {err}");
         }
     }
 }

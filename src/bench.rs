@@ -1,0 +1,404 @@
+//! `hotpipe bench`: what this machine can do with this config, stage by stage.
+//!
+//! Each stage runs alone on the folder's images, with the thread count the config gives
+//! it, for at least `--seconds` (and at least one pass over the folder):
+//!
+//! - **decode+fit**: files held in memory (so the disk is not measured), decoded and
+//!   resized into a row as the pipeline does, once with DCT-scaled JPEG decoding
+//!   disabled and once enabled on one thread (what the scaling buys on this data), then
+//!   with `pipeline.decode_threads` threads;
+//! - **inference**: batches of `max_batch` fitted images, on the first configured device;
+//! - **encode**: the model's outputs, with `pipeline.encode_threads` threads;
+//!
+//! then the whole pipeline (`process` into a temporary folder, files read from disk).
+//! The stage with the lowest rate alone bounds the pipeline; on a CPU-only machine the
+//! stages also share the cores, so the report gives that ceiling as well (the per-image
+//! CPU time of all stages together, over the core count).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{BatchSize, Config, FitMode};
+use crate::error::{PipelineError, torch_message};
+use crate::pipeline::pool::BufPool;
+use crate::runtime::model::Model;
+use crate::runtime::to_device;
+use crate::stages::decode::{Decoder, ScaleTarget};
+use crate::stages::encode::Encoder;
+use crate::stages::fit::Fitter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("cannot list the inputs: {0}")]
+    Inputs(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no decodable images in {0} (the first failure: {1})")]
+    NoImages(PathBuf, String),
+    #[error("inference failed while benchmarking: {0}")]
+    Infer(String),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+}
+
+/// How long to run each stage, and whether to run the whole pipeline too.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub min_time: Duration,
+    pub pipeline: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            min_time: Duration::from_secs(2),
+            pipeline: true,
+        }
+    }
+}
+
+/// One measured line.
+#[derive(Debug, Clone)]
+pub struct Rate {
+    pub name: String,
+    pub threads: usize,
+    pub images: usize,
+    pub elapsed: Duration,
+}
+
+impl Rate {
+    pub fn images_per_s(&self) -> f64 {
+        self.images as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Thread-time per image: what one image costs one worker, in milliseconds.
+    pub fn ms_per_image(&self) -> f64 {
+        self.elapsed.as_secs_f64() * 1e3 * self.threads as f64 / self.images.max(1) as f64
+    }
+}
+
+/// Everything `hotpipe bench` measured.
+#[derive(Debug, Clone)]
+pub struct BenchReport {
+    pub images: usize,
+    pub cores: usize,
+    /// Images per DCT reduction (index 0: full decode, 1: 1/2, 2: 1/4, 3: 1/8).
+    pub reductions: [usize; 4],
+    pub decode_fit_full: Rate,
+    pub decode_fit_scaled: Rate,
+    pub decode_fit: Rate,
+    pub infer: Option<Rate>,
+    pub encode: Rate,
+    pub pipeline: Option<Rate>,
+}
+
+impl BenchReport {
+    /// The stage with the lowest rate when each runs alone with its own threads.
+    pub fn bound(&self) -> &Rate {
+        let mut stages = vec![&self.decode_fit, &self.encode];
+        stages.extend(self.infer.as_ref());
+        stages
+            .into_iter()
+            .min_by(|a, b| a.images_per_s().total_cmp(&b.images_per_s()))
+            .expect("at least two stages")
+    }
+
+    /// Images/s the cores allow when every CPU stage shares them (the inference too when
+    /// it runs on the CPU): cores / (sum of per-image CPU time).
+    pub fn cpu_ceiling(&self, infer_on_cpu: bool) -> f64 {
+        let mut ms = self.decode_fit_scaled.ms_per_image() + self.encode.ms_per_image();
+        if infer_on_cpu && let Some(i) = &self.infer {
+            ms += i.ms_per_image();
+        }
+        self.cores as f64 * 1e3 / ms.max(1e-9)
+    }
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} images, {} cores; each stage alone, then the whole pipeline",
+            self.images, self.cores
+        )?;
+        writeln!(
+            f,
+            "{:<44} {:>7} {:>10} {:>13}",
+            "stage", "threads", "images/s", "ms/image/thr"
+        )?;
+        let mut rows = vec![
+            &self.decode_fit_full,
+            &self.decode_fit_scaled,
+            &self.decode_fit,
+        ];
+        rows.extend(self.infer.as_ref());
+        rows.push(&self.encode);
+        rows.extend(self.pipeline.as_ref());
+        for r in rows {
+            writeln!(
+                f,
+                "{:<44} {:>7} {:>10.1} {:>13.2}",
+                r.name,
+                r.threads,
+                r.images_per_s(),
+                r.ms_per_image()
+            )?;
+        }
+        let [r1, r2, r4, r8] = self.reductions;
+        writeln!(
+            f,
+            "JPEG DCT scaling: full {r1}, 1/2 {r2}, 1/4 {r4}, 1/8 {r8} images; it made decode+fit {:.2}x faster on one thread",
+            self.decode_fit_scaled.images_per_s() / self.decode_fit_full.images_per_s().max(1e-9)
+        )?;
+        let b = self.bound();
+        writeln!(
+            f,
+            "bound: {} ({:.1} images/s alone); all CPU stages sharing {} cores allow about {:.1} images/s",
+            b.name,
+            b.images_per_s(),
+            self.cores,
+            self.cpu_ceiling(self.infer.as_ref().is_some_and(|r| r.name.contains("cpu")))
+        )?;
+        if let Some(p) = &self.pipeline {
+            writeln!(
+                f,
+                "whole pipeline: {:.1} images/s = {:.0}% of the slowest stage alone",
+                p.images_per_s(),
+                100.0 * p.images_per_s() / b.images_per_s().max(1e-9)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Run `f(i)` for i = 0, 1, 2, ... on `threads` threads until at least `min` has passed
+/// and at least `at_least` calls were made; returns the calls made and the time taken.
+fn run_for<S>(threads: usize, at_least: usize, min: Duration, init: S) -> (usize, Duration)
+where
+    S: Fn() -> Box<dyn FnMut(usize) + Send>,
+{
+    let next = AtomicUsize::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            let mut work = init();
+            let next = &next;
+            s.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= at_least && start.elapsed() >= min {
+                        break;
+                    }
+                    work(i);
+                }
+            });
+        }
+    });
+    let elapsed = start.elapsed();
+    // Each thread took one index it did not run.
+    (next.load(Ordering::Relaxed) - threads.max(1), elapsed)
+}
+
+fn scale_target(cfg: &Config) -> ScaleTarget {
+    ScaleTarget {
+        width: cfg.preprocess.width,
+        height: cfg.preprocess.height,
+        fit: if cfg.face_crop.is_some() {
+            FitMode::Crop
+        } else {
+            cfg.preprocess.fit
+        },
+    }
+}
+
+/// Measure `cfg` on the images in `folder`.
+pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchReport, BenchError> {
+    let paths =
+        crate::process::collect_inputs(&[folder.to_path_buf()]).map_err(BenchError::Inputs)?;
+    let mut files = Vec::new();
+    for p in &paths {
+        files.push(std::fs::read(p).map_err(|source| BenchError::Read {
+            path: p.clone(),
+            source,
+        })?);
+    }
+    // Keep the images that decode; the others would measure error paths.
+    let mut first_err = String::from("the folder is empty");
+    let mut reductions = [0usize; 4];
+    let mut good = Vec::new();
+    let mut fitted: Vec<Vec<u8>> = Vec::new();
+    {
+        let mut dec =
+            Decoder::new(cfg.decode.clone(), BufPool::new(2)).with_scaling(Some(scale_target(cfg)));
+        let mut fit = Fitter::new(cfg.preprocess.clone());
+        for (p, bytes) in paths.iter().zip(&files) {
+            match dec.decode(bytes) {
+                Ok(frame) => {
+                    reductions[dec.last_reduction().trailing_zeros() as usize] += 1;
+                    if fitted.len() < 64 {
+                        let mut row = vec![0u8; fit.row_bytes()];
+                        if fit.fit(&frame, None, &mut row).is_ok() {
+                            fitted.push(row);
+                        }
+                    }
+                    good.push(bytes.clone());
+                }
+                Err(e) if good.is_empty() => first_err = format!("{}: {e}", p.display()),
+                Err(_) => {}
+            }
+        }
+    }
+    if good.is_empty() || fitted.is_empty() {
+        return Err(BenchError::NoImages(folder.to_path_buf(), first_err));
+    }
+    let files = Arc::new(good);
+    let n = files.len();
+    let pl = &cfg.pipeline;
+
+    let decode_fit = |name: &str, threads: usize, scaled: bool| {
+        let files = Arc::clone(&files);
+        let target = scaled.then(|| scale_target(cfg));
+        let (done, elapsed) = run_for(threads, n, opts.min_time, || {
+            let files = Arc::clone(&files);
+            let mut dec = Decoder::new(cfg.decode.clone(), BufPool::new(2)).with_scaling(target);
+            let mut fit = Fitter::new(cfg.preprocess.clone());
+            let mut row = vec![0u8; fit.row_bytes()];
+            Box::new(move |i| {
+                if let Ok(frame) = dec.decode(&files[i % files.len()]) {
+                    let _ = fit.fit(&frame, None, &mut row);
+                }
+            })
+        });
+        Rate {
+            name: name.to_string(),
+            threads: threads.max(1),
+            images: done,
+            elapsed,
+        }
+    };
+    let decode_fit_full = decode_fit("decode+fit (full decode)", 1, false);
+    let decode_fit_scaled = decode_fit("decode+fit (DCT-scaled JPEG)", 1, true);
+    let decode_fit_n = decode_fit("decode+fit (DCT-scaled JPEG)", pl.decode_threads, true);
+
+    // Inference on the first device, batches of max_batch fitted images.
+    let (infer, outputs, out_hw) = match &cfg.model {
+        None => (
+            None,
+            fitted.clone(),
+            (cfg.preprocess.height, cfg.preprocess.width),
+        ),
+        Some(m) => {
+            tch::set_num_threads(pl.infer_threads as i32);
+            let dev = to_device(m.devices[0]);
+            let model = Model::load(m, dev, &cfg.preprocess)?;
+            let batch = match m.max_batch {
+                BatchSize::Fixed(b) => b,
+                BatchSize::Auto => 8,
+            };
+            let (h, w) = (cfg.preprocess.height as i64, cfg.preprocess.width as i64);
+            let rows: Vec<u8> = (0..batch)
+                .flat_map(|i| fitted[i % fitted.len()].iter().copied())
+                .collect();
+            let x = Tensor::from_slice(&rows)
+                .view([batch as i64, h, w, 3])
+                .to_device(dev);
+            let _no_grad = tch::no_grad_guard();
+            let sync = || {
+                if let Device::Cuda(i) = dev {
+                    tch::Cuda::synchronize(i as i64);
+                }
+            };
+            let y = model
+                .forward_u8(&x)
+                .map_err(|e| BenchError::Infer(torch_message(&e)))?;
+            sync();
+            let start = Instant::now();
+            let mut images = 0;
+            while images < 3 * batch || start.elapsed() < opts.min_time {
+                let _ = model
+                    .forward_u8(&x)
+                    .map_err(|e| BenchError::Infer(torch_message(&e)))?;
+                images += batch;
+            }
+            sync();
+            let elapsed = start.elapsed();
+            let (oh, ow) = model.output_hw();
+            let y = y.to_device(Device::Cpu).to_kind(Kind::Uint8).contiguous();
+            let row = (oh * ow * 3) as usize;
+            let mut flat = vec![0u8; batch * row];
+            y.copy_data_u8(&mut flat, batch * row);
+            let outs = flat.chunks_exact(row).map(<[u8]>::to_vec).collect();
+            let threads = if dev == Device::Cpu {
+                pl.infer_threads
+            } else {
+                1
+            };
+            let rate = Rate {
+                name: format!(
+                    "inference ({}, batch {batch}, {:?})",
+                    m.devices[0],
+                    model.kind()
+                ),
+                threads,
+                images,
+                elapsed,
+            };
+            (Some(rate), outs, (oh as u32, ow as u32))
+        }
+    };
+
+    let outputs = Arc::new(outputs);
+    let (done, elapsed) = run_for(pl.encode_threads, outputs.len(), opts.min_time, || {
+        let outputs = Arc::clone(&outputs);
+        let mut enc = Encoder::new(cfg.encode.clone());
+        let (oh, ow) = out_hw;
+        Box::new(move |i| {
+            let _ = enc.encode(&outputs[i % outputs.len()], ow, oh);
+        })
+    });
+    let encode = Rate {
+        name: format!(
+            "encode ({:?}, quality {})",
+            cfg.encode.format, cfg.encode.quality
+        ),
+        threads: pl.encode_threads.max(1),
+        images: done,
+        elapsed,
+    };
+
+    let pipeline = if opts.pipeline {
+        let out = std::env::temp_dir().join(format!("hotpipe-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let s = crate::process::run(cfg, paths.clone(), &out, Default::default());
+        let _ = std::fs::remove_dir_all(&out);
+        let s = s?;
+        Some(Rate {
+            name: "whole pipeline (process, files on disk)".to_string(),
+            threads: pl.decode_threads + pl.fit_threads + pl.encode_threads + 1,
+            images: s.done + s.failed.len(),
+            elapsed: s.elapsed,
+        })
+    } else {
+        None
+    };
+
+    Ok(BenchReport {
+        images: n,
+        cores: crate::config::available_cores(),
+        reductions,
+        decode_fit_full,
+        decode_fit_scaled,
+        decode_fit: decode_fit_n,
+        infer,
+        encode,
+        pipeline,
+    })
+}
