@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs ON the GPU machine (carried in .device/): CUDA tests, then W1 (400 images, model
+# 48 8, 512, batch 8) with hotpipe fp32/fp16/bf16 and the Python peers in the same call,
+# alternating, and prints the table last. Logs go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")"
+export LD_LIBRARY_PATH="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+[ -x ./cuda-tests ] && ./cuda-tests --nocapture 2>&1 | tail -20 | tee "$OUT/cuda-tests.txt"
+W=/tmp/w1; mkdir -p $W
+python3 make_data.py astronaut.png $W/D400 400 7
+python3 make_model.py $W/m.pt 48 8 >/dev/null
+for prec in fp32 bf16 fp16; do
+cat > $W/$prec.toml <<EOT
+[model]
+path = "$W/m.pt"
+device = "cuda:0"
+max_batch = 8
+batch_timeout_ms = 5
+precision = "$prec"
+[preprocess]
+size = 512
+[encode]
+format = "jpeg"
+quality = 90
+[pipeline]
+decode_threads = 12
+fit_threads = 2
+encode_threads = 4
+EOT
+done
+run_hp() { rm -rf $W/o_$1; ./hotpipe process --quiet --config $W/$1.toml --out $W/o_$1 $W/D400 2>>"$OUT/hotpipe.log" | head -1; }
+run_peer() { rm -rf $W/p; python3 peers.py $W/m.pt $W/D400 $W/p cuda $1 16 8 512 2>>"$OUT/peers.log"; }
+for r in 1 2; do
+  for p in fp32 bf16 fp16; do echo "round $r hotpipe_$p: $(run_hp $p)"; done
+  for v in model_only dataloader model_only_bf16 model_only_fp16 gpu_codec; do echo "round $r $(run_peer $v)"; done
+done 2>&1 | tee "$OUT/w1.txt"
+HOTPIPE_LOG=info ./hotpipe process --config $W/fp32.toml --out $W/o_tel $W/D400 2>&1 | grep -A12 "stage telemetry" | tee "$OUT/telemetry.txt"
