@@ -865,8 +865,20 @@ impl Config {
                 Some(HotfolderConfig {
                     root: resolve(root.get_ref()),
                     rescan_s: cx.int_in(&h.rescan_s, "hotfolder.rescan_s", 1, 86_400, 30u64)?,
-                    settle_ms: cx.int_in(&h.settle_ms, "hotfolder.settle_ms", 0, 600_000, 1000u64)?,
-                    max_attempts: cx.int_in(&h.max_attempts, "hotfolder.max_attempts", 1, 100, 3u32)?,
+                    settle_ms: cx.int_in(
+                        &h.settle_ms,
+                        "hotfolder.settle_ms",
+                        0,
+                        600_000,
+                        1000u64,
+                    )?,
+                    max_attempts: cx.int_in(
+                        &h.max_attempts,
+                        "hotfolder.max_attempts",
+                        1,
+                        100,
+                        3u32,
+                    )?,
                     watcher: cx.choice(
                         &h.watcher,
                         "hotfolder.watcher",
@@ -1027,8 +1039,10 @@ mod tests {
 
     #[test]
     fn hotfolder_and_metrics() {
-        let c = parse("[hotfolder]\nroot = \"hf\"\nwatcher = \"poll\"\n\n[metrics]\nlisten = \"off\"\n")
-            .unwrap();
+        let c = parse(
+            "[hotfolder]\nroot = \"hf\"\nwatcher = \"poll\"\n\n[metrics]\nlisten = \"off\"\n",
+        )
+        .unwrap();
         let h = c.hotfolder.unwrap();
         assert_eq!(h.root, Path::new("/base/hf"));
         assert_eq!(h.watcher, WatcherKind::Poll);
@@ -1038,13 +1052,27 @@ mod tests {
             parse("").unwrap().metrics.listen.unwrap().to_string(),
             "127.0.0.1:9464"
         );
-        let e = parse("[hotfolder]\nroot = \"x\"\nsettle = 5\n").unwrap_err().to_string();
+        let e = parse("[hotfolder]\nroot = \"x\"\nsettle = 5\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 3") && e.contains("settle_ms"), "{e}");
-        let e = parse("[hotfolder]\nroot = \"x\"\non_success = \"keep\"\n").unwrap_err().to_string();
-        assert!(e.contains("line 3") && e.contains("hotfolder.on_success"), "{e}");
-        let e = parse("\n[metrics]\nlisten = \"nowhere\"\n").unwrap_err().to_string();
+        let e = parse("[hotfolder]\nroot = \"x\"\non_success = \"keep\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 3") && e.contains("hotfolder.on_success"),
+            "{e}"
+        );
+        let e = parse("\n[metrics]\nlisten = \"nowhere\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 3") && e.contains("metrics.listen"), "{e}");
-        assert!(parse("[hotfolder]\nrescan_s = 3\n").unwrap_err().to_string().contains("hotfolder.root"));
+        assert!(
+            parse("[hotfolder]\nrescan_s = 3\n")
+                .unwrap_err()
+                .to_string()
+                .contains("hotfolder.root")
+        );
     }
 
     #[test]

@@ -42,7 +42,9 @@ impl Daemon {
                 if n == 0 {
                     break;
                 }
-                l2.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                l2.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
         Daemon { child, log }
@@ -61,7 +63,11 @@ impl Daemon {
     }
 
     fn expect_log(&self, needle: &str, timeout: Duration) {
-        assert!(self.wait_log(needle, timeout), "no `{needle}` in the log:\n{}", self.log());
+        assert!(
+            self.wait_log(needle, timeout),
+            "no `{needle}` in the log:\n{}",
+            self.log()
+        );
     }
 
     fn signal(&self, sig: i32) {
@@ -70,9 +76,13 @@ impl Daemon {
 
     /// SIGTERM and wait; returns the exit code and how long the exit took.
     fn stop(mut self) -> (Option<i32>, Duration) {
+        use std::os::unix::process::ExitStatusExt;
         let t = Instant::now();
         self.signal(libc::SIGTERM);
         let st = self.child.wait().unwrap();
+        if let Some(sig) = st.signal() {
+            eprintln!("daemon killed by signal {sig}");
+        }
         (st.code(), t.elapsed())
     }
 
@@ -114,7 +124,11 @@ fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 fn config(dir: &Path, hotfolder: &str, extra: &str) -> PathBuf {
     // Defaults for the tests, unless `hotfolder` sets the key itself.
     let mut hotfolder = hotfolder.to_string();
-    for (k, v) in [("settle_ms", "100"), ("retry_s", "1"), ("shutdown_grace_s", "5")] {
+    for (k, v) in [
+        ("settle_ms", "100"),
+        ("retry_s", "1"),
+        ("shutdown_grace_s", "5"),
+    ] {
         if !hotfolder.contains(&format!("{k} =")) {
             hotfolder.push_str(&format!("{k} = {v}\n"));
         }
@@ -173,7 +187,11 @@ fn check_exactly_once(hf: &Path, inputs: &BTreeSet<String>) -> (usize, usize) {
     let failed: BTreeSet<String> = names(&hf.join("failed")).into_iter().collect();
     let outbox: BTreeSet<String> = names(&hf.join("outbox")).into_iter().collect();
     assert_eq!(count(&hf.join("inbox")), 0, "inbox drained");
-    assert_eq!(names(&hf.join("work")), Vec::<String>::new(), "work drained");
+    assert_eq!(
+        names(&hf.join("work")),
+        Vec::<String>::new(),
+        "work drained"
+    );
     let mut expected_out = BTreeSet::new();
     let mut nfailed = 0;
     for i in inputs {
@@ -186,7 +204,10 @@ fn check_exactly_once(hf: &Path, inputs: &BTreeSet<String>) -> (usize, usize) {
             assert!(failed.contains(&format!("{i}.error.json")), "{i}: sidecar");
         }
     }
-    assert_eq!(outbox, expected_out, "one output per done input, nothing else");
+    assert_eq!(
+        outbox, expected_out,
+        "one output per done input, nothing else"
+    );
     for o in &outbox {
         let img = image::open(hf.join("outbox").join(o)).unwrap();
         assert_eq!((img.width(), img.height()), (64, 64), "{o} complete");
@@ -210,16 +231,26 @@ fn t1_crash_safety_under_repeated_sigkill() {
         .as_nanos() as u64;
     eprintln!("crash test seed {seed}");
     let mut rand = move |n: u64| {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (seed >> 33) % n
     };
     let started = Instant::now();
     let mut inputs = BTreeSet::new();
     let bytes: Vec<Vec<u8>> = (0..8).map(jpeg_bytes).collect();
     let (mut kills, mut next) = (0, 0usize);
-    while kills < 24 {
+    // How many restarts found items in work/, and outputs already published.
+    let (mut resumed, mut republished) = (0, 0);
+    while kills < 30 {
         let daemon = Daemon::start(&cfg, &[]);
-        // Inputs arrive while it runs: 15 per round for the first 20 rounds.
+        // Most kills land while items are in flight (after the first scan, within the
+        // time 15 items take); every third lands anywhere from start-up on.
+        if kills % 3 != 0 {
+            daemon.expect_log("hot folder ready", Duration::from_secs(30));
+        }
+        // Inputs arrive while it runs: 15 per round for the first 20 rounds (then 10 more
+        // kills over the backlog and its recovery).
         let batch = if next < 300 { 15 } else { 0 };
         for _ in 0..batch {
             let name = format!("img{next:04}.jpg");
@@ -227,29 +258,46 @@ fn t1_crash_safety_under_repeated_sigkill() {
             inputs.insert(name);
             next += 1;
         }
-        std::thread::sleep(Duration::from_millis(rand(400)));
+        let wait = if kills % 3 != 0 {
+            10 + rand(60)
+        } else {
+            rand(350)
+        };
+        std::thread::sleep(Duration::from_millis(wait));
+        let log = daemon.log();
+        resumed += usize::from(log.contains("resuming items left in work/"));
+        republished += log.matches("output was already published").count();
         daemon.kill();
         kills += 1;
     }
     let daemon = Daemon::start(&cfg, &[]);
+    // (A SIGTERM before the daemon set up its signal handling would kill it outright.)
+    daemon.expect_log("hot folder ready", Duration::from_secs(30));
     assert!(
         wait_until(Duration::from_secs(60), || count(&hf.join("inbox")) == 0
             && count(&hf.join("work")) == 0),
         "drained after the kills\n{}",
         daemon.log()
     );
+    let log = daemon.log.clone();
     let (code, _) = daemon.stop();
-    assert_eq!(code, Some(0));
+    assert_eq!(code, Some(0), "{}", log.lock().unwrap());
     let (done, failed) = check_exactly_once(&hf, &inputs);
     eprintln!(
-        "crash test: {} inputs, {kills} SIGKILLs, {done} done, {failed} failed (attempts exhausted), {:.1} s",
+        "crash test: {} inputs, {kills} SIGKILLs, {resumed} restarts resumed work/, {republished} items found already published, {done} done, {failed} failed (attempts exhausted), {:.1} s",
         inputs.len(),
         started.elapsed().as_secs_f64()
     );
     assert_eq!(inputs.len(), 300);
-    for f in names(&hf.join("failed")).iter().filter(|n| n.ends_with(".error.json")) {
+    for f in names(&hf.join("failed"))
+        .iter()
+        .filter(|n| n.ends_with(".error.json"))
+    {
         let s = std::fs::read_to_string(hf.join("failed").join(f)).unwrap();
-        assert!(s.contains("gave up after 3 attempts"), "only crash-looped files fail: {s}");
+        assert!(
+            s.contains("gave up after 3 attempts"),
+            "only crash-looped files fail: {s}"
+        );
     }
 }
 
@@ -258,7 +306,11 @@ fn t1_crash_safety_under_repeated_sigkill() {
 #[test]
 fn t2_lost_events_rescan_finds_a_burst_of_2000_exactly_once() {
     let d = tempfile::tempdir().unwrap();
-    let cfg = config(d.path(), "watcher = \"none\"\nrescan_s = 1\nsettle_ms = 0\n", "");
+    let cfg = config(
+        d.path(),
+        "watcher = \"none\"\nrescan_s = 1\nsettle_ms = 0\n",
+        "",
+    );
     let hf = d.path().join("hf");
     let daemon = Daemon::start(&cfg, &[]);
     daemon.expect_log("hot folder ready", Duration::from_secs(30));
@@ -281,7 +333,10 @@ fn t2_lost_events_rescan_finds_a_burst_of_2000_exactly_once() {
         count(&hf.join("done")),
         daemon.log()
     );
-    eprintln!("burst of 2000 without watcher: {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "burst of 2000 without watcher: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let (code, _) = daemon.stop();
     assert_eq!(code, Some(0));
     assert_eq!(check_exactly_once(&hf, &inputs), (2000, 0));
@@ -330,7 +385,11 @@ fn t3_slow_producer_startup_files_and_renames() {
         daemon.log()
     );
     let out = image::open(hf.join("outbox/slow.png")).unwrap().into_rgb8();
-    assert_eq!(out.as_raw(), img.as_raw(), "output is the complete file (lossless)");
+    assert_eq!(
+        out.as_raw(),
+        img.as_raw(),
+        "output is the complete file (lossless)"
+    );
     assert_eq!(daemon.stop().0, Some(0));
 }
 
@@ -354,7 +413,9 @@ fn t4_hostile_inbox() {
     };
     put("empty.jpg", b"");
     put("truncated.jpg", &good[..good.len() / 3]);
-    let noise: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let noise: Vec<u8> = (0..5000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     put("random.jpg", &noise);
     put("huge.png", &png_header(50000, 50000));
     put("notes.txt", b"just some text\n");
@@ -389,7 +450,10 @@ fn t4_hostile_inbox() {
     for (name, why) in failing {
         let side = std::fs::read_to_string(failed.join(format!("{name}.error.json"))).unwrap();
         let v: serde_json::Value = serde_json::from_str(&side).unwrap();
-        assert!(v["reason"].as_str().unwrap().contains(why), "{name}: {side}");
+        assert!(
+            v["reason"].as_str().unwrap().contains(why),
+            "{name}: {side}"
+        );
         for k in ["stage", "attempts", "time", "file"] {
             assert!(!v[k].is_null(), "{name}: {k} in {side}");
         }
@@ -403,7 +467,13 @@ fn t4_hostile_inbox() {
     );
     assert!(std::fs::metadata("/etc/passwd").is_ok());
     let outs = names(&hf.join("outbox"));
-    assert_eq!(outs, vec!["new_line.jpg".to_string(), "with space ü 漢.jpg".to_string()]);
+    assert_eq!(
+        outs,
+        vec![
+            "new_line.jpg".to_string(),
+            "with space ü 漢.jpg".to_string()
+        ]
+    );
     assert!(daemon.alive(), "still up");
     let rss = vm_rss_kib(daemon.pid());
     eprintln!("RSS: {rss0} KiB at start, {rss} KiB after the hostile inbox");
@@ -426,15 +496,22 @@ fn t5_sigterm_exits_in_grace_and_loses_nothing() {
         deliver(&hf, &name, &jpeg_bytes(i % 4));
         inputs.insert(name);
     }
-    assert!(wait_until(Duration::from_secs(30), || count(&hf.join("done")) >= 5));
+    assert!(wait_until(Duration::from_secs(30), || count(
+        &hf.join("done")
+    ) >= 5));
     let (code, took) = daemon.stop();
     assert_eq!(code, Some(0));
     assert!(took < Duration::from_secs(4), "exit took {took:?}");
     let seen = count(&hf.join("done")) + count(&hf.join("inbox")) + count(&hf.join("work"))
-        - names(&hf.join("work")).iter().filter(|n| n.starts_with('.')).count();
+        - names(&hf.join("work"))
+            .iter()
+            .filter(|n| n.starts_with('.'))
+            .count();
     assert_eq!(seen, 120, "nothing lost at shutdown");
     let daemon = Daemon::start(&cfg, &[]);
-    assert!(wait_until(Duration::from_secs(60), || count(&hf.join("done")) == 120));
+    assert!(wait_until(Duration::from_secs(60), || count(
+        &hf.join("done")
+    ) == 120));
     assert_eq!(daemon.stop().0, Some(0));
     assert_eq!(check_exactly_once(&hf, &inputs), (120, 0));
 }
@@ -453,14 +530,18 @@ fn t5_sighup_reload_keeps_old_config_when_broken() {
     daemon.expect_log("config reload failed", Duration::from_secs(10));
     assert!(daemon.log().contains("encode.format"), "{}", daemon.log());
     deliver(&hf, "a.jpg", &jpeg_bytes(1));
-    assert!(wait_until(Duration::from_secs(20), || hf.join("outbox/a.jpg").is_file()));
+    assert!(wait_until(Duration::from_secs(20), || hf
+        .join("outbox/a.jpg")
+        .is_file()));
     assert!(daemon.alive());
     std::fs::write(&cfg, good.replace("format = \"jpeg\"", "format = \"png\"")).unwrap();
     daemon.signal(libc::SIGHUP);
     daemon.expect_log("config reloaded", Duration::from_secs(20));
     deliver(&hf, "b.jpg", &jpeg_bytes(2));
     assert!(
-        wait_until(Duration::from_secs(20), || hf.join("outbox/b.png").is_file()),
+        wait_until(Duration::from_secs(20), || hf
+            .join("outbox/b.png")
+            .is_file()),
         "{}",
         daemon.log()
     );
@@ -490,13 +571,24 @@ fn t6_outbox_unwritable_or_full_is_retried() {
     std::fs::rename(&outbox, hf.join("outbox.off")).unwrap();
     std::fs::write(&outbox, b"not a folder").unwrap();
     deliver(&hf, "u.jpg", &jpeg_bytes(1));
-    assert!(wait_until(Duration::from_secs(20), || daemon.log().matches("transient failure").count() >= 2));
+    assert!(wait_until(Duration::from_secs(20), || daemon
+        .log()
+        .matches("transient failure")
+        .count()
+        >= 2));
     assert_eq!(count(&hf.join("done")), 0);
     assert_eq!(count(&hf.join("failed")), 0);
-    assert!(hf.join("work/u.jpg").is_file(), "kept in work/ for the retry");
+    assert!(
+        hf.join("work/u.jpg").is_file(),
+        "kept in work/ for the retry"
+    );
     std::fs::remove_file(&outbox).unwrap();
     std::fs::rename(hf.join("outbox.off"), &outbox).unwrap();
-    assert!(wait_until(Duration::from_secs(20), || hf.join("done/u.jpg").is_file()), "{}", daemon.log());
+    assert!(
+        wait_until(Duration::from_secs(20), || hf.join("done/u.jpg").is_file()),
+        "{}",
+        daemon.log()
+    );
     assert!(outbox.join("u.jpg").is_file());
 
     // Full.
@@ -513,13 +605,25 @@ fn t6_outbox_unwritable_or_full_is_retried() {
     lim(300);
     let before = daemon.log().matches("transient failure").count();
     deliver(&hf, "f.jpg", &jpeg_bytes(2));
-    assert!(wait_until(Duration::from_secs(20), || daemon.log().matches("transient failure").count() >= before + 2));
+    assert!(wait_until(Duration::from_secs(20), || daemon
+        .log()
+        .matches("transient failure")
+        .count()
+        >= before + 2));
     assert!(daemon.log().contains("File too large"), "{}", daemon.log());
     assert!(!hf.join("done/f.jpg").exists());
     assert_eq!(count(&hf.join("failed")), 0);
-    assert_eq!(names(&outbox), vec!["u.jpg".to_string()], "no partial output visible");
+    assert_eq!(
+        names(&outbox),
+        vec!["u.jpg".to_string()],
+        "no partial output visible"
+    );
     lim(libc::RLIM_INFINITY);
-    assert!(wait_until(Duration::from_secs(20), || hf.join("done/f.jpg").is_file()), "{}", daemon.log());
+    assert!(
+        wait_until(Duration::from_secs(20), || hf.join("done/f.jpg").is_file()),
+        "{}",
+        daemon.log()
+    );
     let img = image::open(outbox.join("f.jpg")).unwrap();
     assert_eq!(img.width(), 64);
     assert_eq!(daemon.stop().0, Some(0));
@@ -534,7 +638,8 @@ fn service_notify_metrics_and_health() {
     let hf = d.path().join("hf");
     let sock_path = d.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let daemon = Daemon::start(
         &cfg,
         &[
@@ -549,11 +654,16 @@ fn service_notify_metrics_and_health() {
     };
     let first = recv(&mut buf);
     assert!(first.starts_with("READY=1"), "{first}");
-    assert!(daemon.log().contains("hot folder ready"), "READY only after the first scan");
+    assert!(
+        daemon.log().contains("hot folder ready"),
+        "READY only after the first scan"
+    );
     let w = recv(&mut buf);
     assert_eq!(w, "WATCHDOG=1");
     deliver(&hf, "m.jpg", &jpeg_bytes(1));
-    assert!(wait_until(Duration::from_secs(20), || hf.join("done/m.jpg").is_file()));
+    assert!(wait_until(Duration::from_secs(20), || hf
+        .join("done/m.jpg")
+        .is_file()));
     let addr = daemon.metrics_addr();
     let (code, body) = http_get(&addr, "/metrics");
     assert_eq!(code, 200);

@@ -20,10 +20,7 @@ use super::publish::rename_noreplace;
 /// Names a producer is still writing, by the usual conventions.
 pub fn ignored(name: &OsStr) -> bool {
     let s = name.to_string_lossy();
-    s.starts_with('.')
-        || s.ends_with(".part")
-        || s.ends_with(".tmp")
-        || s.ends_with(".crdownload")
+    s.starts_with('.') || s.ends_with(".part") || s.ends_with(".tmp") || s.ends_with(".crdownload")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -82,14 +82,20 @@ impl Layout {
         let root_dev = std::fs::metadata(&self.root)
             .map_err(io_err(format!("cannot stat {}", self.root.display())))?
             .dev();
-        for dir in [&self.inbox, &self.work, &self.outbox, &self.done, &self.failed] {
+        for dir in [
+            &self.inbox,
+            &self.work,
+            &self.outbox,
+            &self.done,
+            &self.failed,
+        ] {
             match std::fs::create_dir(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(io_err(format!("cannot create {}", dir.display()))(e)),
             }
-            let meta = std::fs::metadata(dir)
-                .map_err(io_err(format!("cannot stat {}", dir.display())))?;
+            let meta =
+                std::fs::metadata(dir).map_err(io_err(format!("cannot stat {}", dir.display())))?;
             if !meta.is_dir() {
                 return Err(HotfolderError::Io {
                     context: format!("{} is not a directory", dir.display()),

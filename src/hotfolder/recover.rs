@@ -10,10 +10,10 @@
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 
+use super::Layout;
 use super::publish::TMP_SUFFIX;
 use super::sink::{complete_orphan_failing, fail_item, finish_success};
 use super::state::{self, STATE_PREFIX};
-use super::Layout;
 use crate::config::OnSuccess;
 use crate::error::Stage;
 use crate::stages::read::check_file_type;
@@ -54,10 +54,8 @@ pub fn startup(layout: &Layout) -> std::io::Result<Vec<OsString>> {
             items.push(n);
         }
     }
-    let live: HashSet<std::path::PathBuf> = items
-        .iter()
-        .map(|n| state::path(&layout.work, n))
-        .collect();
+    let live: HashSet<std::path::PathBuf> =
+        items.iter().map(|n| state::path(&layout.work, n)).collect();
     for s in states {
         let p = layout.work.join(&s);
         if live.contains(&p) {
@@ -163,7 +161,10 @@ mod tests {
         std::fs::write(l.work.join(n), b"data").unwrap();
         assert_eq!(begin(&l, n, 2, OnSuccess::Move).unwrap(), Begin::Process(1));
         assert_eq!(begin(&l, n, 2, OnSuccess::Move).unwrap(), Begin::Process(2));
-        assert!(matches!(begin(&l, n, 2, OnSuccess::Move).unwrap(), Begin::Failed(_)));
+        assert!(matches!(
+            begin(&l, n, 2, OnSuccess::Move).unwrap(),
+            Begin::Failed(_)
+        ));
         assert!(l.failed.join("x.jpg").is_file());
         let side = std::fs::read_to_string(l.failed.join("x.jpg.error.json")).unwrap();
         assert!(side.contains("gave up after 2 attempts"), "{side}");
@@ -209,7 +210,12 @@ mod tests {
             ));
             assert!(l.failed.join(format!("{n}.error.json")).is_file());
         }
-        assert!(std::fs::symlink_metadata(l.failed.join("link.jpg")).unwrap().file_type().is_symlink());
+        assert!(
+            std::fs::symlink_metadata(l.failed.join("link.jpg"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
         assert_eq!(std::fs::read(&target).unwrap(), b"keep");
     }
 }

@@ -81,7 +81,9 @@ impl HotSink {
                     Err(e) => return Err(e),
                 }
             }
-            Err(std::io::Error::other(format!("no free name for {stem}.{ext}")))
+            Err(std::io::Error::other(format!(
+                "no free name for {stem}.{ext}"
+            )))
         })();
         if r.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -178,7 +180,10 @@ fn write_sidecar(layout: &Layout, f: &Failing, original: &str) -> std::io::Resul
     .map_err(std::io::Error::other)?;
     let (tmp, _) = write_tmp(&layout.failed, "sidecar", &text)?;
     // Replacing is right here: the name was reserved for this item in its state.
-    let r = std::fs::rename(&tmp, layout.failed.join(format!("{}.error.json", f.as_name)));
+    let r = std::fs::rename(
+        &tmp,
+        layout.failed.join(format!("{}.error.json", f.as_name)),
+    );
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -247,7 +252,8 @@ pub fn fail_item(
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 // Someone else took the name meanwhile: drop our sidecar, pick another.
-                let _ = std::fs::remove_file(layout.failed.join(format!("{}.error.json", f.as_name)));
+                let _ =
+                    std::fs::remove_file(layout.failed.join(format!("{}.error.json", f.as_name)));
                 st.failing = None;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -93,7 +93,11 @@ pub fn load_path(p: &Path) -> std::io::Result<Option<ItemState>> {
 /// Replace an item's state durably.
 pub fn save(work: &Path, name: &OsStr, st: &ItemState) -> std::io::Result<()> {
     let p = path(work, name);
-    let tmp = p.with_extension(format!("{}{}", std::process::id(), super::publish::TMP_SUFFIX));
+    let tmp = p.with_extension(format!(
+        "{}{}",
+        std::process::id(),
+        super::publish::TMP_SUFFIX
+    ));
     let r = (|| {
         let mut f = std::fs::File::options()
             .write(true)

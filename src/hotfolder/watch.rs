@@ -40,7 +40,9 @@ pub fn arm(
     };
     let mut watcher: Box<dyn Watcher + Send> = match kind {
         WatcherKind::None => return Ok(Watch { _watcher: None }),
-        WatcherKind::Inotify => Box::new(notify::RecommendedWatcher::new(handler, cfg).map_err(err)?),
+        WatcherKind::Inotify => {
+            Box::new(notify::RecommendedWatcher::new(handler, cfg).map_err(err)?)
+        }
         WatcherKind::Poll => Box::new(notify::PollWatcher::new(handler, cfg).map_err(err)?),
     };
     watcher

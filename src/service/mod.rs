@@ -28,7 +28,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender, bounded, select, unbounded};
+use crossbeam_channel::{
+    Receiver, RecvTimeoutError, SendTimeoutError, Sender, bounded, select, unbounded,
+};
 
 use crate::config::{Config, ConfigError, HotfolderConfig};
 use crate::error::PipelineError;
@@ -103,14 +105,12 @@ impl Shared {
     /// has finished anything for `stuck_s`.
     pub fn health(&self) -> Result<String, String> {
         let tel = self.telemetry();
-        let since_stage = tel
-            .started
-            .elapsed()
-            .saturating_sub(Duration::from_millis(tel.last_progress_ms.load(Ordering::Relaxed)));
-        let since_activity = self
-            .started
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed)));
+        let since_stage = tel.started.elapsed().saturating_sub(Duration::from_millis(
+            tel.last_progress_ms.load(Ordering::Relaxed),
+        ));
+        let since_activity = self.started.elapsed().saturating_sub(Duration::from_millis(
+            self.last_activity_ms.load(Ordering::Relaxed),
+        ));
         health_of(
             self.in_flight.load(Ordering::Relaxed),
             since_stage.min(since_activity),
@@ -143,6 +143,9 @@ struct Session {
     layout: Layout,
     pipeline: Pipeline,
     outcomes: Receiver<Outcome>,
+    /// Fires once the claimer's first inbox listing is done (the main loop keeps taking
+    /// outcomes meanwhile: items resumed from work/ may already be flowing).
+    ready: Receiver<()>,
     retry_tx: Sender<Retry>,
     stop_tx: Option<Sender<()>>,
     claimer: Option<JoinHandle<()>>,
@@ -173,7 +176,8 @@ impl Session {
         let mut start = StartOptions::default();
         start.middle = crate::facecrop::middle_stage(cfg)?;
         let mut pipeline = Pipeline::start(cfg, sink, start)?;
-        *shared.telemetry.lock().unwrap_or_else(|p| p.into_inner()) = Arc::clone(pipeline.telemetry());
+        *shared.telemetry.lock().unwrap_or_else(|p| p.into_inner()) =
+            Arc::clone(pipeline.telemetry());
         shared.stuck_s.store(hf.stuck_s, Ordering::Relaxed);
         let tx = pipeline.sender();
         pipeline.close_input();
@@ -206,17 +210,8 @@ impl Session {
                 context: "cannot start the claimer thread".into(),
                 source,
             })?;
-        // The first scan is done when the claimer says so (or it died: then the outcome
-        // loop finds out).
-        let _ = ready_rx.recv();
-        tracing::info!(
-            root = %layout.root.display(),
-            watcher = ?hf.watcher,
-            model = %pipeline.info().model,
-            devices = ?pipeline.info().devices,
-            "hot folder ready"
-        );
         Ok(Session {
+            ready: ready_rx,
             cfg: cfg.clone(),
             hf,
             layout,
@@ -271,7 +266,10 @@ impl Session {
         loop {
             let r = match deadline {
                 Some(d) => self.outcomes.recv_deadline(d),
-                None => self.outcomes.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                None => self
+                    .outcomes
+                    .recv()
+                    .map_err(|_| RecvTimeoutError::Disconnected),
             };
             match r {
                 Ok(o) => self.handle(o, shared),
@@ -310,7 +308,12 @@ impl Claimer {
 
     /// Decide about one item of `work/` and hand it to the pipeline. False: stop.
     fn submit(&mut self, name: OsString, retries: &mut Vec<Retry>) -> bool {
-        let begin = recover::begin(&self.layout, &name, self.hf.max_attempts, self.hf.on_success);
+        let begin = recover::begin(
+            &self.layout,
+            &name,
+            self.hf.max_attempts,
+            self.hf.on_success,
+        );
         match begin {
             Ok(Begin::Process(attempts)) => {
                 let mut item = Item::new(self.next_id, self.layout.work.join(&name));
@@ -378,7 +381,11 @@ impl Claimer {
                 if now >= next_rescan {
                     next_rescan = now + rescan;
                 }
-                match scanner.scan(&self.layout) {
+                let listed = scanner.scan(&self.layout);
+                if let Some(r) = ready.take() {
+                    let _ = r.send(());
+                }
+                match listed {
                     Ok(names) => {
                         for name in names {
                             match claim(&self.layout, &name) {
@@ -391,19 +398,21 @@ impl Claimer {
                                 Ok(Claim::Lost) => {}
                                 Ok(Claim::Busy) => {
                                     // Same name still in work/: look again soon.
-                                    next_rescan = next_rescan.min(Instant::now() + Duration::from_secs(1));
+                                    next_rescan =
+                                        next_rescan.min(Instant::now() + Duration::from_secs(1));
                                 }
-                                Err(e) => tracing::error!(file = %name.to_string_lossy(), error = %e, "cannot claim"),
+                                Err(e) => {
+                                    tracing::error!(file = %name.to_string_lossy(), error = %e, "cannot claim")
+                                }
                             }
                             if self.stopped() {
                                 return;
                             }
                         }
                     }
-                    Err(e) => tracing::error!(inbox = %self.layout.inbox.display(), error = %e, "cannot list the inbox"),
-                }
-                if let Some(r) = ready.take() {
-                    let _ = r.send(());
+                    Err(e) => {
+                        tracing::error!(inbox = %self.layout.inbox.display(), error = %e, "cannot list the inbox")
+                    }
                 }
             }
             let now = Instant::now();
@@ -462,11 +471,25 @@ pub fn run(config_path: &Path, signals: Receiver<Signal>) -> Result<(), ServiceE
         tracing::info!(%local, "metrics on http://{local}/metrics, health on /healthz");
     }
     let mut session = Session::start(&cfg, &shared)?;
-    notifier.send("READY=1\nSTATUS=watching the inbox");
     let tick = crossbeam_channel::tick(notifier.watchdog.unwrap_or(Duration::from_secs(5)));
     loop {
         let outcomes = session.outcomes.clone();
+        let ready = session.ready.clone();
         select! {
+            recv(ready) -> r => {
+                session.ready = crossbeam_channel::never();
+                if r.is_ok() {
+                    let info = session.pipeline.info();
+                    tracing::info!(
+                        root = %session.layout.root.display(),
+                        watcher = ?session.hf.watcher,
+                        model = %info.model,
+                        devices = ?info.devices,
+                        "hot folder ready"
+                    );
+                    notifier.send("READY=1\nSTATUS=watching the inbox");
+                }
+            },
             recv(outcomes) -> o => match o {
                 Ok(o) => session.handle(o, &shared),
                 Err(_) => return Err(ServiceError::PipelineDied),
@@ -525,7 +548,7 @@ fn reload(
             Session::start(&old, shared)?
         }
     };
-    notifier.send("READY=1\nSTATUS=watching the inbox");
+    // READY=1 follows from the main loop once the new session's first scan is done.
     Ok(next)
 }
 
@@ -538,6 +561,10 @@ mod tests {
         let s = Duration::from_secs(10);
         assert!(health_of(0, Duration::from_secs(100), s).is_ok());
         assert!(health_of(3, Duration::from_secs(2), s).is_ok());
-        assert!(health_of(3, Duration::from_secs(11), s).unwrap_err().contains("3 item(s)"));
+        assert!(
+            health_of(3, Duration::from_secs(11), s)
+                .unwrap_err()
+                .contains("3 item(s)")
+        );
     }
 }
