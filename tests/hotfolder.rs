@@ -215,7 +215,7 @@ fn check_exactly_once(hf: &Path, inputs: &BTreeSet<String>) -> (usize, usize) {
     (done.len(), nfailed)
 }
 
-/// 1. SIGKILL at random moments (during start-up, recovery, claiming, publishing), at
+/// Test 1: SIGKILL at random moments (during start-up, recovery, claiming, publishing), at
 /// least 20 times, while 300 inputs arrive; then one clean run drains everything.
 #[test]
 fn t1_crash_safety_under_repeated_sigkill() {
@@ -301,7 +301,7 @@ fn t1_crash_safety_under_repeated_sigkill() {
     }
 }
 
-/// 2. No watcher at all: the periodic rescan alone finds every file, and a burst of
+/// Test 2: No watcher at all: the periodic rescan alone finds every file, and a burst of
 /// 2,000 arriving while the daemon runs is processed exactly once.
 #[test]
 fn t2_lost_events_rescan_finds_a_burst_of_2000_exactly_once() {
@@ -342,7 +342,7 @@ fn t2_lost_events_rescan_finds_a_burst_of_2000_exactly_once() {
     assert_eq!(check_exactly_once(&hf, &inputs), (2000, 0));
 }
 
-/// 3. A slow producer (chunks with pauses shorter than settle_ms) is never read early;
+/// Test 3: A slow producer (chunks with pauses shorter than settle_ms) is never read early;
 /// files present at start-up and rename deliveries are processed.
 #[test]
 fn t3_slow_producer_startup_files_and_renames() {
@@ -362,7 +362,11 @@ fn t3_slow_producer_startup_files_and_renames() {
     // Slow producer: a PNG of noise (large, so a prefix is undecodable) in 5 chunks,
     // 300 ms apart.
     let img = image::RgbImage::from_fn(64, 64, |x, y| {
-        image::Rgb([(x * 37 ^ y * 11) as u8, (x * y) as u8, (x + y * 5) as u8])
+        image::Rgb([
+            ((x * 37) ^ (y * 11)) as u8,
+            (x * y) as u8,
+            (x + y * 5) as u8,
+        ])
     });
     let mut full = std::io::Cursor::new(Vec::new());
     img.write_to(&mut full, image::ImageFormat::Png).unwrap();
@@ -393,7 +397,7 @@ fn t3_slow_producer_startup_files_and_renames() {
     assert_eq!(daemon.stop().0, Some(0));
 }
 
-/// 4. A hostile inbox: every entry ends in failed/ with a reason, or is processed when
+/// Test 4: A hostile inbox: every entry ends in failed/ with a reason, or is processed when
 /// valid; the daemon stays up and its memory bounded.
 #[test]
 fn t4_hostile_inbox() {
@@ -548,7 +552,7 @@ fn t5_sighup_reload_keeps_old_config_when_broken() {
     assert_eq!(daemon.stop().0, Some(0));
 }
 
-/// 6. The output folder fails, two real ways (tests run as root, which ignores file
+/// Test 6: The output folder fails, two real ways (tests run as root, which ignores file
 /// modes, so chmod cannot make a folder unwritable):
 /// - "unwritable": outbox/ is replaced by a regular file, so every create in it fails
 ///   with ENOTDIR, as it would on a folder removed or remounted under the daemon;

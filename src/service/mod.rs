@@ -173,8 +173,10 @@ impl Session {
         }
         let (finish_tx, finish_rx) = unbounded::<OsString>();
         let sink = Arc::new(HotSink::new(layout.clone(), hf.on_success, finish_tx));
-        let mut start = StartOptions::default();
-        start.middle = crate::facecrop::middle_stage(cfg)?;
+        let start = StartOptions {
+            middle: crate::facecrop::middle_stage(cfg)?,
+            ..Default::default()
+        };
         let mut pipeline = Pipeline::start(cfg, sink, start)?;
         *shared.telemetry.lock().unwrap_or_else(|p| p.into_inner()) =
             Arc::clone(pipeline.telemetry());
