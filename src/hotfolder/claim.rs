@@ -143,6 +143,7 @@ mod tests {
             .unwrap();
         let mut s = Scanner::new(Duration::from_millis(300));
         assert_eq!(s.scan(&l).unwrap(), vec![OsString::from("old.jpg")]);
+        assert_eq!(claim(&l, OsStr::new("old.jpg")).unwrap(), Claim::Claimed);
         assert!(s.next_check().is_some());
         std::thread::sleep(Duration::from_millis(350));
         assert_eq!(s.scan(&l).unwrap(), vec![OsString::from("new.jpg")]);

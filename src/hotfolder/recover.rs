@@ -138,7 +138,8 @@ pub fn uncount(layout: &Layout, name: &OsStr) {
         && st.attempts > 0
     {
         st.attempts -= 1;
-        st.outputs.clear();
+        // Outputs stay recorded: a half-published attempt (image out, sidecar failed)
+        // must be taken back by the next `begin`, not duplicated.
         let _ = state::save(&layout.work, name, &st);
     }
 }
