@@ -7,6 +7,7 @@
 //! - [`stages`]: read, decode, fit, encode (each a function of one item plus its state);
 //! - [`runtime`]: the model, batching, the inference worker (the only code touching tch);
 //! - [`hotfolder`]: publishing files (and the daemon's folder protocol);
+//! - [`service`]: `hotpipe run`: signals, systemd notify, metrics and health;
 //! - [`process`]: the one-shot `hotpipe process` run with progress and a summary;
 //! - [`bench`]: `hotpipe bench`, each stage's speed alone and the whole pipeline's.
 
@@ -19,4 +20,5 @@ pub mod hotfolder;
 pub mod pipeline;
 pub mod process;
 pub mod runtime;
+pub mod service;
 pub mod stages;

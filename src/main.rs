@@ -49,6 +49,12 @@ enum Command {
         stages_only: bool,
         folder: PathBuf,
     },
+    /// Run the hot-folder daemon on the config's [hotfolder] root until SIGTERM/SIGINT
+    /// (SIGHUP reloads the config).
+    Run {
+        #[arg(long, default_value = "pipeline.toml")]
+        config: PathBuf,
+    },
     /// Validate the config, load the model, run one dummy batch and describe it.
     Check {
         #[arg(long, default_value = "pipeline.toml")]
@@ -56,9 +62,22 @@ enum Command {
     },
 }
 
+/// Logs go to journald, with fields, when systemd connected stderr to the journal
+/// (`JOURNAL_STREAM` is set); to stderr otherwise.
 fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOTPIPE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if std::env::var_os("JOURNAL_STREAM").is_some()
+        && let Ok(journald) = tracing_journald::layer()
+    {
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(journald.with_syslog_identifier("hotpipe".into()))
+            .init();
+        return;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -122,6 +141,12 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 pipeline: !stages_only,
             };
             print!("{}", hotpipe::bench::run(&cfg, &folder, &opts)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { config } => {
+            // Before any thread exists: the signal mask is inherited by every thread.
+            let signals = hotpipe::service::signals::install().context("cannot set up signals")?;
+            hotpipe::service::run(&config, signals)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config } => {

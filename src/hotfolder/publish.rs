@@ -84,6 +84,31 @@ pub fn write_new(
     result
 }
 
+/// Write `bytes` to a fresh temporary name in `dir` and fsync it (not the directory).
+/// Returns the path and inode, so a caller can record which file it is about to
+/// publish before renaming it (the hot folder's crash-safe publication).
+pub fn write_tmp(dir: &Path, stem: &str, bytes: &[u8]) -> std::io::Result<(PathBuf, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = dir.join(format!(
+        ".{stem}.{}.{}{TMP_SUFFIX}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = File::options().write(true).create_new(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        Ok(f.metadata()?.ino())
+    })();
+    match result {
+        Ok(ino) => Ok((tmp, ino)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
 /// Rename `from` into `dir` as `<stem>.<ext>`, adding `-N` until the name is free.
 pub fn place_noreplace(from: &Path, dir: &Path, stem: &str, ext: &str) -> std::io::Result<PathBuf> {
     let dot = if ext.is_empty() { "" } else { "." };

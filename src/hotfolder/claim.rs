@@ -1,0 +1,156 @@
+//! The inbox scan: which entries are ready, and the claim (a rename into `work/`).
+//!
+//! The directory listing is the truth; watcher events only say "look again". A file is
+//! ready once it has not changed for `settle_ms`: either its mtime is already that old
+//! when first seen (a file present at start-up, or delivered by rename after being
+//! written elsewhere, is claimed at once) or its size and mtime stayed the same across
+//! that long (a producer writing in chunks keeps moving its mtime, so it is never read
+//! early). Names starting with `.` or ending in `.part`, `.tmp`, `.crdownload` are
+//! ignored until renamed. Entries that are not regular files are "ready" at once: they
+//! are claimed (a rename moves a symlink itself and never opens a FIFO) and quarantined
+//! by [`super::recover::begin`].
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::Layout;
+use super::publish::rename_noreplace;
+
+/// Names a producer is still writing, by the usual conventions.
+pub fn ignored(name: &OsStr) -> bool {
+    let s = name.to_string_lossy();
+    s.starts_with('.') || s.ends_with(".part") || s.ends_with(".tmp") || s.ends_with(".crdownload")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Seen {
+    size: u64,
+    mtime: Option<SystemTime>,
+    since: Instant,
+}
+
+/// Settle bookkeeping across scans.
+pub struct Scanner {
+    settle: Duration,
+    pending: HashMap<OsString, Seen>,
+}
+
+/// The outcome of a claim.
+#[derive(Debug, PartialEq)]
+pub enum Claim {
+    Claimed,
+    /// Gone from the inbox (another consumer, or the producer took it back): not an error.
+    Lost,
+    /// `work/` already holds an item of that name: claim it once that one is finished.
+    Busy,
+}
+
+impl Scanner {
+    pub fn new(settle: Duration) -> Scanner {
+        Scanner {
+            settle,
+            pending: HashMap::new(),
+        }
+    }
+
+    /// When the earliest pending file could become ready (for the scan loop's timeout).
+    pub fn next_check(&self) -> Option<Instant> {
+        self.pending.values().map(|s| s.since + self.settle).min()
+    }
+
+    /// List the inbox and return the entries ready to claim, sorted by name.
+    pub fn scan(&mut self, layout: &Layout) -> std::io::Result<Vec<OsString>> {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut ready = Vec::new();
+        let mut present = HashMap::new();
+        for e in std::fs::read_dir(&layout.inbox)? {
+            let Ok(e) = e else { continue };
+            let name = e.file_name();
+            if ignored(&name) {
+                continue;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if !meta.file_type().is_file() {
+                ready.push(name);
+                continue;
+            }
+            let seen = Seen {
+                size: meta.len(),
+                mtime: meta.modified().ok(),
+                since: now,
+            };
+            let old_enough = seen
+                .mtime
+                .and_then(|m| wall.duration_since(m).ok())
+                .is_some_and(|age| age >= self.settle);
+            let stable = match self.pending.get(&name) {
+                Some(p) if p.size == seen.size && p.mtime == seen.mtime => {
+                    present.insert(name.clone(), *p);
+                    now.duration_since(p.since) >= self.settle
+                }
+                _ => {
+                    present.insert(name.clone(), seen);
+                    false
+                }
+            };
+            if old_enough || stable {
+                present.remove(&name);
+                ready.push(name);
+            }
+        }
+        self.pending = present;
+        ready.sort();
+        Ok(ready)
+    }
+}
+
+/// Move `inbox/name` to `work/name` without replacing anything.
+pub fn claim(layout: &Layout, name: &OsStr) -> std::io::Result<Claim> {
+    match rename_noreplace(&layout.inbox.join(name), &layout.work.join(name)) {
+        Ok(()) => Ok(Claim::Claimed),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Claim::Lost),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(Claim::Busy),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ignores_partial_names() {
+        for n in [".x.jpg", "x.jpg.part", "x.tmp", "x.crdownload"] {
+            assert!(ignored(OsStr::new(n)), "{n}");
+        }
+        assert!(!ignored(OsStr::new("x.jpg")));
+    }
+
+    #[test]
+    fn fresh_file_waits_old_file_is_ready() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Layout::new(d.path());
+        l.prepare().unwrap();
+        std::fs::write(l.inbox.join("new.jpg"), b"1").unwrap();
+        let old = l.inbox.join("old.jpg");
+        std::fs::write(&old, b"1").unwrap();
+        let f = std::fs::File::options().write(true).open(&old).unwrap();
+        f.set_modified(SystemTime::now() - Duration::from_secs(60))
+            .unwrap();
+        let mut s = Scanner::new(Duration::from_millis(300));
+        assert_eq!(s.scan(&l).unwrap(), vec![OsString::from("old.jpg")]);
+        assert_eq!(claim(&l, OsStr::new("old.jpg")).unwrap(), Claim::Claimed);
+        assert!(s.next_check().is_some());
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(s.scan(&l).unwrap(), vec![OsString::from("new.jpg")]);
+        assert_eq!(claim(&l, OsStr::new("new.jpg")).unwrap(), Claim::Claimed);
+        assert_eq!(claim(&l, OsStr::new("new.jpg")).unwrap(), Claim::Lost);
+        std::fs::write(l.inbox.join("old2.jpg"), b"1").unwrap();
+        std::fs::write(l.work.join("old2.jpg"), b"1").unwrap();
+        assert_eq!(claim(&l, OsStr::new("old2.jpg")).unwrap(), Claim::Busy);
+    }
+}

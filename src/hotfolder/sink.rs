@@ -1,0 +1,280 @@
+//! The end of an item's life in the hot folder: publication into `outbox/`, the move of
+//! the input to `done/` (or its deletion), and quarantine in `failed/` with a sidecar.
+//!
+//! Publication order, each step durable before the next:
+//! 1. the output is written to a temporary name in `outbox/` and fsynced;
+//! 2. its final name and inode are recorded in the item's state ([`super::state`]);
+//! 3. it is renamed to that name without replacing anything, and `outbox/` is fsynced;
+//! 4. the input moves from `work/` to `done/` (fsynced) and the state is dropped.
+//!
+//! A crash before 3 leaves a hidden temporary file (removed at start-up) and a state
+//! whose output does not exist: the item is processed again. A crash after 3 leaves a
+//! state whose output exists with the recorded inode: recovery only does step 4. So an
+//! input yields exactly one visible output whatever moment the process dies at.
+
+use std::ffi::{OsStr, OsString};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use crossbeam_channel::Sender;
+
+use super::publish::{TMP_SUFFIX, place_noreplace, rename_noreplace, sync_dir, write_tmp};
+use super::state::{self, Failing, Output};
+use super::{Layout, split_name, utc_timestamp};
+use crate::config::OnSuccess;
+use crate::error::{ItemError, Stage};
+use crate::pipeline::Sink;
+use crate::pipeline::item::Item;
+
+/// The hot folder's [`Sink`]: durable, exactly-once publication.
+pub struct HotSink {
+    pub layout: Layout,
+    pub on_success: OnSuccess,
+    /// Items whose output is published but whose input could not be moved on (e.g.
+    /// `done/` unwritable): the daemon finishes them later without processing again.
+    pub finish_later: Sender<OsString>,
+    /// Serialises choosing a free output name and recording it, so two items with the
+    /// same stem (`a.jpg`, `a.png`) never both record `a.jpg`.
+    names: Mutex<()>,
+}
+
+impl HotSink {
+    pub fn new(layout: Layout, on_success: OnSuccess, finish_later: Sender<OsString>) -> HotSink {
+        HotSink {
+            layout,
+            on_success,
+            finish_later,
+            names: Mutex::new(()),
+        }
+    }
+
+    /// Steps 1 to 3 for one file.
+    fn publish_one(
+        &self,
+        work_name: &OsStr,
+        st: &mut state::ItemState,
+        stem: &str,
+        ext: &str,
+        bytes: &[u8],
+    ) -> std::io::Result<PathBuf> {
+        let outbox = &self.layout.outbox;
+        let (tmp, ino) = write_tmp(outbox, stem, bytes)?;
+        let r = (|| {
+            let _g = self.names.lock().unwrap_or_else(|p| p.into_inner());
+            for n in 0..100_000u32 {
+                let file = if n == 0 {
+                    format!("{stem}.{ext}")
+                } else {
+                    format!("{stem}-{n}.{ext}")
+                };
+                let to = outbox.join(&file);
+                if std::fs::symlink_metadata(&to).is_ok() {
+                    continue;
+                }
+                st.outputs.push(Output { file, ino });
+                state::save(&self.layout.work, work_name, st)?;
+                match rename_noreplace(&tmp, &to) {
+                    Ok(()) => return Ok(to),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        st.outputs.pop();
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(std::io::Error::other(format!(
+                "no free name for {stem}.{ext}"
+            )))
+        })();
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
+    }
+}
+
+impl Sink for HotSink {
+    fn publish(&self, item: &Item, encoded: &[u8], ext: &str) -> Result<Vec<PathBuf>, ItemError> {
+        let err = |what: &str, e: std::io::Error| {
+            ItemError::new(&item.path, Stage::Publish, format!("{what}: {e}")).transient()
+        };
+        let work_name = item.path.file_name().unwrap_or_default().to_os_string();
+        let mut st = state::load(&self.layout.work, &work_name)
+            .map_err(|e| err("cannot read the item's state in work/", e))?
+            .unwrap_or_default();
+        st.name = work_name.to_string_lossy().into_owned();
+        st.outputs.clear();
+        let mut written = Vec::new();
+        let out = self
+            .publish_one(&work_name, &mut st, &item.name, ext, encoded)
+            .map_err(|e| {
+                err(
+                    &format!("cannot publish into {}", self.layout.outbox.display()),
+                    e,
+                )
+            })?;
+        if let Some(sidecar) = &item.sidecar {
+            let stem = out
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let text = serde_json::to_vec_pretty(sidecar).unwrap_or_default();
+            written.push(
+                self.publish_one(&work_name, &mut st, &stem, "json", &text)
+                    .map_err(|e| err("cannot publish the sidecar", e))?,
+            );
+        }
+        written.insert(0, out);
+        sync_dir(&self.layout.outbox).map_err(|e| err("cannot sync outbox/", e))?;
+        // Published: from here on the item must never be processed again, whatever fails.
+        if let Err(e) = finish_success(&self.layout, &work_name, self.on_success) {
+            tracing::error!(file = %item.path.display(), error = %e, "output published but the input could not be moved on; will retry the move");
+            let _ = self.finish_later.send(work_name);
+        }
+        Ok(written)
+    }
+}
+
+/// Step 4: move the input to `done/` (or delete it) and drop its state.
+pub fn finish_success(layout: &Layout, name: &OsStr, on_success: OnSuccess) -> std::io::Result<()> {
+    let from = layout.work.join(name);
+    match on_success {
+        OnSuccess::Move => {
+            let (stem, ext) = split_name(name);
+            // Keep the exact name when free (the usual case); suffix only on collision.
+            match rename_noreplace(&from, &layout.done.join(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    place_noreplace(&from, &layout.done, &stem, &ext)?;
+                }
+                Err(e) => return Err(e),
+            }
+            sync_dir(&layout.done)?;
+        }
+        OnSuccess::Delete => {
+            std::fs::remove_file(&from)?;
+            sync_dir(&layout.work)?;
+        }
+    }
+    state::remove(&layout.work, name);
+    Ok(())
+}
+
+/// The sidecar written beside a quarantined input.
+#[derive(serde::Serialize)]
+struct Sidecar<'a> {
+    file: &'a str,
+    reason: &'a str,
+    stage: &'a str,
+    attempts: u32,
+    time: &'a str,
+}
+
+fn write_sidecar(layout: &Layout, f: &Failing, original: &str) -> std::io::Result<()> {
+    let text = serde_json::to_vec_pretty(&Sidecar {
+        file: original,
+        reason: &f.reason,
+        stage: &f.stage,
+        attempts: f.attempts,
+        time: &f.time,
+    })
+    .map_err(std::io::Error::other)?;
+    let (tmp, _) = write_tmp(&layout.failed, "sidecar", &text)?;
+    // Replacing is right here: the name was reserved for this item in its state.
+    let r = std::fs::rename(
+        &tmp,
+        layout.failed.join(format!("{}.error.json", f.as_name)),
+    );
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// Quarantine the item `name` of `work/`: record the name it gets in `failed/`, write
+/// `<that name>.error.json`, move the item (whatever it is: a symlink is moved, never
+/// followed), fsync. Safe to call again after a crash at any point.
+pub fn fail_item(
+    layout: &Layout,
+    name: &OsStr,
+    reason: &str,
+    stage: Stage,
+    attempts: u32,
+) -> std::io::Result<PathBuf> {
+    let mut st = state::load(&layout.work, name)?.unwrap_or_default();
+    st.name = name.to_string_lossy().into_owned();
+    let from = layout.work.join(name);
+    loop {
+        let f = match &st.failing {
+            Some(f) => f.clone(),
+            None => {
+                let (stem, ext) = split_name(name);
+                let dot = if ext.is_empty() { "" } else { "." };
+                let as_name = (0..100_000u32)
+                    .map(|n| {
+                        if n == 0 {
+                            name.to_string_lossy().into_owned()
+                        } else {
+                            format!("{stem}-{n}{dot}{ext}")
+                        }
+                    })
+                    .find(|c| {
+                        !c.ends_with(TMP_SUFFIX)
+                            && std::fs::symlink_metadata(layout.failed.join(c)).is_err()
+                            && std::fs::symlink_metadata(
+                                layout.failed.join(format!("{c}.error.json")),
+                            )
+                            .is_err()
+                    })
+                    .ok_or_else(|| std::io::Error::other("no free name in failed/"))?;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let f = Failing {
+                    as_name,
+                    reason: reason.to_string(),
+                    stage: stage.as_str().to_string(),
+                    attempts,
+                    time: utc_timestamp(now),
+                };
+                st.failing = Some(f.clone());
+                state::save(&layout.work, name, &st)?;
+                f
+            }
+        };
+        write_sidecar(layout, &f, &st.name)?;
+        let to = layout.failed.join(&f.as_name);
+        match rename_noreplace(&from, &to) {
+            Ok(()) => {
+                sync_dir(&layout.failed)?;
+                state::remove(&layout.work, name);
+                return Ok(to);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // Someone else took the name meanwhile: drop our sidecar, pick another.
+                let _ =
+                    std::fs::remove_file(layout.failed.join(format!("{}.error.json", f.as_name)));
+                st.failing = None;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Moved before a crash; only the state was left.
+                state::remove(&layout.work, name);
+                return Ok(to);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Recovery of a quarantine interrupted after the move: the state survives, the item
+/// is in `failed/`; make sure its sidecar is there.
+pub fn complete_orphan_failing(layout: &Layout, st: &state::ItemState) {
+    if let Some(f) = &st.failing
+        && std::fs::symlink_metadata(layout.failed.join(&f.as_name)).is_ok()
+        && std::fs::symlink_metadata(layout.failed.join(format!("{}.error.json", f.as_name)))
+            .is_err()
+    {
+        let _ = write_sidecar(layout, f, &st.name);
+        let _ = sync_dir(&layout.failed);
+    }
+}

@@ -1,0 +1,218 @@
+//! `/metrics` (Prometheus text format) and `/healthz` over a tiny HTTP/1.0 server on one
+//! thread: a scrape every few seconds needs no async runtime, and a server that answers
+//! one request at a time with short timeouts cannot be made to hold memory or threads.
+//! Loopback by default (`[metrics] listen`).
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::Shared;
+use crate::pipeline::telemetry::{BUCKETS, STAGES};
+
+/// Bind and serve on a background thread; returns the bound address (port 0 resolved).
+pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("hp-metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut s) = conn else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+                let mut buf = [0u8; 2048];
+                let mut n = 0;
+                // The request line is all we need; stop at the end of the headers.
+                while n < buf.len() {
+                    match s.read(&mut buf[n..]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].ends_with(b"\n\n") {
+                        break;
+                    }
+                }
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let path = req.split_whitespace().nth(1).unwrap_or("/");
+                let (status, ctype, body) = match path {
+                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", render(&shared)),
+                    "/healthz" => match shared.health() {
+                        Ok(msg) => ("200 OK", "text/plain", format!("ok: {msg}\n")),
+                        Err(msg) => (
+                            "503 Service Unavailable",
+                            "text/plain",
+                            format!("stuck: {msg}\n"),
+                        ),
+                    },
+                    _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        })?;
+    Ok(local)
+}
+
+/// The Prometheus exposition of the daemon's counters and the current pipeline's
+/// telemetry.
+pub fn render(shared: &Shared) -> String {
+    let mut o = String::new();
+    let c = |o: &mut String, name: &str, help: &str, kind: &str, v: u64| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    };
+    c(
+        &mut o,
+        "hotpipe_files_claimed_total",
+        "Files claimed from inbox/.",
+        "counter",
+        shared.claimed.load(Ordering::Relaxed),
+    );
+    c(
+        &mut o,
+        "hotpipe_files_done_total",
+        "Files whose output was published.",
+        "counter",
+        shared.done.load(Ordering::Relaxed),
+    );
+    c(
+        &mut o,
+        "hotpipe_files_failed_total",
+        "Files moved to failed/.",
+        "counter",
+        shared.failed.load(Ordering::Relaxed),
+    );
+    c(
+        &mut o,
+        "hotpipe_files_retried_total",
+        "Transient failures left in work/ for a retry.",
+        "counter",
+        shared.retried.load(Ordering::Relaxed),
+    );
+    c(
+        &mut o,
+        "hotpipe_items_in_flight",
+        "Items handed to the pipeline and not finished.",
+        "gauge",
+        shared.in_flight.load(Ordering::Relaxed).max(0) as u64,
+    );
+    c(
+        &mut o,
+        "hotpipe_healthy",
+        "1 when progressing or idle, 0 when a stage is stuck.",
+        "gauge",
+        u64::from(shared.health().is_ok()),
+    );
+
+    let tel = shared.telemetry();
+    let _ = writeln!(
+        o,
+        "# HELP hotpipe_stage_seconds Busy time per item (or batch) in each stage.\n# TYPE hotpipe_stage_seconds histogram"
+    );
+    for &st in &STAGES {
+        let s = tel.stage(st);
+        let mut cum = 0;
+        for (i, le) in BUCKETS.iter().enumerate() {
+            cum += s.hist[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                o,
+                "hotpipe_stage_seconds_bucket{{stage=\"{st}\",le=\"{le}\"}} {cum}"
+            );
+        }
+        cum += s.hist[BUCKETS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(
+            o,
+            "hotpipe_stage_seconds_bucket{{stage=\"{st}\",le=\"+Inf\"}} {cum}"
+        );
+        let _ = writeln!(
+            o,
+            "hotpipe_stage_seconds_sum{{stage=\"{st}\"}} {}",
+            s.busy_ns.load(Ordering::Relaxed) as f64 / 1e9
+        );
+        let _ = writeln!(o, "hotpipe_stage_seconds_count{{stage=\"{st}\"}} {cum}");
+    }
+    let _ = writeln!(
+        o,
+        "# HELP hotpipe_stage_items_total Items each stage finished.\n# TYPE hotpipe_stage_items_total counter"
+    );
+    for &st in &STAGES {
+        let _ = writeln!(
+            o,
+            "hotpipe_stage_items_total{{stage=\"{st}\"}} {}",
+            tel.stage(st).items.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP hotpipe_stage_failed_total Items each stage failed.\n# TYPE hotpipe_stage_failed_total counter"
+    );
+    for &st in &STAGES {
+        let _ = writeln!(
+            o,
+            "hotpipe_stage_failed_total{{stage=\"{st}\"}} {}",
+            tel.stage(st).failed.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP hotpipe_queue_depth Items waiting in each stage's input queue.\n# TYPE hotpipe_queue_depth gauge"
+    );
+    for &st in &STAGES {
+        let s = tel.stage(st);
+        if s.queue_samples.load(Ordering::Relaxed) > 0 {
+            let _ = writeln!(
+                o,
+                "hotpipe_queue_depth{{stage=\"{st}\"}} {}",
+                s.queue_now.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                o,
+                "hotpipe_queue_capacity{{stage=\"{st}\"}} {}",
+                s.queue_capacity.load(Ordering::Relaxed)
+            );
+        }
+    }
+    // batch_hist[b] counts batches of 2^b to 2^(b+1)-1 rows (the last bucket: 128 and up).
+    let _ = writeln!(
+        o,
+        "# HELP hotpipe_batch_size Rows per inference batch.\n# TYPE hotpipe_batch_size histogram"
+    );
+    let mut cum = 0;
+    for (b, n) in tel.batch_hist.iter().enumerate().take(7) {
+        cum += n.load(Ordering::Relaxed);
+        let _ = writeln!(
+            o,
+            "hotpipe_batch_size_bucket{{le=\"{}\"}} {cum}",
+            (1u64 << (b + 1)) - 1
+        );
+    }
+    cum += tel.batch_hist[7].load(Ordering::Relaxed);
+    let _ = writeln!(o, "hotpipe_batch_size_bucket{{le=\"+Inf\"}} {cum}");
+    let _ = writeln!(
+        o,
+        "hotpipe_batch_size_sum {}",
+        tel.batch_rows.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "hotpipe_batch_size_count {}",
+        tel.batches.load(Ordering::Relaxed)
+    );
+    // Device memory: the runtime exposes no allocator statistics through tch yet, and
+    // on a CPU-only machine there is none; the gauge is reported as 0 until the runtime
+    // can read CUDA's allocator (the caching allocator's reserved bytes per device).
+    c(
+        &mut o,
+        "hotpipe_device_memory_bytes",
+        "Device memory reserved by the model (0: not measured).",
+        "gauge",
+        0,
+    );
+    o
+}
