@@ -80,6 +80,7 @@ pub fn detect(
 ) -> Result<Vec<Vec<Face>>, TchError> {
     let _guard = tch::no_grad_guard();
     let dev = nets.device;
+    let t0 = std::time::Instant::now();
 
     // Stage 1: P-Net over each image's pyramid. Images of the same size (and min_face)
     // share their pyramid levels, so they run as one batch.
@@ -139,6 +140,9 @@ pub fn detect(
         }
     }
 
+    let t1 = std::time::Instant::now();
+    let n1 = cands.len();
+
     // Stage 2: R-Net on 24 x 24 crops of every candidate of every image.
     let (cands, crops) = crops_for(images, cands, 24);
     let mut passed = Vec::new();
@@ -175,6 +179,9 @@ pub fn detect(
             cands.push(k);
         }
     }
+
+    let t2 = std::time::Instant::now();
+    let n2 = cands.len();
 
     // Stage 3: O-Net on 48 x 48 crops: final score, regression, landmarks.
     let (cands, crops) = crops_for(images, cands, 48);
@@ -217,6 +224,15 @@ pub fn detect(
             faces[c.img].push((k, lm));
         }
     }
+    tracing::debug!(
+        images = images.len(),
+        pnet_ms = (t1 - t0).as_secs_f64() * 1e3,
+        rnet_ms = (t2 - t1).as_secs_f64() * 1e3,
+        onet_ms = t2.elapsed().as_secs_f64() * 1e3,
+        pnet_candidates = n1,
+        rnet_candidates = n2,
+        "mtcnn batch"
+    );
     Ok(faces
         .into_iter()
         .map(|f| {
