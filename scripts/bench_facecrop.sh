@@ -35,7 +35,8 @@ for r in $(seq "$ROUNDS"); do
   if [ "$PEER_OK" = 1 ]; then
     rm -rf "$WORK/peer_out"
     pl=$("$HOTPIPE_PYTHON" "$BENCH/mtcnn_peer.py" "$WORK/data" "$WORK/peer_out" "$DEVICE" 512 64 2>/dev/null | grep '^peer=')
-    peer+=("$(echo "$pl" | sed -E 's/.*images_per_s=([0-9.]+).*/\1/')")
+    # The peer prints images/s with one decimal (0.1 on 2 cores): use its seconds.
+    peer+=("$(echo "$pl" | sed -E 's/.*seconds=([0-9.]+).*/\1/' | awk -v n="$N" '{ print n / $1 }')")
     echo "round $r peer:    $pl"
   fi
 done

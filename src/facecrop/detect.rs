@@ -358,7 +358,8 @@ fn crops_for(images: &[WorkImage], cands: Vec<Cand>, size: usize) -> (Vec<Cand>,
         let y = (c.b[1].trunc() as i64).max(1);
         let ex = (c.b[2].trunc() as i64).min(im.width as i64);
         let ey = (c.b[3].trunc() as i64).min(im.height as i64);
-        if ey <= y - 1 || ex <= x - 1 {
+        // facenet-pytorch keeps a box when `ey > y - 1 and ex > x - 1`.
+        if ey < y || ex < x {
             continue;
         }
         let (x0, y0) = ((x - 1) as usize, (y - 1) as usize);
