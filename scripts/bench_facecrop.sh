@@ -27,7 +27,7 @@ hp=(); peer=()
 for r in $(seq "$ROUNDS"); do
   rm -rf "$WORK/hp_out"
   t0=$(date +%s.%N)
-  line=$(target/release/hotpipe process --quiet --config "$cfg" --out "$WORK/hp_out" "$WORK/data" | grep -E '^done ' || true)
+  line=$(HOTPIPE_LOG=error target/release/hotpipe process --quiet --config "$cfg" --out "$WORK/hp_out" "$WORK/data" | grep -E '^done ' || true)
   t1=$(date +%s.%N)
   rate=$(echo "$line" | awk -v n="$N" '{ for (i = 1; i <= NF; i++) if ($(i+1) == "s,") print n / $i }')
   hp+=("$rate")

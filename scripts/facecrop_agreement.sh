@@ -22,6 +22,6 @@ if [ "$(ls "$WORK/data" 2>/dev/null | wc -l)" != "$N" ]; then
   "$HOTPIPE_PYTHON" "$BENCH/make_data.py" "$BENCH/astronaut.png" "$WORK/data" "$N" "$SEED"
 fi
 rm -rf "$WORK/hotpipe"
-target/release/hotpipe process --quiet --config pipeline.toml --out "$WORK/hotpipe" "$WORK/data" >/dev/null || true
+HOTPIPE_LOG=error target/release/hotpipe process --quiet --config pipeline.toml --out "$WORK/hotpipe" "$WORK/data" >"$WORK/hotpipe.log" 2>&1 || true
 [ -f "$WORK/peer.json" ] || "$HOTPIPE_PYTHON" scripts/mtcnn_peer_boxes.py "$WORK/data" "$WORK/peer.json"
 "$HOTPIPE_PYTHON" scripts/facecrop_compare.py "$WORK/peer.json" "$WORK/hotpipe"

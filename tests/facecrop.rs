@@ -422,3 +422,36 @@ fn face_crop_then_model_in_one_pass() {
     );
     assert!(psnr(got.as_raw(), crop.as_raw()) < 60.0, "the model ran");
 }
+
+#[test]
+fn boxes_are_in_original_pixels_when_the_frame_was_decoded_smaller() {
+    let Some((w, a)) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    // min_face 12: the same pyramid for both frames (12 working pixels either way).
+    let cfg = config(d.path(), &w, "min_face = 12", "");
+    let cfg = Config::load(&cfg).unwrap();
+    let mut cropper = FaceCropper::new(cfg.face_crop.as_ref().unwrap()).unwrap();
+    let pool = BufPool::new(4);
+    let frame = |orig: u32| {
+        let mut px = pool.get(a.as_raw().len());
+        px.copy_from_slice(a.as_raw());
+        hotpipe::pipeline::item::Frame {
+            pixels: px,
+            width: 512,
+            height: 512,
+            orig_width: orig,
+            orig_height: orig,
+        }
+    };
+    // The same pixels, once as the full image and once as a 2x DCT-scaled decode of a
+    // 1024 x 1024 original: the second's boxes are twice the first's.
+    let (full, half) = (frame(512), frame(1024));
+    let r = cropper.detect(&[&full, &half]);
+    let f1 = choose(r[0].as_ref().unwrap(), FaceSelect::MostConfident).unwrap();
+    let f2 = choose(r[1].as_ref().unwrap(), FaceSelect::MostConfident).unwrap();
+    for i in 0..4 {
+        assert!((f2.bbox[i] - 2.0 * f1.bbox[i]).abs() < 1.0, "{f1:?} {f2:?}");
+    }
+    assert!((f2.landmarks[2][0] - 2.0 * f1.landmarks[2][0]).abs() < 1.0);
+    assert!((f2.crop.x1 - 2.0 * f1.crop.x1).abs() < 2.0);
+}
