@@ -4,6 +4,7 @@
 #   - a Python venv with torch==2.11.0 (the libtorch hotpipe links), in a cache outside
 #     the checkout so CI and fresh clones reuse it: $HOTPIPE_CACHE (~/.cache/hotpipe)
 #   - the demo model models/restore.pt (written by scripts/make_demo_model.py)
+#   - the face crop's MTCNN weights models/mtcnn/{pnet,rnet,onet}.pt (scripts/convert_mtcnn.py)
 #   - cargo build --release
 # Idempotent: a second run only rebuilds what changed.
 set -euo pipefail
@@ -43,6 +44,16 @@ if [ ! -f models/restore.pt ]; then
   log "writing the demo model models/restore.pt"
   mkdir -p models
   "$HOTPIPE_PYTHON" scripts/make_demo_model.py models/restore.pt >/dev/null
+fi
+
+# MTCNN weights for the built-in face crop ([face_crop]): converted once from the
+# facenet-pytorch 2.6.0 wheel (MIT). Nothing is downloaded when hotpipe runs.
+if [ ! -f models/mtcnn/pnet.pt ] || [ ! -f models/mtcnn/rnet.pt ] || [ ! -f models/mtcnn/onet.pt ]; then
+  log "fetching facenet-pytorch 2.6.0 and converting its MTCNN weights into models/mtcnn"
+  wheel_dir="$(mktemp -d)"
+  "$HOTPIPE_PYTHON" -m pip download -q --no-deps -d "$wheel_dir" "facenet-pytorch==2.6.0"
+  "$HOTPIPE_PYTHON" scripts/convert_mtcnn.py "$wheel_dir"/facenet_pytorch-2.6.0-*.whl models/mtcnn >/dev/null
+  rm -rf "$wheel_dir"
 fi
 
 log "building hotpipe (release)"

@@ -298,7 +298,8 @@ pub struct FaceCropConfig {
     /// Folder holding `pnet.pt`, `rnet.pt`, `onet.pt` (written by the set-up script).
     pub weights: PathBuf,
     pub select: FaceSelect,
-    /// Margin around the face box, as a fraction of the box's longer side.
+    /// Margin added on each side of the face box, as a fraction of the box's longer
+    /// side (the crop is a square of `1 + 2 * margin` times the box).
     pub margin: f32,
     pub min_face: u32,
     /// Longer side of the working image the detector sees.
@@ -801,7 +802,8 @@ impl Config {
                         [t[0] as f32, t[1] as f32, t[2] as f32]
                     }
                 };
-                let device = match &f.device {
+                // "auto" (or no key) follows the model, so crop and model share a device.
+                let device = match f.device.as_ref().filter(|s| s.get_ref() != "auto") {
                     None => match &model {
                         Some(m) => m.devices[0],
                         None => parse_device("auto", cuda_count).expect("auto always parses"),
@@ -1073,6 +1075,47 @@ mod tests {
                 .to_string()
                 .contains("hotfolder.root")
         );
+    }
+
+    #[test]
+    fn face_crop_defaults_and_errors() {
+        let c = parse("[face_crop]\n").unwrap();
+        let f = c.face_crop.unwrap();
+        assert_eq!(f.weights, Path::new("/base/models/mtcnn"));
+        assert_eq!(f.select, FaceSelect::MostConfident);
+        assert_eq!(f.on_no_face, NoFacePolicy::Fail);
+        assert_eq!((f.min_face, f.detect_size), (20, 1024));
+        assert_eq!(f.thresholds, [0.6, 0.7, 0.7]);
+        // "auto" follows the model's device.
+        let c = parse(
+            "[model]\npath = \"m.pt\"\ndevice = \"cuda:0\"\n[face_crop]\ndevice = \"auto\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.face_crop.unwrap().device, DeviceChoice::Cuda(0));
+        let c = parse("[face_crop]\nselect = \"largest\"\non_no_face = \"pass\"\n").unwrap();
+        let f = c.face_crop.unwrap();
+        assert_eq!(
+            (f.select, f.on_no_face),
+            (FaceSelect::Largest, NoFacePolicy::Pass)
+        );
+        for (text, key) in [
+            ("[face_crop]\n\nselect = \"biggest\"\n", "face_crop.select"),
+            ("[face_crop]\n\nmargin = 5.0\n", "face_crop.margin"),
+            ("[face_crop]\n\nmin_face = 4\n", "face_crop.min_face"),
+            ("[face_crop]\n\ndetect_size = 10\n", "face_crop.detect_size"),
+            (
+                "[face_crop]\n\nthresholds = [0.6, 0.7, 1.5]\n",
+                "face_crop.thresholds",
+            ),
+            (
+                "[face_crop]\n\non_no_face = \"skip\"\n",
+                "face_crop.on_no_face",
+            ),
+            ("[face_crop]\n\ndevice = \"cuda:3\"\n", "face_crop.device"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains("line 3") && e.contains(key), "{e}");
+        }
     }
 
     #[test]

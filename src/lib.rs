@@ -5,7 +5,9 @@
 //! - [`config`]: `pipeline.toml`, raw and validated;
 //! - [`pipeline`]: wiring, items, buffer pools, telemetry;
 //! - [`stages`]: read, decode, fit, encode (each a function of one item plus its state);
-//! - [`runtime`]: the model, batching, the inference worker (the only code touching tch);
+//! - [`runtime`]: the model, batching, the inference worker (tch, with [`facecrop`]);
+//! - [`facecrop`]: the built-in F2P face crop, MTCNN on tch, as a stage between decode
+//!   and fit;
 //! - [`hotfolder`]: publishing files (and the daemon's folder protocol);
 //! - [`service`]: `hotpipe run`: signals, systemd notify, metrics and health;
 //! - [`process`]: the one-shot `hotpipe process` run with progress and a summary;

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Face crop speed: hotpipe (the default pipeline.toml: the face crop job) against the
+# Python peer ../shared/bench/mtcnn_peer.py (facenet-pytorch's MTCNN, one image at a time,
+# 512 px crops with a 64 px margin), same data, same run, alternating, median of ROUNDS.
+#   scripts/bench_facecrop.sh [N] [ROUNDS] [DEVICE]     (default: 100 3 cpu)
+# Both figures exclude start-up (loading, warm-up): the peer times its loop after one
+# warm-up image; hotpipe's is its summary's wall time from the first image fed to the
+# last outcome (the script also prints hotpipe's whole-process wall time).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+N="${1:-100}"; ROUNDS="${2:-3}"; DEVICE="${3:-cpu}"
+BENCH="${HOTPIPE_SHARED_BENCH:-../shared/bench}"
+WORK="${FACECROP_WORK:-${TMPDIR:-/tmp}/hotpipe-facecrop-$N-7}"
+source scripts/facecrop_peer_env.sh
+[ -f models/mtcnn/onet.pt ] && [ -x target/release/hotpipe ] || scripts/setup.sh
+mkdir -p "$WORK"
+if [ "$(ls "$WORK/data" 2>/dev/null | wc -l)" != "$N" ]; then
+  rm -rf "$WORK/data"
+  "$HOTPIPE_PYTHON" "$BENCH/make_data.py" "$BENCH/astronaut.png" "$WORK/data" "$N" 7
+fi
+cfg="$WORK/bench.toml"
+sed "s/^device = \"auto\"/device = \"$DEVICE\"/" pipeline.toml > "$cfg"
+sed -i "s|^weights = \"models/mtcnn\"|weights = \"$PWD/models/mtcnn\"|" "$cfg"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1-3 /proc/loadavg)"
+hp=(); peer=()
+for r in $(seq "$ROUNDS"); do
+  rm -rf "$WORK/hp_out"
+  t0=$(date +%s.%N)
+  line=$(HOTPIPE_LOG=error target/release/hotpipe process --quiet --config "$cfg" --out "$WORK/hp_out" "$WORK/data" | grep -E '^done ' || true)
+  t1=$(date +%s.%N)
+  rate=$(echo "$line" | awk -v n="$N" '{ for (i = 1; i <= NF; i++) if ($(i+1) == "s,") print n / $i }')
+  hp+=("$rate")
+  echo "round $r hotpipe: $line; images/s $rate; process wall $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s"
+  if [ "$PEER_OK" = 1 ]; then
+    rm -rf "$WORK/peer_out"
+    pl=$("$HOTPIPE_PYTHON" "$BENCH/mtcnn_peer.py" "$WORK/data" "$WORK/peer_out" "$DEVICE" 512 64 2>/dev/null | grep '^peer=')
+    # The peer prints images/s with one decimal (0.1 on 2 cores): use its seconds.
+    peer+=("$(echo "$pl" | sed -E 's/.*seconds=([0-9.]+).*/\1/' | awk -v n="$N" '{ print n / $1 }')")
+    echo "round $r peer:    $pl"
+  fi
+done
+median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+hm=$(median "${hp[@]}")
+echo "hotpipe images/s: ${hp[*]} -> median $hm"
+if [ "$PEER_OK" = 1 ]; then
+  pm=$(median "${peer[@]}")
+  echo "peer images/s:    ${peer[*]} -> median $pm"
+  echo "ratio hotpipe / peer: $(awk -v a="$hm" -v b="$pm" 'BEGIN { printf "%.2f", a / b }')"
+fi

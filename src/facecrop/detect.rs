@@ -1,0 +1,477 @@
+//! MTCNN's three-stage cascade over a batch of working images: the image pyramid and
+//! P-Net, then R-Net and O-Net on candidate crops, with bounding-box regression and
+//! non-maximum suppression between the stages.
+//!
+//! It mirrors facenet-pytorch 2.6.0's `detect_face` step by step (pyramid scales with
+//! factor 0.709 starting at 12 / min_face, "area" resampling, normalisation
+//! `(x - 127.5) * 0.0078125`, the same thresholds, NMS kinds and IoU limits, `rerec`,
+//! `pad` and `bbreg` with their +1 conventions) so its boxes agree with the Python
+//! tool users compare against. Where it differs, it is for speed and does not change
+//! results: the networks run on the configured device, but everything per candidate
+//! (box decoding, NMS, the 24 x 24 and 48 x 48 crops) runs in plain Rust on the CPU,
+//! which avoids hundreds of tiny tensor operations per image; R-Net and O-Net run once
+//! per stage on the candidates of every image in the batch, and P-Net runs once per
+//! pyramid level on all images of the same size.
+
+use std::collections::BTreeMap;
+
+use tch::{Device, Kind, TchError, Tensor};
+
+use super::nets::Nets;
+use super::nms::{Overlap, nms};
+
+/// The pyramid's scale step (facenet-pytorch's default `factor`).
+pub const FACTOR: f64 = 0.709;
+
+/// Most candidates sent through R-Net or O-Net in one forward call: bounds the
+/// activations (O-Net's first layer is about 270 KB per candidate) whatever the input.
+const NET_CHUNK: usize = 256;
+
+/// A packed RGB8 image the detector works on (the decoded frame, scaled down to the
+/// working resolution).
+pub struct WorkImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+    /// Smallest face to look for, in this image's pixels (at least 12, P-Net's window).
+    pub min_face: f64,
+}
+
+/// One detected face, in working-image pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Face {
+    /// x0, y0, x1, y1.
+    pub bbox: [f32; 4],
+    pub score: f32,
+    /// Left eye, right eye, nose, left and right mouth corner, as (x, y).
+    pub landmarks: [[f32; 2]; 5],
+}
+
+/// A candidate box between stages: corners, score, and the regression of the stage
+/// that produced it (P-Net's offsets are applied after its NMS, as in facenet-pytorch).
+#[derive(Debug, Clone, Copy)]
+pub struct Cand {
+    pub b: [f32; 4],
+    pub score: f32,
+    pub reg: [f32; 4],
+    pub img: usize,
+}
+
+/// Pyramid scales for an image whose shorter side is `min_side` (facenet-pytorch:
+/// `m = 12 / minsize`, then `*= factor` while the scaled shorter side is >= 12).
+pub fn scales(min_side: usize, min_face: f64) -> Vec<f64> {
+    let m = 12.0 / min_face;
+    let mut minl = min_side as f64 * m;
+    let mut s = m;
+    let mut out = Vec::new();
+    while minl >= 12.0 {
+        out.push(s);
+        s *= FACTOR;
+        minl *= FACTOR;
+    }
+    out
+}
+
+/// Detect faces in every image. Returns, per image, the faces in descending score order.
+pub fn detect(
+    nets: &Nets,
+    images: &[WorkImage],
+    thresholds: [f32; 3],
+) -> Result<Vec<Vec<Face>>, TchError> {
+    let _guard = tch::no_grad_guard();
+    let dev = nets.device;
+    let t0 = std::time::Instant::now();
+
+    // Stage 1: P-Net over each image's pyramid. Images of the same size (and min_face)
+    // share their pyramid levels, so they run as one batch.
+    let mut groups: BTreeMap<(usize, usize, u64), Vec<usize>> = BTreeMap::new();
+    for (i, im) in images.iter().enumerate() {
+        groups
+            .entry((im.width, im.height, im.min_face.to_bits()))
+            .or_default()
+            .push(i);
+    }
+    let mut per_image: Vec<Vec<Cand>> = vec![Vec::new(); images.len()];
+    for ((w, h, _), idx) in groups {
+        let n = idx.len();
+        let mut host = Vec::with_capacity(n * w * h * 3);
+        for &i in &idx {
+            host.extend_from_slice(&images[i].pixels);
+        }
+        // HWC uint8 -> NCHW float, the layout facenet-pytorch builds from a PIL image.
+        let imgs = Tensor::from_slice(&host)
+            .f_view([n as i64, h as i64, w as i64, 3])?
+            .f_to_device(dev)?
+            .f_permute([0, 3, 1, 2])?
+            .f_to_kind(Kind::Float)?;
+        for scale in scales(w.min(h), images[idx[0]].min_face) {
+            let hs = (h as f64 * scale + 1.0) as i64;
+            let ws = (w as f64 * scale + 1.0) as i64;
+            let x = imgs
+                .f_adaptive_avg_pool2d([hs, ws])?
+                .f_sub_scalar(127.5)?
+                .f_mul_scalar(0.0078125)?;
+            let (prob, reg) = nets.pnet.forward(&x)?;
+            let (ph, pw) = (prob.size()[1] as usize, prob.size()[2] as usize);
+            let prob = to_vec(&prob)?;
+            let reg = to_vec(&reg)?;
+            for (k, &img) in idx.iter().enumerate() {
+                let p = &prob[k * ph * pw..(k + 1) * ph * pw];
+                let r = &reg[k * 4 * ph * pw..(k + 1) * 4 * ph * pw];
+                let cands = generate(p, r, pw, ph, scale as f32, thresholds[0], img);
+                let keep = nms(&cands, 0.5, Overlap::Union);
+                per_image[img].extend(keep.into_iter().map(|j| cands[j]));
+            }
+        }
+    }
+    let mut cands = Vec::new();
+    for c in per_image {
+        for j in nms(&c, 0.7, Overlap::Union) {
+            let mut k = c[j];
+            let (rw, rh) = (k.b[2] - k.b[0], k.b[3] - k.b[1]);
+            k.b = [
+                k.b[0] + k.reg[0] * rw,
+                k.b[1] + k.reg[1] * rh,
+                k.b[2] + k.reg[2] * rw,
+                k.b[3] + k.reg[3] * rh,
+            ];
+            k.b = rerec(k.b);
+            cands.push(k);
+        }
+    }
+
+    let t1 = std::time::Instant::now();
+    let n1 = cands.len();
+
+    // Stage 2: R-Net on 24 x 24 crops of every candidate of every image.
+    let (cands, crops) = crops_for(images, cands, 24);
+    let mut passed = Vec::new();
+    if !cands.is_empty() {
+        let mut probs = Vec::with_capacity(cands.len());
+        let mut regs = Vec::with_capacity(cands.len() * 4);
+        for (c0, c1) in chunks(cands.len()) {
+            let x = upload(&crops[c0 * 3 * 576..c1 * 3 * 576], c1 - c0, 24, dev)?;
+            let (p, r) = nets.rnet.forward(&x)?;
+            probs.extend(to_vec(&p)?);
+            regs.extend(to_vec(&r)?);
+        }
+        for (i, c) in cands.iter().enumerate() {
+            if probs[i] > thresholds[1] {
+                passed.push(Cand {
+                    b: c.b,
+                    score: probs[i],
+                    reg: [
+                        regs[i * 4],
+                        regs[i * 4 + 1],
+                        regs[i * 4 + 2],
+                        regs[i * 4 + 3],
+                    ],
+                    img: c.img,
+                });
+            }
+        }
+    }
+    let mut cands = Vec::new();
+    for c in split_by_image(passed, images.len()) {
+        for j in nms(&c, 0.7, Overlap::Union) {
+            let mut k = c[j];
+            k.b = rerec(bbreg(k.b, k.reg));
+            cands.push(k);
+        }
+    }
+
+    let t2 = std::time::Instant::now();
+    let n2 = cands.len();
+
+    // Stage 3: O-Net on 48 x 48 crops: final score, regression, landmarks.
+    let (cands, crops) = crops_for(images, cands, 48);
+    let mut faces: Vec<Vec<(Cand, [[f32; 2]; 5])>> = vec![Vec::new(); images.len()];
+    if !cands.is_empty() {
+        let mut probs = Vec::with_capacity(cands.len());
+        let mut regs = Vec::with_capacity(cands.len() * 4);
+        let mut marks = Vec::with_capacity(cands.len() * 10);
+        for (c0, c1) in chunks(cands.len()) {
+            let x = upload(&crops[c0 * 3 * 2304..c1 * 3 * 2304], c1 - c0, 48, dev)?;
+            let (p, r, m) = nets.onet.forward(&x)?;
+            probs.extend(to_vec(&p)?);
+            regs.extend(to_vec(&r)?);
+            marks.extend(to_vec(&m)?);
+        }
+        for (i, c) in cands.iter().enumerate() {
+            if probs[i] <= thresholds[2] {
+                continue;
+            }
+            // Landmarks are relative to the box before regression (+1 / -1 as upstream).
+            let wi = c.b[2] - c.b[0] + 1.0;
+            let hi = c.b[3] - c.b[1] + 1.0;
+            let m = &marks[i * 10..i * 10 + 10];
+            let mut lm = [[0f32; 2]; 5];
+            for (k, p) in lm.iter_mut().enumerate() {
+                *p = [wi * m[k] + c.b[0] - 1.0, hi * m[k + 5] + c.b[1] - 1.0];
+            }
+            let reg = [
+                regs[i * 4],
+                regs[i * 4 + 1],
+                regs[i * 4 + 2],
+                regs[i * 4 + 3],
+            ];
+            let k = Cand {
+                b: bbreg(c.b, reg),
+                score: probs[i],
+                reg,
+                img: c.img,
+            };
+            faces[c.img].push((k, lm));
+        }
+    }
+    tracing::debug!(
+        images = images.len(),
+        pnet_ms = (t1 - t0).as_secs_f64() * 1e3,
+        rnet_ms = (t2 - t1).as_secs_f64() * 1e3,
+        onet_ms = t2.elapsed().as_secs_f64() * 1e3,
+        pnet_candidates = n1,
+        rnet_candidates = n2,
+        "mtcnn batch"
+    );
+    Ok(faces
+        .into_iter()
+        .map(|f| {
+            let boxes: Vec<Cand> = f.iter().map(|(c, _)| *c).collect();
+            nms(&boxes, 0.7, Overlap::Min)
+                .into_iter()
+                .map(|j| Face {
+                    bbox: f[j].0.b,
+                    score: f[j].0.score,
+                    landmarks: f[j].1,
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// A float tensor's values on the CPU, in row-major order.
+fn to_vec(t: &Tensor) -> Result<Vec<f32>, TchError> {
+    let t = t
+        .f_to_device(Device::Cpu)?
+        .f_to_kind(Kind::Float)?
+        .f_contiguous()?
+        .f_view([-1])?;
+    Vec::<f32>::try_from(&t)
+}
+
+/// `[start, end)` index ranges of at most [`NET_CHUNK`] candidates.
+fn chunks(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n)
+        .step_by(NET_CHUNK)
+        .map(move |s| (s, (s + NET_CHUNK).min(n)))
+}
+
+/// Normalised NCHW crops (already `(x - 127.5) / 128`) to the device.
+fn upload(data: &[f32], n: usize, size: i64, dev: Device) -> Result<Tensor, TchError> {
+    Tensor::from_slice(data)
+        .f_view([n as i64, 3, size, size])?
+        .f_to_device(dev)
+}
+
+fn split_by_image(c: Vec<Cand>, n: usize) -> Vec<Vec<Cand>> {
+    let mut out = vec![Vec::new(); n];
+    for k in c {
+        out[k.img].push(k);
+    }
+    out
+}
+
+/// facenet-pytorch's `generateBoundingBox`: every P-Net cell scoring at least `thresh`
+/// becomes the 12 x 12 window it saw, mapped back to the image (stride 2).
+fn generate(
+    prob: &[f32],
+    reg: &[f32],
+    w: usize,
+    h: usize,
+    scale: f32,
+    thresh: f32,
+    img: usize,
+) -> Vec<Cand> {
+    let plane = w * h;
+    let mut out = Vec::new();
+    for y in 0..h {
+        for x in 0..w {
+            let i = y * w + x;
+            let p = prob[i];
+            if p >= thresh {
+                let (fx, fy) = (x as f32, y as f32);
+                out.push(Cand {
+                    b: [
+                        ((2.0 * fx + 1.0) / scale).floor(),
+                        ((2.0 * fy + 1.0) / scale).floor(),
+                        ((2.0 * fx + 12.0) / scale).floor(),
+                        ((2.0 * fy + 12.0) / scale).floor(),
+                    ],
+                    score: p,
+                    reg: [
+                        reg[i],
+                        reg[plane + i],
+                        reg[2 * plane + i],
+                        reg[3 * plane + i],
+                    ],
+                    img,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Make a box square around its centre (side = the longer side).
+pub fn rerec(b: [f32; 4]) -> [f32; 4] {
+    let (w, h) = (b[2] - b[0], b[3] - b[1]);
+    let l = w.max(h);
+    let x0 = b[0] + w * 0.5 - l * 0.5;
+    let y0 = b[1] + h * 0.5 - l * 0.5;
+    [x0, y0, x0 + l, y0 + l]
+}
+
+/// Apply a regression (offsets as fractions of the inclusive box size).
+pub fn bbreg(b: [f32; 4], reg: [f32; 4]) -> [f32; 4] {
+    let w = b[2] - b[0] + 1.0;
+    let h = b[3] - b[1] + 1.0;
+    [
+        b[0] + reg[0] * w,
+        b[1] + reg[1] * h,
+        b[2] + reg[2] * w,
+        b[3] + reg[3] * h,
+    ]
+}
+
+/// Crops of `size` x `size` for every candidate, as facenet-pytorch's `pad` + slice +
+/// "area" `imresample`: the box is truncated to integers and clamped to the image (the
+/// part outside is dropped, not padded), then area-averaged. Candidates whose box lies
+/// wholly outside the image are dropped. Returns the kept candidates and their crops,
+/// normalised, NCHW.
+fn crops_for(images: &[WorkImage], cands: Vec<Cand>, size: usize) -> (Vec<Cand>, Vec<f32>) {
+    let mut kept = Vec::with_capacity(cands.len());
+    let mut out = Vec::with_capacity(cands.len() * 3 * size * size);
+    let mut scratch = Vec::new();
+    for c in cands {
+        let im = &images[c.img];
+        let x = (c.b[0].trunc() as i64).max(1);
+        let y = (c.b[1].trunc() as i64).max(1);
+        let ex = (c.b[2].trunc() as i64).min(im.width as i64);
+        let ey = (c.b[3].trunc() as i64).min(im.height as i64);
+        // facenet-pytorch keeps a box when `ey > y - 1 and ex > x - 1`.
+        if ey < y || ex < x {
+            continue;
+        }
+        let (x0, y0) = ((x - 1) as usize, (y - 1) as usize);
+        let (cw, ch) = ((ex - x + 1) as usize, (ey - y + 1) as usize);
+        area_resize(im, x0, y0, cw, ch, size, &mut scratch, &mut out);
+        kept.push(c);
+    }
+    (kept, out)
+}
+
+/// PyTorch's `adaptive_avg_pool2d` (what `interpolate(mode="area")` is) of the
+/// `cw x ch` window at (`x0`, `y0`) to `size x size`, normalised, appended to `out` as
+/// CHW. Output cell `i` averages input `floor(i*in/out) .. ceil((i+1)*in/out)` on each
+/// axis; done separably with exact integer sums (so the result equals PyTorch's up to
+/// the final division's rounding).
+#[allow(clippy::too_many_arguments)]
+fn area_resize(
+    im: &WorkImage,
+    x0: usize,
+    y0: usize,
+    cw: usize,
+    ch: usize,
+    size: usize,
+    cols: &mut Vec<u32>,
+    out: &mut Vec<f32>,
+) {
+    let bounds = |i: usize, n: usize| (i * n / size, ((i + 1) * n).div_ceil(size));
+    // Per input row: sums over each output column's window, for 3 channels.
+    cols.clear();
+    cols.resize(ch * size * 3, 0);
+    for r in 0..ch {
+        let row = &im.pixels[((y0 + r) * im.width + x0) * 3..((y0 + r) * im.width + x0 + cw) * 3];
+        let dst = &mut cols[r * size * 3..(r + 1) * size * 3];
+        for j in 0..size {
+            let (a, b) = bounds(j, cw);
+            let (mut s0, mut s1, mut s2) = (0u32, 0u32, 0u32);
+            for px in row[a * 3..b * 3].chunks_exact(3) {
+                s0 += px[0] as u32;
+                s1 += px[1] as u32;
+                s2 += px[2] as u32;
+            }
+            dst[j * 3] = s0;
+            dst[j * 3 + 1] = s1;
+            dst[j * 3 + 2] = s2;
+        }
+    }
+    let base = out.len();
+    out.resize(base + 3 * size * size, 0.0);
+    let plane = size * size;
+    for i in 0..size {
+        let (a, b) = bounds(i, ch);
+        for j in 0..size {
+            let (c0, c1) = bounds(j, cw);
+            let count = ((b - a) * (c1 - c0)) as f32;
+            for c in 0..3 {
+                let mut s = 0u32;
+                for r in a..b {
+                    s += cols[r * size * 3 + j * 3 + c];
+                }
+                let v = s as f32 / count;
+                out[base + c * plane + i * size + j] = (v - 127.5) * 0.0078125;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pyramid_matches_facenet() {
+        // facenet-pytorch on a 100-pixel shorter side with min_face 20: 0.6, 0.4254, ...
+        let s = scales(100, 20.0);
+        assert!((s[0] - 0.6).abs() < 1e-12);
+        assert!((s[1] - 0.6 * 0.709).abs() < 1e-12);
+        let last = *s.last().unwrap();
+        assert!(100.0 * last >= 12.0 && 100.0 * last * FACTOR < 12.0);
+        assert!(scales(11, 12.0).is_empty());
+    }
+
+    #[test]
+    fn rerec_and_bbreg() {
+        assert_eq!(rerec([0.0, 0.0, 10.0, 20.0]), [-5.0, 0.0, 15.0, 20.0]);
+        assert_eq!(
+            bbreg([0.0, 0.0, 9.0, 9.0], [0.1, -0.1, 0.0, 0.2]),
+            [1.0, -1.0, 9.0, 11.0]
+        );
+    }
+
+    #[test]
+    fn area_resize_averages_windows() {
+        // 4 x 2 image; pixel value = x * 10 + y in every channel; 2 x 2 output.
+        let mut pixels = Vec::new();
+        for y in 0..2u8 {
+            for x in 0..4u8 {
+                pixels.extend([x * 10 + y; 3]);
+            }
+        }
+        let im = WorkImage {
+            width: 4,
+            height: 2,
+            pixels,
+            min_face: 12.0,
+        };
+        let mut out = Vec::new();
+        area_resize(&im, 0, 0, 4, 2, 2, &mut Vec::new(), &mut out);
+        let un = |v: f32| v / 0.0078125 + 127.5;
+        // Top-left cell averages x 0..2, y 0: (0 + 10) / 2 = 5.
+        assert!((un(out[0]) - 5.0).abs() < 1e-3);
+        // Bottom-right: x 2..4, y 1: (21 + 31) / 2 = 26.
+        assert!((un(out[3]) - 26.0).abs() < 1e-3);
+        assert_eq!(out.len(), 12);
+    }
+}

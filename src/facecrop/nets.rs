@@ -1,0 +1,256 @@
+//! The three MTCNN networks (P-Net, R-Net, O-Net) as plain tch operations on weights
+//! loaded from `pnet.pt`, `rnet.pt`, `onet.pt`.
+//!
+//! The layer sequences mirror facenet-pytorch 2.6.0's `PNet`, `RNet` and `ONet` modules
+//! exactly (including the NCHW -> NWHC permute before R-Net's and O-Net's dense layers,
+//! which the weights were trained against), so the same weights give the same scores.
+//! Writing them as functions instead of loading TorchScript avoids a traced module per
+//! network and keeps the weights files plain tensor dicts (see `scripts/convert_mtcnn.py`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tch::{Device, Kind, TchError, Tensor};
+
+use crate::error::{PipelineError, torch_message};
+
+/// Named weights of one network, on its device.
+struct Weights {
+    net: &'static str,
+    map: HashMap<String, Tensor>,
+}
+
+impl Weights {
+    fn load(dir: &Path, net: &'static str, device: Device) -> Result<Weights, PipelineError> {
+        let path = dir.join(format!("{net}.pt"));
+        if !path.is_file() {
+            return Err(PipelineError::FaceCrop(format!(
+                "MTCNN weights {} are missing; run scripts/setup.sh to convert them \
+                 (or set [face_crop] weights to the folder holding pnet.pt, rnet.pt, onet.pt)",
+                path.display()
+            )));
+        }
+        let tensors = Tensor::loadz_multi_with_device(&path, device).map_err(|e| {
+            PipelineError::FaceCrop(format!(
+                "cannot read MTCNN weights {}: {}",
+                path.display(),
+                torch_message(&e)
+            ))
+        })?;
+        let map = tensors
+            .into_iter()
+            .map(|(k, v)| (k, v.to_kind(Kind::Float)))
+            .collect();
+        Ok(Weights { net, map })
+    }
+
+    fn get(&self, name: &str) -> Result<&Tensor, PipelineError> {
+        self.map.get(name).ok_or_else(|| {
+            PipelineError::FaceCrop(format!(
+                "MTCNN weights {}.pt have no tensor `{name}`; re-run scripts/convert_mtcnn.py",
+                self.net
+            ))
+        })
+    }
+}
+
+/// Convolution (stride 1, no padding) followed by PReLU.
+struct ConvPrelu {
+    w: Tensor,
+    b: Tensor,
+    a: Tensor,
+}
+
+impl ConvPrelu {
+    fn new(w: &Weights, conv: &str, prelu: &str) -> Result<ConvPrelu, PipelineError> {
+        Ok(ConvPrelu {
+            w: w.get(&format!("{conv}.weight"))?.shallow_clone(),
+            b: w.get(&format!("{conv}.bias"))?.shallow_clone(),
+            a: w.get(&format!("{prelu}.weight"))?.shallow_clone(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        x.f_conv2d(&self.w, Some(&self.b), [1, 1], [0, 0], [1, 1], 1)?
+            .f_prelu(&self.a)
+    }
+}
+
+struct Dense {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Dense {
+    fn new(w: &Weights, name: &str) -> Result<Dense, PipelineError> {
+        Ok(Dense {
+            w: w.get(&format!("{name}.weight"))?.shallow_clone(),
+            b: w.get(&format!("{name}.bias"))?.shallow_clone(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        x.f_linear(&self.w, Some(&self.b))
+    }
+}
+
+/// Max pooling with `ceil_mode = True`, as in the original Caffe MTCNN.
+fn pool(x: &Tensor, k: i64, s: i64) -> Result<Tensor, TchError> {
+    x.f_max_pool2d([k, k], [s, s], [0, 0], [1, 1], true)
+}
+
+/// 1x1 convolution head of P-Net (no activation).
+struct Head {
+    w: Tensor,
+    b: Tensor,
+}
+
+/// Proposal network: fully convolutional, run on every pyramid level.
+pub struct PNet {
+    c1: ConvPrelu,
+    c2: ConvPrelu,
+    c3: ConvPrelu,
+    prob: Head,
+    reg: Head,
+}
+
+/// Refinement network on 24 x 24 candidate crops.
+pub struct RNet {
+    c1: ConvPrelu,
+    c2: ConvPrelu,
+    c3: ConvPrelu,
+    d4: Dense,
+    a4: Tensor,
+    prob: Dense,
+    reg: Dense,
+}
+
+/// Output network on 48 x 48 crops: score, box regression and five landmarks.
+pub struct ONet {
+    c1: ConvPrelu,
+    c2: ConvPrelu,
+    c3: ConvPrelu,
+    c4: ConvPrelu,
+    d5: Dense,
+    a5: Tensor,
+    prob: Dense,
+    reg: Dense,
+    marks: Dense,
+}
+
+/// All three networks on one device.
+pub struct Nets {
+    pub pnet: PNet,
+    pub rnet: RNet,
+    pub onet: ONet,
+    pub device: Device,
+}
+
+impl Nets {
+    /// Load `pnet.pt`, `rnet.pt` and `onet.pt` from `dir` onto `device`.
+    pub fn load(dir: &Path, device: Device) -> Result<Nets, PipelineError> {
+        let p = Weights::load(dir, "pnet", device)?;
+        let r = Weights::load(dir, "rnet", device)?;
+        let o = Weights::load(dir, "onet", device)?;
+        let head = |w: &Weights, n: &str| -> Result<Head, PipelineError> {
+            Ok(Head {
+                w: w.get(&format!("{n}.weight"))?.shallow_clone(),
+                b: w.get(&format!("{n}.bias"))?.shallow_clone(),
+            })
+        };
+        Ok(Nets {
+            pnet: PNet {
+                c1: ConvPrelu::new(&p, "conv1", "prelu1")?,
+                c2: ConvPrelu::new(&p, "conv2", "prelu2")?,
+                c3: ConvPrelu::new(&p, "conv3", "prelu3")?,
+                prob: head(&p, "conv4_1")?,
+                reg: head(&p, "conv4_2")?,
+            },
+            rnet: RNet {
+                c1: ConvPrelu::new(&r, "conv1", "prelu1")?,
+                c2: ConvPrelu::new(&r, "conv2", "prelu2")?,
+                c3: ConvPrelu::new(&r, "conv3", "prelu3")?,
+                d4: Dense::new(&r, "dense4")?,
+                a4: r.get("prelu4.weight")?.shallow_clone(),
+                prob: Dense::new(&r, "dense5_1")?,
+                reg: Dense::new(&r, "dense5_2")?,
+            },
+            onet: ONet {
+                c1: ConvPrelu::new(&o, "conv1", "prelu1")?,
+                c2: ConvPrelu::new(&o, "conv2", "prelu2")?,
+                c3: ConvPrelu::new(&o, "conv3", "prelu3")?,
+                c4: ConvPrelu::new(&o, "conv4", "prelu4")?,
+                d5: Dense::new(&o, "dense5")?,
+                a5: o.get("prelu5.weight")?.shallow_clone(),
+                prob: Dense::new(&o, "dense6_1")?,
+                reg: Dense::new(&o, "dense6_2")?,
+                marks: Dense::new(&o, "dense6_3")?,
+            },
+            device,
+        })
+    }
+}
+
+impl PNet {
+    /// `x`: N x 3 x H x W, normalised. Returns (face probability N x H' x W', box
+    /// regression N x 4 x H' x W').
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor), TchError> {
+        let x = self.c1.forward(x)?;
+        let x = pool(&x, 2, 2)?;
+        let x = self.c2.forward(&x)?;
+        let x = self.c3.forward(&x)?;
+        // Both 1x1 heads in one convolution: one pass over the 32-channel map instead of two.
+        let w = Tensor::f_cat(&[&self.prob.w, &self.reg.w], 0)?;
+        let b = Tensor::f_cat(&[&self.prob.b, &self.reg.b], 0)?;
+        let y = x.f_conv2d(&w, Some(&b), [1, 1], [0, 0], [1, 1], 1)?;
+        let prob = y
+            .f_narrow(1, 0, 2)?
+            .f_softmax(1, Kind::Float)?
+            .f_select(1, 1)?;
+        let reg = y.f_narrow(1, 2, 4)?;
+        Ok((prob, reg))
+    }
+}
+
+impl RNet {
+    /// `x`: N x 3 x 24 x 24, normalised. Returns (probability N, regression N x 4).
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor), TchError> {
+        let x = self.c1.forward(x)?;
+        let x = pool(&x, 3, 2)?;
+        let x = self.c2.forward(&x)?;
+        let x = pool(&x, 3, 2)?;
+        let x = self.c3.forward(&x)?;
+        let n = x.size()[0];
+        let x = x.f_permute([0, 3, 2, 1])?.f_contiguous()?.f_view([n, -1])?;
+        let x = self.d4.forward(&x)?.f_prelu(&self.a4)?;
+        let prob = self
+            .prob
+            .forward(&x)?
+            .f_softmax(1, Kind::Float)?
+            .f_select(1, 1)?;
+        Ok((prob, self.reg.forward(&x)?))
+    }
+}
+
+impl ONet {
+    /// `x`: N x 3 x 48 x 48, normalised. Returns (probability N, regression N x 4,
+    /// landmarks N x 10 as x1..x5, y1..y5 relative to the box).
+    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor), TchError> {
+        let x = self.c1.forward(x)?;
+        let x = pool(&x, 3, 2)?;
+        let x = self.c2.forward(&x)?;
+        let x = pool(&x, 3, 2)?;
+        let x = self.c3.forward(&x)?;
+        let x = pool(&x, 2, 2)?;
+        let x = self.c4.forward(&x)?;
+        let n = x.size()[0];
+        let x = x.f_permute([0, 3, 2, 1])?.f_contiguous()?.f_view([n, -1])?;
+        let x = self.d5.forward(&x)?.f_prelu(&self.a5)?;
+        let prob = self
+            .prob
+            .forward(&x)?
+            .f_softmax(1, Kind::Float)?
+            .f_select(1, 1)?;
+        Ok((prob, self.reg.forward(&x)?, self.marks.forward(&x)?))
+    }
+}

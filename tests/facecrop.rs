@@ -1,0 +1,457 @@
+//! The built-in face crop end to end: real photos composed in code from the public-domain
+//! astronaut portrait (`../shared/bench/astronaut.png`), the real MTCNN weights from
+//! `models/mtcnn` (written by `scripts/setup.sh`), the real binary.
+//!
+//! A test skips, saying why, only when the weights or the portrait are absent.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use hotpipe::config::{Config, FaceSelect};
+use hotpipe::facecrop::{FaceCropper, FoundFace, choose};
+use hotpipe::pipeline::pool::BufPool;
+use hotpipe::stages::decode::Decoder;
+use image::{Rgb, RgbImage};
+use tch::{CModule, Device, Kind, Tensor};
+
+fn weights() -> Option<PathBuf> {
+    let w = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mtcnn");
+    if w.join("onet.pt").is_file() {
+        Some(w)
+    } else {
+        eprintln!(
+            "SKIP: no MTCNN weights in {} (run scripts/setup.sh)",
+            w.display()
+        );
+        None
+    }
+}
+
+fn astronaut() -> Option<RgbImage> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/astronaut.png");
+    match image::open(&p) {
+        Ok(i) => Some(i.into_rgb8()),
+        Err(e) => {
+            eprintln!("SKIP: cannot read {}: {e}", p.display());
+            None
+        }
+    }
+}
+
+/// Both fixtures, or `None` (with the reason printed) to skip.
+fn fixtures() -> Option<(PathBuf, RgbImage)> {
+    Some((weights()?, astronaut()?))
+}
+
+/// A config with the face crop, small PNG outputs and `extra` lines appended.
+fn config(dir: &Path, weights: &Path, face_extra: &str, extra: &str) -> PathBuf {
+    write(
+        &dir.join("p.toml"),
+        &format!(
+            "[face_crop]\nweights = \"{}\"\ndevice = \"cpu\"\n{face_extra}\n\n[preprocess]\nsize = 128\npad_color = [255, 0, 255]\n\n[encode]\nformat = \"png\"\n\n[pipeline]\ndecode_threads = 2\n{extra}",
+            weights.display()
+        ),
+    )
+}
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+}
+
+fn process(cfg: &Path, out: &Path, inputs: &[PathBuf]) -> Run {
+    let r = hotpipe()
+        .args(["process", "--quiet", "--config"])
+        .arg(cfg)
+        .arg("--out")
+        .arg(out)
+        .args(inputs)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&r.stdout).into_owned();
+    if r.status.code() != Some(0) && r.status.code() != Some(1) {
+        panic!(
+            "hotpipe failed: {stdout}\n{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+    }
+    Run {
+        code: r.status.code(),
+        stdout,
+    }
+}
+
+fn sidecar(out: &Path, stem: &str) -> serde_json::Value {
+    let p = out.join(format!("{stem}.json"));
+    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .unwrap()
+}
+
+fn boxf(v: &serde_json::Value) -> [f64; 4] {
+    let a = v.as_array().unwrap();
+    [0, 1, 2, 3].map(|i| a[i].as_f64().unwrap())
+}
+
+fn noise(w: u32, h: u32, seed: u32) -> RgbImage {
+    let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+    RgbImage::from_fn(w, h, |_, _| {
+        let mut px = [0u8; 3];
+        for c in &mut px {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            *c = (s >> 24) as u8;
+        }
+        Rgb(px)
+    })
+}
+
+/// Two astronauts side by side: a small one (256 px) on the left, a full-size one on
+/// the right, on grey.
+fn two_faces(a: &RgbImage) -> RgbImage {
+    let mut canvas = RgbImage::from_pixel(1100, 560, Rgb([128, 128, 128]));
+    let small = image::imageops::resize(a, 256, 256, image::imageops::FilterType::Triangle);
+    image::imageops::overlay(&mut canvas, &small, 40, 150);
+    image::imageops::overlay(&mut canvas, a, 560, 24);
+    canvas
+}
+
+/// Every face the library finds in `path` (original-image pixels).
+fn library_faces(cfg: &Path, path: &Path) -> Vec<FoundFace> {
+    let cfg = Config::load(cfg).unwrap();
+    let mut cropper = FaceCropper::new(cfg.face_crop.as_ref().unwrap()).unwrap();
+    let mut dec = Decoder::new(cfg.decode.clone(), BufPool::new(2));
+    let frame = dec.decode(&std::fs::read(path).unwrap()).unwrap();
+    cropper.detect(&[&frame]).pop().unwrap().unwrap()
+}
+
+#[test]
+fn no_face_fails_or_passes_through() {
+    let Some(w) = weights() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let inp = d.path().join("in");
+    std::fs::create_dir(&inp).unwrap();
+    noise(640, 480, 3).save(inp.join("noise.png")).unwrap();
+    RgbImage::from_pixel(300, 200, Rgb([40, 90, 200]))
+        .save(inp.join("flat.jpg"))
+        .unwrap();
+    RgbImage::from_pixel(8, 8, Rgb([200, 150, 120]))
+        .save(inp.join("tiny.png"))
+        .unwrap();
+    RgbImage::from_pixel(1, 1, Rgb([200, 150, 120]))
+        .save(inp.join("dot.png"))
+        .unwrap();
+    let inputs: Vec<PathBuf> = ["noise.png", "flat.jpg", "tiny.png", "dot.png"]
+        .iter()
+        .map(|n| inp.join(n))
+        .collect();
+
+    let cfg = config(d.path(), &w, "", "");
+    let out = d.path().join("out");
+    let r = process(&cfg, &out, &inputs);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(names(&out).is_empty(), "{:?}", names(&out));
+    assert!(r.stdout.contains("done 0, failed 4"), "{}", r.stdout);
+    for n in ["noise.png", "flat.jpg", "tiny.png", "dot.png"] {
+        let line = r.stdout.lines().find(|l| l.contains(n)).unwrap();
+        assert!(line.contains("detect: no face found"), "{line}");
+    }
+
+    // on_no_face = "pass": the whole image, fitted, and a sidecar saying no face.
+    let cfg = config(d.path(), &w, "on_no_face = \"pass\"", "");
+    let out = d.path().join("out_pass");
+    let r = process(&cfg, &out, &inputs);
+    assert_eq!(r.code, Some(0), "{}", r.stdout);
+    assert_eq!(
+        names(&out),
+        [
+            "dot.json",
+            "dot.png",
+            "flat.json",
+            "flat.png",
+            "noise.json",
+            "noise.png",
+            "tiny.json",
+            "tiny.png"
+        ]
+    );
+    let flat = image::open(out.join("flat.png")).unwrap().into_rgb8();
+    assert_eq!(flat.dimensions(), (128, 128));
+    // Uncropped "crop" fit of a flat image: flat colour everywhere, no padding.
+    let p = flat.get_pixel(0, 64).0;
+    assert!(p[0].abs_diff(40) < 6 && p[2].abs_diff(200) < 6, "{p:?}");
+    let s = sidecar(&out, "noise");
+    assert_eq!(s["faces_found"], 0);
+    assert!(s["face"].is_null());
+    assert_eq!(s["source"]["width"], 640);
+    assert_eq!(s["source"]["height"], 480);
+}
+
+#[test]
+fn select_picks_the_largest_or_the_most_confident_face() {
+    let Some((w, a)) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("two.png");
+    two_faces(&a).save(&src).unwrap();
+
+    let cfg = config(d.path(), &w, "select = \"largest\"", "");
+    let faces = library_faces(&cfg, &src);
+    assert!(faces.len() >= 2, "both astronauts found: {faces:?}");
+    let out = d.path().join("largest");
+    assert_eq!(
+        process(&cfg, &out, std::slice::from_ref(&src)).code,
+        Some(0)
+    );
+    let s = sidecar(&out, "two");
+    assert_eq!(s["faces_found"].as_u64().unwrap() as usize, faces.len());
+    let b = boxf(&s["face"]["box"]);
+    // The big astronaut's face: right half, about 87 x 110 px.
+    assert!(b[0] > 560.0 && b[2] - b[0] > 70.0, "{b:?}");
+    let largest = choose(&faces, FaceSelect::Largest).unwrap();
+    assert!(
+        (b[0] - largest.bbox[0] as f64).abs() < 0.2,
+        "{b:?} {largest:?}"
+    );
+
+    let cfg = config(d.path(), &w, "select = \"most_confident\"", "");
+    let out = d.path().join("confident");
+    assert_eq!(
+        process(&cfg, &out, std::slice::from_ref(&src)).code,
+        Some(0)
+    );
+    let s = sidecar(&out, "two");
+    let best = faces.iter().map(|f| f.score).fold(0f32, f32::max);
+    let score = s["face"]["score"].as_f64().unwrap();
+    assert!((score - best as f64).abs() < 1e-5, "{score} vs {best}");
+    let chosen = choose(&faces, FaceSelect::MostConfident).unwrap();
+    assert!((boxf(&s["face"]["box"])[0] - chosen.bbox[0] as f64).abs() < 0.2);
+}
+
+#[test]
+fn sidecar_describes_the_face_and_the_crop_is_the_face() {
+    let Some((w, a)) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("astro.jpg");
+    a.save(&src).unwrap();
+    let cfg = config(d.path(), &w, "margin = 0.25", "");
+    let out = d.path().join("out");
+    let r = process(&cfg, &out, std::slice::from_ref(&src));
+    assert_eq!(r.code, Some(0), "{}", r.stdout);
+    assert_eq!(names(&out), ["astro.json", "astro.png"]);
+    let s = sidecar(&out, "astro");
+    assert_eq!(s["source"]["width"], 512);
+    assert_eq!(s["source"]["height"], 512);
+    assert_eq!(s["faces_found"], 1);
+    let f = &s["face"];
+    let score = f["score"].as_f64().unwrap();
+    assert!(score > 0.99 && score <= 1.0, "{score}");
+    // Eileen Collins' face in the portrait is around x 181..268, y 62..172.
+    let b = boxf(&f["box"]);
+    for (got, want) in b.iter().zip([181.0, 62.0, 268.0, 172.0]) {
+        assert!((got - want).abs() < 12.0, "{b:?}");
+    }
+    // Landmarks inside the box, eyes above the mouth, left eye left of the right eye.
+    let pt = |k: &str| {
+        let v = f["landmarks"][k].as_array().unwrap();
+        (v[0].as_f64().unwrap(), v[1].as_f64().unwrap())
+    };
+    for k in ["left_eye", "right_eye", "nose", "mouth_left", "mouth_right"] {
+        let (x, y) = pt(k);
+        assert!(
+            x > b[0] && x < b[2] && y > b[1] && y < b[3],
+            "{k} {x},{y} {b:?}"
+        );
+    }
+    assert!(pt("left_eye").0 < pt("right_eye").0);
+    assert!(pt("left_eye").1 < pt("mouth_left").1);
+    // The crop: a square of 1.5 x the longer side, centred on the box.
+    let c = boxf(&f["crop"]);
+    let side = (b[2] - b[0]).max(b[3] - b[1]) * 1.5;
+    assert!(((c[2] - c[0]) - side).abs() < 0.5 && ((c[3] - c[1]) - side).abs() < 0.5);
+    assert!(((c[0] + c[2]) / 2.0 - (b[0] + b[2]) / 2.0).abs() < 0.2);
+
+    // The output is that square of the photo, resized: compare with a crop made here.
+    let got = image::open(out.join("astro.png")).unwrap().into_rgb8();
+    assert_eq!(got.dimensions(), (128, 128));
+    let (x0, y0) = (c[0].round() as u32, c[1].round() as u32);
+    let side = (c[2] - c[0]).round() as u32;
+    let want = image::imageops::resize(
+        &image::imageops::crop_imm(&a, x0, y0, side, side).to_image(),
+        128,
+        128,
+        image::imageops::FilterType::Triangle,
+    );
+    let db = psnr(got.as_raw(), want.as_raw());
+    assert!(db > 25.0, "crop differs from the face square: {db:.1} dB");
+}
+
+#[test]
+fn a_face_at_the_border_is_padded_not_shifted() {
+    let Some((w, a)) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    // Cut the portrait just left of the face: the face is whole but its margin is not.
+    let src = d.path().join("edge.png");
+    image::imageops::crop_imm(&a, 160, 0, 352, 512)
+        .to_image()
+        .save(&src)
+        .unwrap();
+    let cfg = config(d.path(), &w, "", "");
+    let out = d.path().join("out");
+    assert_eq!(
+        process(&cfg, &out, std::slice::from_ref(&src)).code,
+        Some(0)
+    );
+    let s = sidecar(&out, "edge");
+    let c = boxf(&s["face"]["crop"]);
+    assert!(c[0] < -10.0, "crop reaches past the left border: {c:?}");
+    let got = image::open(out.join("edge.png")).unwrap().into_rgb8();
+    // The part of the square left of the image is pad_color (magenta), the rest is photo.
+    let pad_cols = (-c[0] / (c[2] - c[0]) * 128.0).floor() as u32;
+    assert!(pad_cols >= 3, "{pad_cols}");
+    for y in (0..128).step_by(9) {
+        for x in 0..pad_cols - 1 {
+            assert_eq!(got.get_pixel(x, y).0, [255, 0, 255], "({x}, {y})");
+        }
+        assert_ne!(got.get_pixel(pad_cols + 2, y).0, [255, 0, 255]);
+    }
+    // The face is centred in the output: its box centre maps to the middle.
+    let b = boxf(&s["face"]["box"]);
+    let cx = ((b[0] + b[2]) / 2.0 - c[0]) / (c[2] - c[0]);
+    assert!((cx - 0.5).abs() < 0.01, "{cx}");
+}
+
+#[test]
+fn over_the_limits_fails_with_a_reason_and_weights_are_checked_at_start() {
+    let Some(w) = weights() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let huge = d.path().join("huge.png");
+    std::fs::write(&huge, png_header(20000, 20000)).unwrap();
+    let big = d.path().join("big.png");
+    RgbImage::from_pixel(1200, 900, Rgb([9, 9, 9]))
+        .save(&big)
+        .unwrap();
+    let cfg = config(d.path(), &w, "", "\n[decode]\nmax_width = 1000\n");
+    let out = d.path().join("out");
+    let r = process(&cfg, &out, &[huge, big]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stdout.contains("done 0, failed 2"), "{}", r.stdout);
+    for n in ["huge.png", "big.png"] {
+        let line = r.stdout.lines().find(|l| l.contains(n)).unwrap();
+        assert!(
+            line.contains("decode") && line.contains("over the"),
+            "{line}"
+        );
+    }
+
+    // Missing weights: the start fails, naming the file and the fix.
+    let cfg = config(d.path(), &d.path().join("nowhere"), "", "");
+    let r = hotpipe()
+        .args(["process", "--quiet", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(d.path().join("o2"))
+        .arg(d.path().join("big.png"))
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("pnet.pt") && err.contains("scripts/setup.sh"),
+        "{err}"
+    );
+}
+
+#[test]
+fn face_crop_then_model_in_one_pass() {
+    let Some((w, a)) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("astro.jpg");
+    a.save(&src).unwrap();
+    let m = d.path().join("m.pt");
+    restore_model(&m);
+
+    // The crop alone (no model: identity), then crop + model.
+    let cfg = config(d.path(), &w, "", "");
+    let crop_out = d.path().join("crop");
+    assert_eq!(
+        process(&cfg, &crop_out, std::slice::from_ref(&src)).code,
+        Some(0)
+    );
+    let cfg = write(
+        &d.path().join("chain.toml"),
+        &std::fs::read_to_string(&cfg).unwrap().replace(
+            "[preprocess]",
+            &format!(
+                "[model]\npath = \"{}\"\ndevice = \"cpu\"\nmax_batch = 2\n\n[preprocess]",
+                m.display()
+            ),
+        ),
+    );
+    let out = d.path().join("chain");
+    let r = process(&cfg, &out, std::slice::from_ref(&src));
+    assert_eq!(r.code, Some(0), "{}", r.stdout);
+    assert_eq!(names(&out), ["astro.json", "astro.png"]);
+    assert_eq!(
+        sidecar(&out, "astro")["face"],
+        sidecar(&crop_out, "astro")["face"]
+    );
+
+    // The chained output is the model applied to the crop.
+    let crop = image::open(crop_out.join("astro.png")).unwrap().into_rgb8();
+    let got = image::open(out.join("astro.png")).unwrap().into_rgb8();
+    let module = CModule::load_on_device(&m, Device::Cpu).unwrap();
+    let x = Tensor::from_slice(crop.as_raw())
+        .view([1, 128, 128, 3])
+        .permute([0, 3, 1, 2])
+        .to_kind(Kind::Float)
+        / 255.0;
+    let y = module.forward_ts(&[x]).unwrap();
+    let y = (y.clamp(0.0, 1.0) * 255.0)
+        .round()
+        .to_kind(Kind::Uint8)
+        .permute([0, 2, 3, 1])
+        .contiguous()
+        .view([-1]);
+    let want = Vec::<u8>::try_from(&y).unwrap();
+    let db = psnr(got.as_raw(), &want);
+    assert!(
+        db > 45.0,
+        "chained output differs from model(crop): {db:.1} dB"
+    );
+    assert!(psnr(got.as_raw(), crop.as_raw()) < 60.0, "the model ran");
+}
+
+#[test]
+fn boxes_are_in_original_pixels_when_the_frame_was_decoded_smaller() {
+    let Some((w, a)) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    // min_face 12: the same pyramid for both frames (12 working pixels either way).
+    let cfg = config(d.path(), &w, "min_face = 12", "");
+    let cfg = Config::load(&cfg).unwrap();
+    let mut cropper = FaceCropper::new(cfg.face_crop.as_ref().unwrap()).unwrap();
+    let pool = BufPool::new(4);
+    let frame = |orig: u32| {
+        let mut px = pool.get(a.as_raw().len());
+        px.copy_from_slice(a.as_raw());
+        hotpipe::pipeline::item::Frame {
+            pixels: px,
+            width: 512,
+            height: 512,
+            orig_width: orig,
+            orig_height: orig,
+        }
+    };
+    // The same pixels, once as the full image and once as a 2x DCT-scaled decode of a
+    // 1024 x 1024 original: the second's boxes are twice the first's.
+    let (full, half) = (frame(512), frame(1024));
+    let r = cropper.detect(&[&full, &half]);
+    let f1 = choose(r[0].as_ref().unwrap(), FaceSelect::MostConfident).unwrap();
+    let f2 = choose(r[1].as_ref().unwrap(), FaceSelect::MostConfident).unwrap();
+    for i in 0..4 {
+        assert!((f2.bbox[i] - 2.0 * f1.bbox[i]).abs() < 1.0, "{f1:?} {f2:?}");
+    }
+    assert!((f2.landmarks[2][0] - 2.0 * f1.landmarks[2][0]).abs() < 1.0);
+    assert!((f2.crop.x1 - 2.0 * f1.crop.x1).abs() < 2.0);
+}
