@@ -521,10 +521,16 @@ fn t5_sigterm_exits_in_grace_and_loses_nothing() {
 }
 
 /// 5b. SIGHUP with a broken config keeps the running one; with a valid one applies it.
+/// It runs on the `poll` watcher (the NFS/SMB option): with rescan_s = 30, only its
+/// events can find the files within the test's timeouts.
 #[test]
 fn t5_sighup_reload_keeps_old_config_when_broken() {
     let d = tempfile::tempdir().unwrap();
-    let cfg = config(d.path(), "settle_ms = 0\n", "");
+    let cfg = config(
+        d.path(),
+        "settle_ms = 0\nwatcher = \"poll\"\npoll_ms = 100\n",
+        "",
+    );
     let hf = d.path().join("hf");
     let mut daemon = Daemon::start(&cfg, &[]);
     daemon.expect_log("hot folder ready", Duration::from_secs(30));
