@@ -258,8 +258,10 @@ fn t1_crash_safety_under_repeated_sigkill() {
             inputs.insert(name);
             next += 1;
         }
+        // (Long enough for some items to finish between kills on a loaded machine: an
+        // item caught in flight by 3 kills in a row is quarantined, by design.)
         let wait = if kills % 3 != 0 {
-            10 + rand(60)
+            20 + rand(200)
         } else {
             rand(350)
         };
@@ -673,6 +675,12 @@ fn service_notify_metrics_and_health() {
         .join("done/m.jpg")
         .is_file()));
     let addr = daemon.metrics_addr();
+    // The input reaches done/ (inside the sink) a moment before the outcome is counted.
+    assert!(wait_until(Duration::from_secs(10), || http_get(
+        &addr, "/metrics"
+    )
+    .1
+    .contains("hotpipe_files_done_total 1")));
     let (code, body) = http_get(&addr, "/metrics");
     assert_eq!(code, 200);
     for needle in [
