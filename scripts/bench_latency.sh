@@ -67,7 +67,13 @@ lat = []
 for i in range(1, n):
     lat.append(one(f"lat{i:04d}.jpg"))
     time.sleep(0.25)  # idle between files
-s1, c1 = infer_sum_count(metrics())
+m1 = metrics()
+s1, c1 = infer_sum_count(m1)
+stages = {}
+for st in ["read", "decode", "fit", "infer", "encode", "publish"]:
+    s = float(re.search(rf'hotpipe_stage_seconds_sum\{{stage="{st}"\}} (\S+)', m1).group(1))
+    c = float(re.search(rf'hotpipe_stage_seconds_count\{{stage="{st}"\}} (\S+)', m1).group(1))
+    stages[st] = s / max(c, 1) * 1000
 model_ms = (s1 - s0) / max(c1 - c0, 1) * 1000
 lat.sort()
 p = lambda q: lat[min(len(lat) - 1, int(round(q * (len(lat) - 1))))]
@@ -79,5 +85,6 @@ print(f"| rename -> output p99 | {p(0.99):.1f} |")
 print(f"| rename -> output min / max | {lat[0]:.1f} / {lat[-1]:.1f} |")
 print(f"| model (infer stage, mean per batch) | {model_ms:.1f} |")
 print(f"| p50 - model | {p(0.5) - model_ms:.1f} (target <= 30) |")
+print("stage means over the run (ms per item or batch): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
 PY
 kill -TERM $pid; wait $pid

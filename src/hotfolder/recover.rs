@@ -126,7 +126,7 @@ pub fn begin(
     }
     st.attempts += 1;
     st.outputs.clear();
-    state::save(&layout.work, name, &st)?;
+    state::save(&layout.work, name, &st, false)?;
     Ok(Begin::Process(st.attempts))
 }
 
@@ -140,7 +140,7 @@ pub fn uncount(layout: &Layout, name: &OsStr) {
         st.attempts -= 1;
         // Outputs stay recorded: a half-published attempt (image out, sidecar failed)
         // must be taken back by the next `begin`, not duplicated.
-        let _ = state::save(&layout.work, name, &st);
+        let _ = state::save(&layout.work, name, &st, false);
     }
 }
 
@@ -187,7 +187,7 @@ mod tests {
             file: "y.jpg".into(),
             ino,
         });
-        state::save(&l.work, n, &st).unwrap();
+        state::save(&l.work, n, &st, true).unwrap();
         std::fs::write(l.outbox.join(".y.1.2.hotpipe-tmp"), b"partial").unwrap();
         assert_eq!(startup(&l).unwrap(), vec![OsString::from("y.jpg")]);
         assert_eq!(begin(&l, n, 3, OnSuccess::Move).unwrap(), Begin::Finished);

@@ -72,7 +72,7 @@ impl HotSink {
                     continue;
                 }
                 st.outputs.push(Output { file, ino });
-                state::save(&self.layout.work, work_name, st)?;
+                state::save(&self.layout.work, work_name, st, true)?;
                 match rename_noreplace(&tmp, &to) {
                     Ok(()) => return Ok(to),
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -238,7 +238,7 @@ pub fn fail_item(
                     time: utc_timestamp(now),
                 };
                 st.failing = Some(f.clone());
-                state::save(&layout.work, name, &st)?;
+                state::save(&layout.work, name, &st, true)?;
                 f
             }
         };
