@@ -124,10 +124,25 @@ pub fn begin(
         fail_item(layout, name, &reason, Stage::Claim, st.attempts)?;
         return Ok(Begin::Failed(reason));
     }
+    if !st.outputs.is_empty() {
+        st.outputs.clear();
+        state::save(&layout.work, name, &st, false)?;
+    }
+    // Counted by `count` when decoding starts, not here: an item that only waited in a
+    // queue when the process died did not cause the crash.
+    Ok(Begin::Process(st.attempts + 1))
+}
+
+/// Count an attempt as started (called when the decode stage picks the item up).
+pub fn count(layout: &Layout, name: &OsStr) {
+    let mut st = state::load(&layout.work, name)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     st.attempts += 1;
-    st.outputs.clear();
-    state::save(&layout.work, name, &st, false)?;
-    Ok(Begin::Process(st.attempts))
+    if let Err(e) = state::save(&layout.work, name, &st, false) {
+        tracing::warn!(file = %name.to_string_lossy(), error = %e, "cannot record an attempt");
+    }
 }
 
 /// Take back an attempt that did not really happen (a transient error, or an item that
@@ -161,7 +176,11 @@ mod tests {
         let n = OsStr::new("x.jpg");
         std::fs::write(l.work.join(n), b"data").unwrap();
         assert_eq!(begin(&l, n, 2, OnSuccess::Move).unwrap(), Begin::Process(1));
+        // Not started (the process died while it waited in a queue): not counted.
+        assert_eq!(begin(&l, n, 2, OnSuccess::Move).unwrap(), Begin::Process(1));
+        count(&l, n);
         assert_eq!(begin(&l, n, 2, OnSuccess::Move).unwrap(), Begin::Process(2));
+        count(&l, n);
         assert!(matches!(
             begin(&l, n, 2, OnSuccess::Move).unwrap(),
             Begin::Failed(_)

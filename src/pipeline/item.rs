@@ -37,6 +37,19 @@ pub struct Item {
     pub region: Option<Region>,
     /// JSON written beside the output as `<name>.json` (the face crop's box and landmarks).
     pub sidecar: Option<serde_json::Value>,
+    /// Called once when decoding starts. The hot folder counts an attempt here rather
+    /// than at claim time: a crash can only be blamed on items that were being worked
+    /// on, not on those still waiting in a queue.
+    pub on_start: Option<StartHook>,
+}
+
+/// A one-shot callback run by the decode stage before it touches the item's bytes.
+pub struct StartHook(pub Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for StartHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StartHook")
+    }
 }
 
 impl Item {
@@ -53,6 +66,7 @@ impl Item {
             started: Instant::now(),
             region: None,
             sidecar: None,
+            on_start: None,
         }
     }
 }

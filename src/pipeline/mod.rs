@@ -295,7 +295,10 @@ impl Pipeline {
             let mut decoder = Decoder::new(cfg.decode.clone(), Arc::clone(&decode_pool))
                 .with_scaling(Some(scale_target));
             threads.push(spawn(format!("hp-decode-{i}"), move || {
-                for (item, input) in rx {
+                for (mut item, input) in rx {
+                    if let Some(hook) = item.on_start.take() {
+                        (hook.0)();
+                    }
                     let t = Timer::start();
                     let r = decoder.decode(input.bytes());
                     let truncated = input.truncated();

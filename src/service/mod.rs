@@ -38,7 +38,7 @@ use crate::hotfolder::claim::{Claim, Scanner, claim};
 use crate::hotfolder::recover::{self, Begin};
 use crate::hotfolder::sink::{HotSink, fail_item};
 use crate::hotfolder::{HotfolderError, Layout, RootLock, watch};
-use crate::pipeline::item::{Item, Outcome};
+use crate::pipeline::item::{Item, Outcome, StartHook};
 use crate::pipeline::telemetry::Telemetry;
 use crate::pipeline::{Pipeline, StartOptions};
 use signals::Signal;
@@ -321,6 +321,10 @@ impl Claimer {
                 let mut item = Item::new(self.next_id, self.layout.work.join(&name));
                 self.next_id += 1;
                 item.attempts = attempts;
+                let (layout, counted) = (self.layout.clone(), name.clone());
+                item.on_start = Some(StartHook(Box::new(move || {
+                    recover::count(&layout, &counted)
+                })));
                 self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
                 self.shared.touch();
                 let mut item = Some(item);
@@ -329,8 +333,7 @@ impl Claimer {
                         Ok(()) => return true,
                         Err(SendTimeoutError::Timeout(it)) if !self.stopped() => item = Some(it),
                         Err(_) => {
-                            // Never started: take the attempt back; the item stays in work/.
-                            recover::uncount(&self.layout, &name);
+                            // Never started (so never counted); the item stays in work/.
                             self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                             return false;
                         }
