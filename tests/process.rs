@@ -281,7 +281,7 @@ fn oom_split_loses_nothing() {
     for i in 0..12 {
         write_jpeg(&inp.join(format!("{i:02}.jpg")), 100, 100, i);
     }
-    let inputs = hotpipe::process::collect_inputs(&[inp.clone()]).unwrap();
+    let inputs = hotpipe::process::collect_inputs(std::slice::from_ref(&inp)).unwrap();
     let opts = hotpipe::process::RunOptions {
         start: hotpipe::pipeline::StartOptions {
             inject_oom: 5,

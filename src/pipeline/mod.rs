@@ -441,6 +441,7 @@ impl Pipeline {
         let (stop_tx, stop_rx) = bounded::<()>(0);
         {
             let tel = Arc::clone(&telemetry);
+            #[allow(clippy::type_complexity)] // a one-off list of (stage, capacity, probe)
             let probes: Vec<(Stage, usize, Box<dyn Fn() -> usize + Send>)> = vec![
                 (Stage::Read, cap, Box::new(move || probe_input.len())),
                 (Stage::Decode, cap, Box::new(move || probe_read.len())),

@@ -416,7 +416,7 @@ fn to_rgb8(color: ColorType, src: &[u8], dst: &mut PooledBuf) -> Result<(), Stri
                     3 => (s[0], s[1], s[2], 65535),
                     _ => (s[0], s[1], s[2], s[3]),
                 };
-                let a8 = (a >> 8) as u16;
+                let a8 = a >> 8;
                 d[0] = over_white(r >> 8, a8);
                 d[1] = over_white(g >> 8, a8);
                 d[2] = over_white(b >> 8, a8);
