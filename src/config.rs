@@ -142,6 +142,7 @@ struct RawPipeline {
     fit_threads: Option<Spanned<i64>>,
     encode_threads: Option<Spanned<i64>>,
     infer_threads: Option<Spanned<i64>>,
+    cpu_infer_workers: Option<Spanned<i64>>,
     channel_capacity: Option<Spanned<i64>>,
     batch_slots: Option<Spanned<i64>>,
 }
@@ -275,6 +276,10 @@ pub struct PipelineConfig {
     pub encode_threads: usize,
     /// Intra-op threads libtorch uses for inference on the CPU.
     pub infer_threads: usize,
+    /// Inference workers when the model runs on the CPU, each with its own copy of the
+    /// model and `infer_threads / cpu_infer_workers` intra-op threads: small models scale
+    /// better across workers than across intra-op threads.
+    pub cpu_infer_workers: usize,
     pub channel_capacity: usize,
     pub batch_slots: usize,
 }
@@ -760,6 +765,13 @@ impl Config {
                 1,
                 256,
                 cores.max(1),
+            )?,
+            cpu_infer_workers: cx.int_in(
+                &pl.cpu_infer_workers,
+                "pipeline.cpu_infer_workers",
+                1,
+                256,
+                1usize,
             )?,
             channel_capacity: cx.int_in(
                 &pl.channel_capacity,

@@ -391,3 +391,36 @@ fn half_precisions_stay_close_to_fp32() {
         "bf16 vs fp32: PSNR {p:.1} dB, max diff {max}"
     );
 }
+
+#[test]
+fn several_cpu_inference_workers_give_the_same_outputs() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("m.pt");
+    restore_model(&m);
+    let inp = d.path().join("in");
+    std::fs::create_dir_all(&inp).unwrap();
+    for i in 0..12 {
+        write_jpeg(&inp.join(format!("x{i:02}.jpg")), 300 + i * 20, 200, i);
+    }
+    let mut outs = Vec::new();
+    for workers in [1, 3] {
+        let cfg_path = config(
+            d.path(),
+            "m.pt",
+            &format!("infer_threads = 3\ncpu_infer_workers = {workers}\n"),
+        );
+        let cfg = Config::load(&cfg_path).unwrap();
+        assert_eq!(cfg.pipeline.cpu_infer_workers, workers);
+        let out = d.path().join(format!("out{workers}"));
+        let inputs = hotpipe::process::collect_inputs(std::slice::from_ref(&inp)).unwrap();
+        let s = hotpipe::process::run(&cfg, inputs, &out, Default::default()).unwrap();
+        assert_eq!((s.done, s.failed.len()), (12, 0));
+        assert_eq!(s.info.devices.len(), workers);
+        outs.push(out);
+    }
+    for i in 0..12 {
+        let a = std::fs::read(outs[0].join(format!("x{i:02}.png"))).unwrap();
+        let b = std::fs::read(outs[1].join(format!("x{i:02}.png"))).unwrap();
+        assert!(a == b, "x{i:02}.png differs between 1 and 3 workers");
+    }
+}

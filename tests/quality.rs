@@ -4,9 +4,9 @@
 //! venv's Python), hotpipe's fitted 512 x 512 model inputs (libjpeg-turbo, DCT-scaled when
 //! the image is at least twice the target, then the SIMD resize) are compared with a
 //! reference that decodes every pixel (the `image` crate, an independent decoder) and
-//! resizes with the same filter and geometry. Required: PSNR >= 35 dB on every image and
-//! >= 40 dB on average over the images that were decoded at a reduced scale (the others
-//! differ only by the two decoders' rounding, and would inflate an average over all).
+//! resizes with the same filter and geometry. Required: PSNR at least 35 dB on every image
+//! and at least 40 dB on average over the images that were decoded at a reduced scale (the
+//! others differ only by the two decoders' rounding, and would inflate an average).
 
 use std::path::PathBuf;
 use std::process::Command;

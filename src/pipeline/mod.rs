@@ -159,10 +159,16 @@ impl Pipeline {
         tch::set_num_threads(pl.infer_threads as i32);
 
         // Models first: a bad model fails the start, not the first image.
-        let devices: Vec<Device> = match &cfg.model {
+        let mut devices: Vec<Device> = match &cfg.model {
             Some(m) => m.devices.iter().map(|&d| to_device(d)).collect(),
             None => vec![Device::Cpu],
         };
+        // CPU inference as several workers, each a model copy with its share of the
+        // intra-op threads (they all take batches from the same assembler).
+        if devices == [Device::Cpu] && cfg.model.is_some() && pl.cpu_infer_workers > 1 {
+            devices = vec![Device::Cpu; pl.cpu_infer_workers];
+            tch::set_num_threads((pl.infer_threads / pl.cpu_infer_workers).max(1) as i32);
+        }
         let mut models = Vec::new();
         for &dev in &devices {
             models.push(match &cfg.model {

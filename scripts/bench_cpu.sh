@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# CPU stages against Python, in one run, alternating, medians of RUNS (default 3):
+#   - read+decode+fit images/s: `hotpipe bench` (2 decode threads, DCT-scaled JPEG) vs
+#     `peers.py ... decode_only 2 8 512` (2 DataLoader workers, PIL), per core;
+#   - JPEG encode (quality 90, 512 x 512) images/s on one thread: hotpipe (libjpeg-turbo)
+#     vs PIL (scripts/pil_encode.py).
+# Usage: scripts/bench_cpu.sh [WORKDIR] [RUNS]   (WORKDIR keeps the data between runs)
+# Needs ../shared/bench (make_data.py, astronaut.png, peers.py) and the venv (setup.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+WORK="${1:-${TMPDIR:-/tmp}/hotpipe-bench-cpu}"
+RUNS="${2:-3}"
+SHARED="$(cd .. && pwd)/shared/bench"
+mkdir -p "$WORK"
+[ -d "$WORK/D" ] || "$HOTPIPE_PYTHON" "$SHARED/make_data.py" "$SHARED/astronaut.png" "$WORK/D" 100 7 >/dev/null
+[ -f "$WORK/m.pt" ] || "$HOTPIPE_PYTHON" "$SHARED/make_model.py" "$WORK/m.pt" 8 2 >/dev/null
+cargo build --release --quiet
+# No model: the bench measures the CPU stages only (the peer's model is loaded but unused).
+cat > "$WORK/cpu.toml" <<TOML
+[preprocess]
+size = 512
+fit = "crop"
+filter = "bilinear"
+[encode]
+format = "jpeg"
+quality = 90
+[pipeline]
+decode_threads = 2
+encode_threads = 1
+TOML
+cores=$(nproc)
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+: > "$WORK/hp_df"; : > "$WORK/hp_df1"; : > "$WORK/hp_df1full"; : > "$WORK/peer_df"
+: > "$WORK/hp_enc"; : > "$WORK/pil_enc"
+echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+for r in $(seq "$RUNS"); do
+  out=$(target/release/hotpipe bench --config "$WORK/cpu.toml" --stages-only --seconds 2 "$WORK/D")
+  echo "$out" | awk '/^read\+decode\+fit \(DCT-scaled JPEG\) +2 /{print $(NF-1)}' >> "$WORK/hp_df"
+  echo "$out" | awk '/^read\+decode\+fit \(DCT-scaled JPEG\) +1 /{print $(NF-1)}' >> "$WORK/hp_df1"
+  echo "$out" | awk '/^read\+decode\+fit \(full decode\) +1 /{print $(NF-1)}' >> "$WORK/hp_df1full"
+  echo "$out" | awk '/^encode /{print $(NF-1)}' >> "$WORK/hp_enc"
+  rm -rf "$WORK/peer_out"
+  "$HOTPIPE_PYTHON" "$SHARED/peers.py" "$WORK/m.pt" "$WORK/D" "$WORK/peer_out" cpu decode_only 2 8 512 \
+    | sed -n 's/.*images_per_s=\([0-9.]*\).*/\1/p' >> "$WORK/peer_df"
+  "$HOTPIPE_PYTHON" scripts/pil_encode.py "$WORK/D" 2 >> "$WORK/pil_enc"
+  echo "run $r: hotpipe d+f(2) $(tail -1 "$WORK/hp_df"), peer $(tail -1 "$WORK/peer_df"), encode $(tail -1 "$WORK/hp_enc") vs PIL $(tail -1 "$WORK/pil_enc")" >&2
+done
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+hp=$(median < "$WORK/hp_df"); peer=$(median < "$WORK/peer_df")
+hp1=$(median < "$WORK/hp_df1"); hp1f=$(median < "$WORK/hp_df1full")
+he=$(median < "$WORK/hp_enc"); pe=$(median < "$WORK/pil_enc")
+awk -v hp="$hp" -v peer="$peer" -v hp1="$hp1" -v hp1f="$hp1f" -v he="$he" -v pe="$pe" -v c="$cores" 'BEGIN {
+  printf "| measure (median of runs) | hotpipe | Python | ratio |\n| --- | ---: | ---: | ---: |\n"
+  printf "| read+decode+fit, 2 workers, images/s | %.1f | %.1f | %.2fx |\n", hp, peer, hp/peer
+  printf "| same, per core (%d cores) | %.1f | %.1f | %.2fx |\n", c, hp/c, peer/c, hp/peer
+  printf "| hotpipe read+decode+fit, 1 thread: full decode / DCT-scaled | %.1f / %.1f | | %.2fx |\n", hp1f, hp1, hp1/hp1f
+  printf "| JPEG encode q90 512x512, 1 thread, images/s | %.1f | %.1f | %.2fx |\n", he, pe, he/pe
+}'
