@@ -197,6 +197,7 @@ mod tests {
         let n = OsStr::new("y.jpg");
         std::fs::write(l.work.join(n), b"data").unwrap();
         assert_eq!(begin(&l, n, 3, OnSuccess::Move).unwrap(), Begin::Process(1));
+        count(&l, n); // decoding started
         // Simulate a crash right after the output's rename.
         std::fs::write(l.outbox.join("y.jpg"), b"out").unwrap();
         use std::os::unix::fs::MetadataExt;
