@@ -720,3 +720,39 @@ fn shipped_config_has_a_hotfolder() {
     assert_eq!((h.settle_ms, h.max_attempts, h.rescan_s), (1000, 3, 30));
     assert_eq!(c.metrics.listen.unwrap().to_string(), "127.0.0.1:9464");
 }
+
+/// /healthz answers 503 while an item is in flight and no stage has progressed for
+/// `stuck_s`, and 200 again once the pipeline moves: a real slow model holds the infer
+/// stage for several seconds with `stuck_s = 1`.
+#[test]
+fn healthz_reports_a_stuck_stage() {
+    let d = tempfile::tempdir().unwrap();
+    slow_model(&d.path().join("slow.pt"));
+    let cfg = write(
+        &d.path().join("p.toml"),
+        "[model]\npath = \"slow.pt\"\ndevice = \"cpu\"\nmax_batch = 1\n[preprocess]\nsize = 1536\n[encode]\nformat = \"jpeg\"\n[hotfolder]\nroot = \"hf\"\nsettle_ms = 0\nstuck_s = 1\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let hf = d.path().join("hf");
+    let daemon = Daemon::start(&cfg, &[]);
+    daemon.expect_log("hot folder ready", Duration::from_secs(30));
+    let addr = daemon.metrics_addr();
+    assert_eq!(http_get(&addr, "/healthz").0, 200, "idle is healthy");
+    deliver(&hf, "s.jpg", &jpeg_bytes(3));
+    let mut seen_503 = None;
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let (code, body) = http_get(&addr, "/healthz");
+            if code == 503 && seen_503.is_none() {
+                seen_503 = Some(body);
+            }
+            hf.join("done/s.jpg").is_file()
+        }),
+        "the slow item finishes"
+    );
+    let body = seen_503.expect("a 503 while the model held the item for over stuck_s");
+    assert!(body.contains("no stage progress"), "{body}");
+    assert!(wait_until(Duration::from_secs(10), || http_get(
+        &addr, "/healthz"
+    )
+    .0 == 200));
+}

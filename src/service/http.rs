@@ -204,15 +204,27 @@ pub fn render(shared: &Shared) -> String {
         "hotpipe_batch_size_count {}",
         tel.batches.load(Ordering::Relaxed)
     );
-    // Device memory: the runtime exposes no allocator statistics through tch yet, and
-    // on a CPU-only machine there is none; the gauge is reported as 0 until the runtime
-    // can read CUDA's allocator (the caching allocator's reserved bytes per device).
-    c(
-        &mut o,
-        "hotpipe_device_memory_bytes",
-        "Device memory reserved by the model (0: not measured).",
-        "gauge",
-        0,
-    );
+    // Device memory per CUDA device, from libtorch's allocator (free and total as the
+    // driver reports them). A CPU-only machine has no series here.
+    let devices = crate::runtime::cuda_device_count();
+    if devices > 0 {
+        let _ = writeln!(
+            o,
+            "# HELP hotpipe_device_memory_bytes Device memory, free and total."
+        );
+        let _ = writeln!(o, "# TYPE hotpipe_device_memory_bytes gauge");
+        for i in 0..devices {
+            if let Ok((free, total)) = crate::runtime::cuda::mem_info(i) {
+                let _ = writeln!(
+                    o,
+                    "hotpipe_device_memory_bytes{{device=\"cuda:{i}\",kind=\"free\"}} {free}"
+                );
+                let _ = writeln!(
+                    o,
+                    "hotpipe_device_memory_bytes{{device=\"cuda:{i}\",kind=\"total\"}} {total}"
+                );
+            }
+        }
+    }
     o
 }

@@ -172,3 +172,25 @@ pub fn png_header(w: u32, h: u32) -> Vec<u8> {
     png.extend_from_slice(&crc32(&chunk).to_be_bytes());
     png
 }
+
+/// A deliberately slow model (two 9x9 convolutions through 32 channels): seconds per
+/// image at 1536 px on a CPU, to make a stage look stuck.
+pub fn slow_model(path: &Path) {
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let cfg = nn::ConvConfig {
+        padding: 4,
+        ..Default::default()
+    };
+    let a = nn::conv2d(vs.root() / "a", 3, 32, 9, cfg);
+    let b = nn::conv2d(vs.root() / "b", 32, 3, 9, cfg);
+    vs.freeze();
+    let mut f = |xs: &[Tensor]| vec![xs[0].apply(&a).relu().apply(&b).sigmoid()];
+    let m = CModule::create_by_tracing(
+        "Slow",
+        "forward",
+        &[Tensor::rand([1, 3, 16, 16], (Kind::Float, Device::Cpu))],
+        &mut f,
+    )
+    .unwrap();
+    m.save(path).unwrap();
+}
