@@ -1,0 +1,81 @@
+//! Under systemd (JOURNAL_STREAM set) logs go to journald as structured fields. This
+//! runs a real systemd-journald (started here when none is running) and reads the entry
+//! back with journalctl. Skips with a printed reason where journald is not installed.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+#[test]
+fn logs_reach_journald_with_fields() {
+    let journald = Path::new("/lib/systemd/systemd-journald");
+    if !journald.exists()
+        || std::process::Command::new("journalctl")
+            .arg("--version")
+            .output()
+            .is_err()
+    {
+        eprintln!("SKIPPED: systemd-journald / journalctl not installed");
+        return;
+    }
+    let mut own = None;
+    if !Path::new("/run/systemd/journal/socket").exists() {
+        std::fs::create_dir_all("/run/systemd/journal").unwrap();
+        std::fs::create_dir_all("/var/log/journal").ok();
+        own = Some(
+            std::process::Command::new(journald)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let end = Instant::now() + Duration::from_secs(10);
+        while !Path::new("/run/systemd/journal/socket").exists() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let d = tempfile::tempdir().unwrap();
+    let marker = format!("journald-marker-{}", std::process::id());
+    let bad = d.path().join(format!("{marker}.jpg"));
+    std::fs::write(&bad, b"not an image").unwrap();
+    let cfg = write(&d.path().join("p.toml"), "[preprocess]\nsize = 64\n");
+    let r = hotpipe()
+        .env("JOURNAL_STREAM", "8:12345")
+        .args(["process", "--quiet", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(d.path().join("out"))
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(1));
+    let mut found = String::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        let out = std::process::Command::new("journalctl")
+            .args(["--no-pager", "-t", "hotpipe", "-o", "json"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(line) = text.lines().find(|l| l.contains(&marker)) {
+            found = line.to_string();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if let Some(mut c) = own {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert!(!found.is_empty(), "no journal entry for {marker}");
+    for field in [
+        "\"F_FILE\"",
+        "\"F_REASON\":\"not a recognised image",
+        "\"F_STAGE\":\"decode\"",
+        "\"SYSLOG_IDENTIFIER\":\"hotpipe\"",
+    ] {
+        assert!(found.contains(field), "{field} missing in {found}");
+    }
+}
