@@ -8,6 +8,10 @@
 //! and at least 40 dB on average over the images that were decoded at a reduced scale (the
 //! others differ only by the two decoders' rounding, and would inflate an average).
 
+mod common;
+
+use common::psnr;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -15,20 +19,6 @@ use hotpipe::config::{Filter, FitMode, PreprocessConfig};
 use hotpipe::pipeline::pool::BufPool;
 use hotpipe::stages::decode::{Decoder, ScaleTarget};
 use hotpipe::stages::fit::{Fitter, Rect, source_rect};
-
-fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse = a
-        .iter()
-        .zip(b)
-        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
-        .sum::<f64>()
-        / a.len() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64 * 255.0 / mse).log10()
-    }
-}
 
 /// The reference data, or why it cannot be made here.
 fn reference_data() -> Result<(tempfile::TempDir, Vec<PathBuf>), String> {
