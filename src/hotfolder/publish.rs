@@ -60,6 +60,35 @@ pub fn write_new(
     bytes: &[u8],
     durable: bool,
 ) -> std::io::Result<PathBuf> {
+    let (tmp, _) = write_temp(dir, stem, bytes, durable)?;
+    let placed = place_noreplace(&tmp, dir, stem, ext).and_then(|path| {
+        if durable {
+            sync_dir(dir)?;
+        }
+        Ok(path)
+    });
+    if placed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    placed
+}
+
+/// Write `bytes` to a fresh temporary name in `dir` and fsync it (not the directory).
+/// Returns the path and inode, so a caller can record which file it is about to
+/// publish before renaming it (the hot folder's crash-safe publication).
+pub fn write_tmp(dir: &Path, stem: &str, bytes: &[u8]) -> std::io::Result<(PathBuf, u64)> {
+    write_temp(dir, stem, bytes, true)
+}
+
+/// The one place temporary files are written: a fresh hidden name ending in
+/// [`TMP_SUFFIX`], created exclusively, optionally fsynced; removed again on error.
+fn write_temp(
+    dir: &Path,
+    stem: &str,
+    bytes: &[u8],
+    durable: bool,
+) -> std::io::Result<(PathBuf, u64)> {
+    use std::os::unix::fs::MetadataExt;
     let tmp = dir.join(format!(
         ".{stem}.{}.{}{TMP_SUFFIX}",
         std::process::id(),
@@ -71,33 +100,6 @@ pub fn write_new(
         if durable {
             f.sync_all()?;
         }
-        drop(f);
-        let path = place_noreplace(&tmp, dir, stem, ext)?;
-        if durable {
-            sync_dir(dir)?;
-        }
-        Ok(path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Write `bytes` to a fresh temporary name in `dir` and fsync it (not the directory).
-/// Returns the path and inode, so a caller can record which file it is about to
-/// publish before renaming it (the hot folder's crash-safe publication).
-pub fn write_tmp(dir: &Path, stem: &str, bytes: &[u8]) -> std::io::Result<(PathBuf, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let tmp = dir.join(format!(
-        ".{stem}.{}.{}{TMP_SUFFIX}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut f = File::options().write(true).create_new(true).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
         Ok(f.metadata()?.ino())
     })();
     match result {
@@ -109,16 +111,29 @@ pub fn write_tmp(dir: &Path, stem: &str, bytes: &[u8]) -> std::io::Result<(PathB
     }
 }
 
+/// The `n`-th name tried for an output: `<stem>.<ext>`, then `<stem>-1.<ext>`, ...
+pub fn candidate_name(stem: &str, ext: &str, n: u32) -> String {
+    let dot = if ext.is_empty() { "" } else { "." };
+    if n == 0 {
+        format!("{stem}{dot}{ext}")
+    } else {
+        format!("{stem}-{n}{dot}{ext}")
+    }
+}
+
+/// The stem a sidecar takes: the output actually written (`x-1.jpg` -> `x-1`), so an
+/// output and its `.json` always pair up.
+pub fn sidecar_stem(output: &Path) -> String {
+    output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// Rename `from` into `dir` as `<stem>.<ext>`, adding `-N` until the name is free.
 pub fn place_noreplace(from: &Path, dir: &Path, stem: &str, ext: &str) -> std::io::Result<PathBuf> {
-    let dot = if ext.is_empty() { "" } else { "." };
     for n in 0..100_000u32 {
-        let name = if n == 0 {
-            format!("{stem}{dot}{ext}")
-        } else {
-            format!("{stem}-{n}{dot}{ext}")
-        };
-        let to = dir.join(name);
+        let to = dir.join(candidate_name(stem, ext, n));
         match rename_noreplace(from, &to) {
             Ok(()) => return Ok(to),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,

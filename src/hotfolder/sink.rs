@@ -18,7 +18,10 @@ use std::sync::Mutex;
 
 use crossbeam_channel::Sender;
 
-use super::publish::{TMP_SUFFIX, place_noreplace, rename_noreplace, sync_dir, write_tmp};
+use super::publish::{
+    TMP_SUFFIX, candidate_name, place_noreplace, rename_noreplace, sidecar_stem, sync_dir,
+    write_tmp,
+};
 use super::state::{self, Failing, Output};
 use super::{Layout, split_name, utc_timestamp};
 use crate::config::OnSuccess;
@@ -62,11 +65,7 @@ impl HotSink {
         let r = (|| {
             let _g = self.names.lock().unwrap_or_else(|p| p.into_inner());
             for n in 0..100_000u32 {
-                let file = if n == 0 {
-                    format!("{stem}.{ext}")
-                } else {
-                    format!("{stem}-{n}.{ext}")
-                };
+                let file = candidate_name(stem, ext, n);
                 let to = outbox.join(&file);
                 if std::fs::symlink_metadata(&to).is_ok() {
                     continue;
@@ -113,13 +112,9 @@ impl Sink for HotSink {
                 )
             })?;
         if let Some(sidecar) = &item.sidecar {
-            let stem = out
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
             let text = serde_json::to_vec_pretty(sidecar).unwrap_or_default();
             written.push(
-                self.publish_one(&work_name, &mut st, &stem, "json", &text)
+                self.publish_one(&work_name, &mut st, &sidecar_stem(&out), "json", &text)
                     .map_err(|e| err("cannot publish the sidecar", e))?,
             );
         }

@@ -72,10 +72,7 @@ impl Sink for DirSink {
         let mut written = vec![out.clone()];
         if let Some(sidecar) = &item.sidecar {
             // Name the sidecar after the output actually written (x-1.jpg -> x-1.json).
-            let stem = out
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let stem = crate::hotfolder::publish::sidecar_stem(&out);
             let text = serde_json::to_vec_pretty(sidecar).unwrap_or_default();
             written.push(
                 crate::hotfolder::publish::write_new(&self.dir, &stem, "json", &text, self.durable)
