@@ -290,14 +290,6 @@ impl<M> RowLease<'_, M> {
         unsafe { std::slice::from_raw_parts_mut(mem.ptr.add(off), self.asm.row_bytes) }
     }
 
-    pub fn slot(&self) -> usize {
-        self.slot
-    }
-
-    pub fn row(&self) -> usize {
-        self.row
-    }
-
     /// The row is written: hand it to the batch with its metadata.
     pub fn commit(mut self, meta: M) {
         self.done = true;

@@ -287,10 +287,6 @@ impl Decoder {
             orig_height: h,
         })
     }
-
-    pub fn pool(&self) -> &Arc<BufPool> {
-        &self.pool
-    }
 }
 
 /// libjpeg-turbo's message, phrased for the user. Its warnings (a truncated file, corrupt
