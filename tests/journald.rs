@@ -20,9 +20,15 @@ fn logs_reach_journald_with_fields() {
         eprintln!("SKIPPED: systemd-journald / journalctl not installed");
         return;
     }
+    let socket = Path::new("/run/systemd/journal/socket");
     let mut own = None;
-    if !Path::new("/run/systemd/journal/socket").exists() {
+    // A socket file left by a journald that has exited refuses datagrams: only a socket
+    // that accepts a connect has a journald behind it.
+    if !journal_alive(socket) {
         std::fs::create_dir_all("/run/systemd/journal").unwrap();
+        for stale in ["socket", "stdout", "dev-log", "io.systemd.journal"] {
+            let _ = std::fs::remove_file(Path::new("/run/systemd/journal").join(stale));
+        }
         std::fs::create_dir_all("/var/log/journal").ok();
         own = Some(
             std::process::Command::new(journald)
@@ -32,9 +38,13 @@ fn logs_reach_journald_with_fields() {
                 .unwrap(),
         );
         let end = Instant::now() + Duration::from_secs(10);
-        while !Path::new("/run/systemd/journal/socket").exists() && Instant::now() < end {
+        while !journal_alive(socket) && Instant::now() < end {
             std::thread::sleep(Duration::from_millis(50));
         }
+        assert!(
+            journal_alive(socket),
+            "systemd-journald started but its socket never answered"
+        );
     }
     let d = tempfile::tempdir().unwrap();
     let marker = format!("journald-marker-{}", std::process::id());
@@ -52,6 +62,7 @@ fn logs_reach_journald_with_fields() {
         .unwrap();
     assert_eq!(r.status.code(), Some(1));
     let mut found = String::new();
+    let mut last = String::new();
     let end = Instant::now() + Duration::from_secs(10);
     while Instant::now() < end {
         let out = std::process::Command::new("journalctl")
@@ -63,13 +74,23 @@ fn logs_reach_journald_with_fields() {
             found = line.to_string();
             break;
         }
+        last = text;
         std::thread::sleep(Duration::from_millis(100));
     }
     if let Some(mut c) = own {
         let _ = c.kill();
         let _ = c.wait();
+        // The next run must not mistake our journald's sockets for a live one.
+        for stale in ["socket", "stdout", "dev-log", "io.systemd.journal"] {
+            let _ = std::fs::remove_file(Path::new("/run/systemd/journal").join(stale));
+        }
     }
-    assert!(!found.is_empty(), "no journal entry for {marker}");
+    let tail: String = last.lines().rev().take(3).collect::<Vec<_>>().join("\n");
+    assert!(
+        !found.is_empty(),
+        "no journal entry for {marker}; hotpipe stderr: {}; last journal lines: {tail}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     for field in [
         "\"F_FILE\"",
         "\"F_REASON\":\"not a recognised image",
@@ -78,4 +99,10 @@ fn logs_reach_journald_with_fields() {
     ] {
         assert!(found.contains(field), "{field} missing in {found}");
     }
+}
+
+fn journal_alive(socket: &Path) -> bool {
+    std::os::unix::net::UnixDatagram::unbound()
+        .and_then(|s| s.connect(socket))
+        .is_ok()
 }
