@@ -5,13 +5,13 @@
 #   - JPEG encode (quality 90, 512 x 512) images/s on one thread: hotpipe (libjpeg-turbo)
 #     vs PIL (scripts/pil_encode.py).
 # Usage: scripts/bench_cpu.sh [WORKDIR] [RUNS]   (WORKDIR keeps the data between runs)
-# Needs ../shared/bench (make_data.py, astronaut.png, peers.py) and the venv (setup.sh).
+# Needs the bench fixtures ($HOTPIPE_SHARED_BENCH, see env.sh) and the venv (setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 WORK="${1:-${TMPDIR:-/tmp}/hotpipe-bench-cpu}"
 RUNS="${2:-3}"
-SHARED="$(cd .. && pwd)/shared/bench"
+SHARED="$HOTPIPE_SHARED_BENCH"
 mkdir -p "$WORK"
 [ -d "$WORK/D" ] || "$HOTPIPE_PYTHON" "$SHARED/make_data.py" "$SHARED/astronaut.png" "$WORK/D" 100 7 >/dev/null
 [ -f "$WORK/m.pt" ] || "$HOTPIPE_PYTHON" "$SHARED/make_model.py" "$WORK/m.pt" 8 2 >/dev/null

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 N="${1:-100}"; ROUNDS="${2:-3}"; DEVICE="${3:-cpu}"
-BENCH="${HOTPIPE_SHARED_BENCH:-../shared/bench}"
+BENCH="$HOTPIPE_SHARED_BENCH"
 WORK="${FACECROP_WORK:-${TMPDIR:-/tmp}/hotpipe-facecrop-$N-7}"
 source scripts/facecrop_peer_env.sh
 [ -f models/mtcnn/onet.pt ] && [ -x target/release/hotpipe ] || scripts/setup.sh

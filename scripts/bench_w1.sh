@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 [ -x target/release/hotpipe ] || scripts/setup.sh
-BENCH="${HOTPIPE_SHARED:-$(cd .. && pwd)/shared}/bench"
+BENCH="$HOTPIPE_SHARED_BENCH"
 WORK="${HOTPIPE_BENCH_DIR:-/tmp/hotpipe-bench}"
 DEVICE="${HOTPIPE_DEVICE:-cpu}"
 "$HOTPIPE_PYTHON" scripts/bench_w1.py "$PWD/target/release/hotpipe" "$BENCH" "$WORK" "$DEVICE" "${1:-8}" "${2:-2}" "${3:-3}" "${4:-4}" "${5:-$(nproc)}"

@@ -11,3 +11,15 @@ export PATH="$HOTPIPE_VENV/bin:$HOME/.cargo/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1
 # Tests and benchmarks find the venv's interpreter (torch, pillow, numpy) through this.
 export HOTPIPE_PYTHON="$HOTPIPE_VENV/bin/python"
+# The reference data generator, bench model and Python peers: ../shared/bench beside the
+# checkout when it is there, else the vendored copy in tests/data/bench.
+if [ -z "${HOTPIPE_SHARED_BENCH:-}" ]; then
+  _hp_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  if [ -f "$_hp_root/../shared/bench/peers.py" ]; then
+    HOTPIPE_SHARED_BENCH="$(cd "$_hp_root/../shared/bench" && pwd)"
+  else
+    HOTPIPE_SHARED_BENCH="$_hp_root/tests/data/bench"
+  fi
+  unset _hp_root
+fi
+export HOTPIPE_SHARED_BENCH

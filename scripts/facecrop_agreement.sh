@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 N="${1:-100}"; SEED="${2:-7}"
-BENCH="${HOTPIPE_SHARED_BENCH:-../shared/bench}"
+BENCH="$HOTPIPE_SHARED_BENCH"
 WORK="${FACECROP_WORK:-${TMPDIR:-/tmp}/hotpipe-facecrop-$N-$SEED}"
 source scripts/facecrop_peer_env.sh
 [ "$PEER_OK" = 1 ] || exit 0

@@ -16,6 +16,6 @@ for l in sys.stdin:
 rm -rf .device && mkdir -p .device
 cp target/release/hotpipe .device/
 [ -n "$test_bin" ] && cp "$test_bin" .device/cuda-tests
-cp ../shared/bench/*.py ../shared/bench/astronaut.png .device/
+cp "$HOTPIPE_SHARED_BENCH"/*.py "$HOTPIPE_SHARED_BENCH"/astronaut.png .device/
 cp scripts/device_w1.sh scripts/bench_w1.py scripts/make_demo_model.py .device/
 du -sh .device

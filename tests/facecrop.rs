@@ -21,23 +21,21 @@ fn weights() -> Option<PathBuf> {
     if w.join("onet.pt").is_file() {
         Some(w)
     } else {
-        eprintln!(
-            "SKIP: no MTCNN weights in {} (run scripts/setup.sh)",
+        skip(&format!(
+            "no MTCNN weights in {} (run scripts/setup.sh)",
             w.display()
-        );
+        ));
         None
     }
 }
 
 fn astronaut() -> Option<RgbImage> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/astronaut.png");
-    match image::open(&p) {
-        Ok(i) => Some(i.into_rgb8()),
-        Err(e) => {
-            eprintln!("SKIP: cannot read {}: {e}", p.display());
-            None
-        }
-    }
+    let Some(bench) = shared_bench() else {
+        skip("no bench fixtures with astronaut.png");
+        return None;
+    };
+    let p = bench.join("astronaut.png");
+    Some(image::open(&p).expect("astronaut.png decodes").into_rgb8())
 }
 
 /// Both fixtures, or `None` (with the reason printed) to skip.

@@ -3,8 +3,9 @@
 //! different resizers and JPEG codecs, so bit-exactness is not expected; 35 dB is far
 //! below what a wrong crop, a colour swap or a missing model step would give (< 20 dB).
 //!
-//! Needs `../shared/bench` and the venv's Python (`HOTPIPE_PYTHON`, set by scripts/env.sh);
-//! skips with a printed reason when either is absent.
+//! Needs the bench fixtures (`../shared/bench` or the vendored `tests/data/bench`) and the
+//! venv's Python (`HOTPIPE_PYTHON`, set by scripts/env.sh); under scripts/test.sh a missing
+//! one fails the test.
 
 mod common;
 
@@ -13,9 +14,7 @@ use common::*;
 #[test]
 fn outputs_match_the_naive_python_peer() {
     let (Some(bench), Some(py)) = (shared_bench(), python()) else {
-        eprintln!(
-            "SKIPPED: needs ../shared/bench and HOTPIPE_PYTHON (run through scripts/test.sh)"
-        );
+        skip("needs the bench fixtures and HOTPIPE_PYTHON (run through scripts/test.sh)");
         return;
     };
     let d = tempfile::tempdir().unwrap();

@@ -343,7 +343,7 @@ fn half_precisions_stay_close_to_fp32() {
     // cast; a scripted model (as users export them) has parameters. Write one with the
     // venv's Python.
     let Some(py) = python() else {
-        eprintln!("SKIPPED: needs HOTPIPE_PYTHON (run through scripts/test.sh)");
+        skip("needs HOTPIPE_PYTHON (run through scripts/test.sh)");
         return;
     };
     let d = tempfile::tempdir().unwrap();

@@ -22,12 +22,9 @@ use hotpipe::stages::fit::{Fitter, Rect, source_rect};
 
 /// The reference data, or why it cannot be made here.
 fn reference_data() -> Result<(tempfile::TempDir, Vec<PathBuf>), String> {
-    let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/bench");
+    let shared = common::shared_bench().ok_or("no bench fixtures")?;
     let script = shared.join("make_data.py");
     let source = shared.join("astronaut.png");
-    if !script.is_file() || !source.is_file() {
-        return Err(format!("{} or astronaut.png is missing", script.display()));
-    }
     let python = std::env::var("HOTPIPE_PYTHON").unwrap_or_else(|_| "python3".into());
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let out = dir.path().join("D");
@@ -56,7 +53,7 @@ fn scaled_decode_keeps_psnr_against_full_decode() {
     let (_dir, files) = match reference_data() {
         Ok(d) => d,
         Err(why) => {
-            println!("skipped: no reference data ({why})");
+            common::skip(&format!("no reference data ({why})"));
             return;
         }
     };
