@@ -37,23 +37,34 @@ fn gpu_streams_match_cpu_outputs() {
         write_jpeg(&inp.join(format!("{i:02}.jpg")), 80 + 3 * i, 100, i);
     }
     let inputs = hotpipe::process::collect_inputs(&[inp]).unwrap();
-    let run = |c: &Config, name: &str| {
+    let run = |c: &Config, name: &str, inject_oom: usize| {
         let out = d.path().join(name);
-        let s = hotpipe::process::run(c, inputs.clone(), &out, Default::default()).unwrap();
+        let opts = hotpipe::process::RunOptions {
+            start: hotpipe::pipeline::StartOptions {
+                inject_oom,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let s = hotpipe::process::run(c, inputs.clone(), &out, opts).unwrap();
         assert_eq!((s.done, s.failed.len()), (37, 0), "{name}");
         out
     };
-    let cpu = run(&cfg(d.path(), "cpu", "fp32", 2), "cpu");
-    for (precision, slots, max_allowed) in [
-        ("fp32", 2, 1),
-        ("fp32", 1, 1),
-        ("fp32", 4, 1),
-        ("fp16", 2, 8),
-        ("bf16", 3, 8),
+    let cpu = run(&cfg(d.path(), "cpu", "fp32", 2), "cpu", 0);
+    // The last run injects out-of-memory errors on the CUDA path: split, stream sync,
+    // cache flush and chunking at the learned size must lose nothing and change no pixel.
+    for (precision, slots, max_allowed, oom) in [
+        ("fp32", 2, 1, 0),
+        ("fp32", 1, 1, 0),
+        ("fp32", 4, 1, 0),
+        ("fp16", 2, 8, 0),
+        ("bf16", 3, 8, 0),
+        ("fp32", 2, 1, 3),
     ] {
         let gpu = run(
             &cfg(d.path(), "cuda:0", precision, slots),
-            &format!("gpu-{precision}-{slots}"),
+            &format!("gpu-{precision}-{slots}-{oom}"),
+            oom,
         );
         for n in names(&cpu) {
             let a = image::open(cpu.join(&n)).unwrap().into_rgb8();
@@ -67,7 +78,7 @@ fn gpu_streams_match_cpu_outputs() {
                 .unwrap();
             assert!(
                 max <= max_allowed,
-                "{precision} slots {slots} {n}: max diff {max}"
+                "{precision} slots {slots} oom {oom} {n}: max diff {max}"
             );
         }
     }
@@ -91,6 +102,16 @@ fn cuda_shim_streams_events_and_memory() {
     ev.record(&copy).unwrap();
     ev.synchronize().unwrap();
     assert!(ev.query().unwrap());
+    let mut ev2 = Event::new().unwrap();
+    {
+        let _g = copy.enter().unwrap();
+        let mut again = Tensor::zeros([1 << 20], (Kind::Float, Device::Cuda(0)));
+        cuda::copy_(&mut again, &host, true).unwrap();
+    }
+    ev2.record(&copy).unwrap();
+    ev2.wait().unwrap();
+    assert!(ev2.query().unwrap());
+    cuda::device_synchronize(0).unwrap();
     assert_eq!(
         dev.sum(Kind::Double).double_value(&[]),
         host.sum(Kind::Double).double_value(&[])

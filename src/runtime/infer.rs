@@ -9,20 +9,23 @@
 //! On a GPU the worker never waits for the device. Per batch it queues, without blocking:
 //! the host-to-device copy of the pinned slot on a dedicated *copy stream*, an event; on
 //! the *compute stream* a wait for that event, the model, and the device-to-host copy
-//! into a pinned output slot, then a second event. A completion thread waits for the
-//! events in order: the first returns the input slot to the ring (it may be refilled only
-//! once the copy has read it), the second hands the rows to the encoders. So while batch n
-//! computes, batch n+1 is already crossing the bus, and the fit workers fill batch n+2.
-//! On the CPU the same loop runs synchronously, without pinning or streams.
+//! into a pinned output slot, then a second event. Two helper threads wait for the events
+//! in order, polling rather than spinning a core: one returns each input slot to the ring
+//! once its copy has read it (it may be refilled then, whatever the encoders are doing),
+//! the other hands the rows to the encoders once the result is in its pinned slot. So
+//! while batch n computes, batch n+1 is already crossing the bus, and the fit workers fill
+//! batch n+2. On the CPU the same loop runs synchronously, without pinning or streams.
 //!
 //! A batch that fails with a CUDA out-of-memory error is split in halves and retried, down
-//! to single images, so no image fails because the batch was too large. Any other model
-//! error fails the batch's items (stage `infer`) and the worker carries on.
+//! to single images, so no image fails because the batch was too large; the worker
+//! remembers the size that fitted and runs later batches in chunks of it (growing back
+//! after a run of clean batches). Any other model error fails the batch's items (stage
+//! `infer`) and the worker carries on.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use crossbeam_channel::{Sender, bounded};
+use crossbeam_channel::{SendError, Sender, bounded};
 use tch::{Device, Kind, TchError, Tensor};
 
 use crate::error::{ItemError, Stage, torch_message};
@@ -154,44 +157,117 @@ fn torch_err(e: cuda::CudaError) -> TchError {
     TchError::Torch(e.to_string())
 }
 
+/// How many rows the device has shown it can run at once.
+///
+/// An out-of-memory error halves it and later batches are cut into chunks of that size,
+/// so a persistent shortage is paid once (one failed forward, one cache flush), not on
+/// every batch. After `REGROW_AFTER` clean batches it doubles again (up to the configured
+/// batch), so a transient shortage (another process briefly on the GPU) does not cap the
+/// batch for the rest of a months-long run.
+#[derive(Debug)]
+struct RowLimit {
+    max: i64,
+    cap: i64,
+    clean: u32,
+}
+
+const REGROW_AFTER: u32 = 64;
+
+impl RowLimit {
+    fn new(cap: usize) -> RowLimit {
+        let cap = cap.max(1) as i64;
+        RowLimit {
+            max: cap,
+            cap,
+            clean: 0,
+        }
+    }
+
+    fn shrink_below(&mut self, failed_rows: i64) {
+        self.max = self.max.min((failed_rows / 2).max(1));
+        self.clean = 0;
+    }
+
+    fn batch_ok(&mut self) {
+        if self.max >= self.cap {
+            return;
+        }
+        self.clean += 1;
+        if self.clean >= REGROW_AFTER {
+            self.max = (self.max * 2).min(self.cap);
+            self.clean = 0;
+            tracing::info!(
+                rows = self.max,
+                "no out-of-memory for {REGROW_AFTER} batches; trying larger chunks again"
+            );
+        }
+    }
+}
+
+/// What [`run_range`] needs besides the rows: the model, where results go, and the
+/// worker's out-of-memory state.
+struct RunCtx<'a> {
+    model: &'a Model,
+    ring: &'a OutRing,
+    slot: usize,
+    /// The compute stream (current on this thread) on CUDA; `None` runs synchronously.
+    compute: Option<&'a Stream>,
+    inject_oom: &'a mut usize,
+    limit: &'a mut RowLimit,
+}
+
 /// The worker loop; returns when the assembler is closed and drained.
 pub fn run_worker(model: Model, parts: WorkerParts) {
     let _no_grad = tch::no_grad_guard();
     match model.device() {
-        Device::Cuda(i) => {
-            if let Err(e) = run_cuda_worker(&model, parts, i) {
-                tracing::error!(device = i, error = %e, "inference worker cannot use its CUDA streams; it stops");
+        Device::Cuda(i) => match (Stream::from_pool(i, false), Stream::from_pool(i, false)) {
+            (Ok(copy), Ok(compute)) => run_cuda_worker(&model, parts, i, copy, compute),
+            (Err(e), _) | (_, Err(e)) => {
+                // Still correct, only slower: every batch then copies and computes in turn.
+                tracing::error!(device = i, error = %e, "no CUDA streams for this worker; running without copy/compute overlap");
+                run_sync_worker(&model, parts)
             }
-        }
-        _ => run_cpu_worker(&model, parts),
+        },
+        _ => run_sync_worker(&model, parts),
     }
 }
 
-fn run_cpu_worker(model: &Model, mut parts: WorkerParts) {
+/// One batch at a time, waiting for each step: the CPU path, and the fallback on a GPU
+/// when streams cannot be had.
+fn run_sync_worker(model: &Model, mut parts: WorkerParts) {
+    let mut limit = RowLimit::new(parts.assembler.max_batch());
     while let Some(batch) = parts.assembler.next_batch() {
         let timer = Timer::start();
         let n = batch.rows.len();
         parts.telemetry.batch(n);
         let host = parts.slots[batch.slot].narrow(0, 0, n as i64);
-        // The model reads the slot in place; the result is copied out before the slot is
-        // given back.
+        // On the CPU the model reads the slot in place; the result is copied out before
+        // the slot is given back.
         let slot = parts.out_ring.acquire();
-        let r = run_range(
-            model,
-            &host,
-            0,
-            n as i64,
-            &mut parts.inject_oom,
-            &parts.out_ring,
-            slot,
-            None,
-        );
+        let r = (|| {
+            let x = match model.device() {
+                Device::Cpu => host.shallow_clone(),
+                d => host.f_to_device(d)?,
+            };
+            let mut ctx = RunCtx {
+                model,
+                ring: &parts.out_ring,
+                slot,
+                compute: None,
+                inject_oom: &mut parts.inject_oom,
+                limit: &mut limit,
+            };
+            run_range(&mut ctx, &x, 0, n as i64)
+        })();
         parts.assembler.release(batch.slot);
         parts
             .telemetry
             .record(Stage::Infer, timer.elapsed(), n as u64);
         let r = match r {
-            Ok(()) => Ok(slot),
+            Ok(()) => {
+                limit.batch_ok();
+                Ok(slot)
+            }
             Err(e) => {
                 parts.out_ring.release(slot);
                 Err(e)
@@ -204,61 +280,84 @@ fn run_cpu_worker(model: &Model, mut parts: WorkerParts) {
 /// A batch queued on the device, for the completion thread.
 struct InFlight {
     batch: Batch<Item>,
-    copied: Event,
     done: Event,
     out_slot: usize,
     result: Result<(), TchError>,
     queued: Instant,
 }
 
+fn spawn_named(
+    name: String,
+    f: impl FnOnce() + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, TchError> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(f)
+        .map_err(|e| TchError::Torch(format!("cannot start a thread: {e}")))
+}
+
 fn run_cuda_worker(
     model: &Model,
     mut parts: WorkerParts,
     device: usize,
-) -> Result<(), cuda::CudaError> {
-    let copy_stream = Stream::from_pool(device, false)?;
-    let compute = Stream::from_pool(device, false)?;
+    copy_stream: Stream,
+    compute: Stream,
+) {
     let (h, w) = model.input_hw();
-    // One batch per output slot can be in flight; the bounded channel keeps the worker
-    // from queueing more work than there are buffers to receive it.
+    let mut limit = RowLimit::new(parts.assembler.max_batch());
+    // Input slots go back to the fit workers as soon as their copy has read them, in a
+    // thread of their own, so a slow encoder holding up the completion of batch n never
+    // delays the refill of batch n+1's slot. Both channels are bounded by the slots they
+    // track, so the worker never queues more than there are buffers for.
+    let (rel_tx, rel_rx) = bounded::<(Event, usize)>(parts.slots.len().max(1));
     let (tx, rx) = bounded::<InFlight>(parts.out_ring.tensors.len().max(1));
-    let completion = {
+    let releaser = {
         let asm = Arc::clone(&parts.assembler);
+        spawn_named(format!("hp-release-{device}"), move || {
+            for (copied, slot) in rel_rx {
+                if let Err(e) = copied.wait() {
+                    tracing::error!(error = %e, "waiting for a host-to-device copy failed");
+                }
+                asm.release(slot);
+            }
+        })
+    };
+    let completion = {
         let ring = Arc::clone(&parts.out_ring);
         let tel = Arc::clone(&parts.telemetry);
         let encode_tx = parts.encode_tx.clone();
         let outcome_tx = parts.outcome_tx.clone();
-        std::thread::Builder::new()
-            .name(format!("hp-complete-{device}"))
-            .spawn(move || {
-                let mut last_done = Instant::now();
-                for f in rx {
-                    // The input slot may be refilled once the copy has read it.
-                    if let Err(e) = f.copied.synchronize() {
-                        tracing::error!(error = %e, "waiting for a host-to-device copy failed");
-                    }
-                    asm.release(f.batch.slot);
-                    let result = match (f.result, f.done.synchronize()) {
-                        (Ok(()), Ok(())) => Ok(f.out_slot),
-                        (Err(e), _) => Err(e),
-                        (Ok(()), Err(e)) => Err(torch_err(e)),
-                    };
-                    if result.is_err() {
-                        ring.release(f.out_slot);
-                    }
-                    // Device time of this batch: from when the device could start on it
-                    // (queued, or the previous batch done) to its completion.
-                    let now = Instant::now();
-                    let start = f.queued.max(last_done);
-                    last_done = now;
-                    tel.record(Stage::Infer, now - start, f.batch.rows.len() as u64);
-                    dispatch_to(f.batch, result, &ring, &encode_tx, &outcome_tx, &tel);
+        spawn_named(format!("hp-complete-{device}"), move || {
+            let mut last_done = Instant::now();
+            for f in rx {
+                let result = match (f.result, f.done.wait()) {
+                    (Ok(()), Ok(())) => Ok(f.out_slot),
+                    (Err(e), _) => Err(e),
+                    (Ok(()), Err(e)) => Err(torch_err(e)),
+                };
+                if result.is_err() {
+                    ring.release(f.out_slot);
                 }
-            })
-            .map_err(|e| cuda::CudaError {
-                call: "spawn completion thread",
-                message: e.to_string(),
-            })?
+                // Device time of this batch: from when the device could start on it
+                // (queued, or the previous batch done) to its completion.
+                let now = Instant::now();
+                let start = f.queued.max(last_done);
+                last_done = now;
+                tel.record(Stage::Infer, now - start, f.batch.rows.len() as u64);
+                dispatch_to(f.batch, result, &ring, &encode_tx, &outcome_tx, &tel);
+            }
+        })
+    };
+    let (releaser, completion) = match (releaser, completion) {
+        (Ok(r), Ok(c)) => (r, c),
+        (r, c) => {
+            tracing::error!("cannot start the CUDA helper threads; running without overlap");
+            drop((rel_tx, tx));
+            for t in [r, c].into_iter().flatten() {
+                let _ = t.join();
+            }
+            return run_sync_worker(model, parts);
+        }
     };
 
     while let Some(batch) = parts.assembler.next_batch() {
@@ -266,8 +365,14 @@ fn run_cuda_worker(
         let n = batch.rows.len() as i64;
         parts.telemetry.batch(batch.rows.len());
         let host = parts.slots[batch.slot].narrow(0, 0, n);
-        let mut copied = Event::new()?;
-        let mut done = Event::new()?;
+        let (mut copied, mut done) = match (Event::new(), Event::new()) {
+            (Ok(c), Ok(d)) => (c, d),
+            (Err(e), _) | (_, Err(e)) => {
+                parts.assembler.release(batch.slot);
+                dispatch(batch, Err(torch_err(e)), &parts);
+                continue;
+            }
+        };
         let out_slot = parts.out_ring.acquire();
         let result = (|| -> Result<(), TchError> {
             // Host to device on the copy stream. The device buffer comes from libtorch's
@@ -283,91 +388,107 @@ fn run_cuda_worker(
             copied.block(&compute).map_err(torch_err)?;
             let _g = compute.enter().map_err(torch_err)?;
             cuda::record_stream(&dev_in, &compute).map_err(torch_err)?;
-            run_range(
+            let mut ctx = RunCtx {
                 model,
-                &dev_in,
-                0,
-                n,
-                &mut parts.inject_oom,
-                &parts.out_ring,
-                out_slot,
-                Some(device),
-            )
+                ring: &parts.out_ring,
+                slot: out_slot,
+                compute: Some(&compute),
+                inject_oom: &mut parts.inject_oom,
+                limit: &mut limit,
+            };
+            run_range(&mut ctx, &dev_in, 0, n)
         })();
         // Recorded after an error too, so the completion thread's wait always returns.
-        if let Err(e) = done.record(&compute) {
+        let recorded = done.record(&compute);
+        if result.is_err() || recorded.is_err() {
+            // An event that was never recorded reads as complete: let both streams drain
+            // so neither slot is handed out while a copy may still touch it.
+            let _ = copy_stream.synchronize();
+            let _ = compute.synchronize();
+        }
+        if let Err(e) = &recorded {
             tracing::error!(error = %e, "cannot record a completion event");
+        }
+        if result.is_ok() {
+            limit.batch_ok();
+        }
+        if let Err(SendError((_, slot))) = rel_tx.send((copied, batch.slot)) {
+            parts.assembler.release(slot);
         }
         let inflight = InFlight {
             batch,
-            copied,
             done,
             out_slot,
             result,
             queued,
         };
-        if tx.send(inflight).is_err() {
+        if let Err(SendError(f)) = tx.send(inflight) {
+            // The completion thread is gone (it panicked): finish this batch here and fail
+            // what is left rather than leave the fit workers waiting for slots.
+            let _ = compute.synchronize();
+            parts.out_ring.release(f.out_slot);
+            let gone = || TchError::Torch("the CUDA completion thread stopped".into());
+            dispatch(f.batch, Err(gone()), &parts);
+            while let Some(b) = parts.assembler.next_batch() {
+                parts.assembler.release(b.slot);
+                dispatch(b, Err(gone()), &parts);
+            }
             break;
         }
     }
     drop(tx);
+    drop(rel_tx);
     let _ = completion.join();
-    Ok(())
+    let _ = releaser.join();
 }
 
 /// Run the model on rows `start..start+len` of `x` and write the result into the same
-/// rows of output slot `slot`; on out-of-memory, split in halves and retry. With
-/// `cuda_device`, the copy back is queued non-blocking on the current (compute) stream.
-#[allow(clippy::too_many_arguments)]
-fn run_range(
-    model: &Model,
-    x: &Tensor,
-    start: i64,
-    len: i64,
-    inject_oom: &mut usize,
-    ring: &Arc<OutRing>,
-    slot: usize,
-    cuda_device: Option<usize>,
-) -> Result<(), TchError> {
+/// rows of the output slot. Rows beyond the learned [`RowLimit`] run in chunks; an
+/// out-of-memory error shrinks the limit and retries in halves, down to single images.
+/// On CUDA the copy back is queued non-blocking on the compute stream.
+fn run_range(ctx: &mut RunCtx<'_>, x: &Tensor, start: i64, len: i64) -> Result<(), TchError> {
+    if len > ctx.limit.max {
+        let end = start + len;
+        let mut s = start;
+        while s < end {
+            let l = ctx.limit.max.min(end - s);
+            run_range(ctx, x, s, l)?;
+            s += l;
+        }
+        return Ok(());
+    }
     let part = x.f_narrow(0, start, len)?;
-    let result = if *inject_oom > 0 && len > 1 {
-        *inject_oom -= 1;
+    let result = if *ctx.inject_oom > 0 && len > 1 {
+        *ctx.inject_oom -= 1;
         Err(TchError::Torch(
             "CUDA out of memory (injected for a test)".to_string(),
         ))
     } else {
-        model.forward_u8(&part)
+        ctx.model.forward_u8(&part)
     };
     match result {
         Ok(y) => {
-            let mut dst = ring.tensors[slot].f_narrow(0, start, len)?;
-            match cuda_device {
+            let mut dst = ctx.ring.tensors[ctx.slot].f_narrow(0, start, len)?;
+            match ctx.compute {
                 Some(_) => cuda::copy_(&mut dst, &y, true).map_err(torch_err),
                 None => dst.f_copy_(&y),
             }
         }
         Err(e) if is_oom(&e) && len > 1 => {
+            ctx.limit.shrink_below(len);
             tracing::warn!(
                 rows = len,
-                "device out of memory; splitting the batch and retrying"
+                limit = ctx.limit.max,
+                "device out of memory; running this and later batches in smaller chunks"
             );
-            if let Some(i) = cuda_device {
+            if let Some(stream) = ctx.compute {
                 // Let queued work finish and return cached blocks before the smaller retry.
-                tch::Cuda::synchronize(i as i64);
+                stream.synchronize().map_err(torch_err)?;
                 let _ = cuda::empty_cache();
             }
             let half = len / 2;
-            run_range(model, x, start, half, inject_oom, ring, slot, cuda_device)?;
-            run_range(
-                model,
-                x,
-                start + half,
-                len - half,
-                inject_oom,
-                ring,
-                slot,
-                cuda_device,
-            )
+            run_range(ctx, x, start, half)?;
+            run_range(ctx, x, start + half, len - half)
         }
         Err(e) => Err(e),
     }
@@ -425,5 +546,80 @@ fn dispatch_to(
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_limit_shrinks_on_oom_and_regrows_after_clean_batches() {
+        let mut l = RowLimit::new(16);
+        l.batch_ok();
+        assert_eq!(l.max, 16);
+        l.shrink_below(16);
+        assert_eq!(l.max, 8);
+        // A failure of a smaller range than the limit never raises it.
+        l.shrink_below(32);
+        assert_eq!(l.max, 8);
+        l.shrink_below(8);
+        l.shrink_below(4);
+        assert_eq!(l.max, 2);
+        l.shrink_below(1);
+        assert_eq!(l.max, 1, "never below one row");
+        for _ in 0..REGROW_AFTER - 1 {
+            l.batch_ok();
+        }
+        assert_eq!(l.max, 1);
+        l.batch_ok();
+        assert_eq!(l.max, 2);
+        for _ in 0..10 * REGROW_AFTER {
+            l.batch_ok();
+        }
+        assert_eq!(l.max, 16, "grows back to the configured batch, not past it");
+    }
+
+    #[test]
+    fn oom_chunks_later_batches_at_the_learned_size() {
+        let _g = tch::no_grad_guard();
+        let pre = crate::config::PreprocessConfig {
+            width: 4,
+            height: 4,
+            fit: crate::config::FitMode::Stretch,
+            filter: crate::config::Filter::Bilinear,
+            mean: None,
+            std: None,
+            pad_color: [0; 3],
+        };
+        let model = Model::identity(Device::Cpu, &pre);
+        let ring = OutRing::new(1, 8, (4, 4), None);
+        let x = Tensor::arange(8 * 4 * 4 * 3, (Kind::Int64, Device::Cpu))
+            .remainder(251)
+            .to_kind(Kind::Uint8)
+            .view([8, 4, 4, 3]);
+        let mut inject = 1;
+        let mut limit = RowLimit::new(8);
+        let mut ctx = RunCtx {
+            model: &model,
+            ring: &ring,
+            slot: 0,
+            compute: None,
+            inject_oom: &mut inject,
+            limit: &mut limit,
+        };
+        run_range(&mut ctx, &x, 0, 8).unwrap();
+        assert_eq!(ctx.limit.max, 4, "8 rows failed: the limit halves");
+        assert!(
+            ring.tensors[0].equal(&x),
+            "the split halves wrote every row"
+        );
+        // The next batch of 8 must run as chunks of 4: an error on its first forward
+        // call then halves 4 (to 2); had the batch run whole, halving 8 would leave 4.
+        *ctx.inject_oom = 1;
+        let _ = ring.tensors[0].shallow_clone().fill_(0);
+        run_range(&mut ctx, &x, 0, 8).unwrap();
+        assert_eq!(ctx.limit.max, 2);
+        assert!(ring.tensors[0].equal(&x), "every row written, in place");
     }
 }

@@ -91,6 +91,12 @@ impl Model {
             out_hw: (0, 0),
         };
         m.out_hw = m.check_contract().map_err(err)?;
+        if let Device::Cuda(i) = device {
+            // Loading, the precision cast and the contract check ran on the legacy default
+            // stream, which the worker's pool streams do not wait for: finish them here so
+            // the first batch never reads half-converted weights.
+            crate::runtime::cuda::device_synchronize(i).map_err(|e| err(e.to_string()))?;
+        }
         Ok(m)
     }
 

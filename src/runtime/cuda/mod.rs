@@ -32,6 +32,7 @@ unsafe extern "C" {
     fn hp_mem_info(device: c_int, free: *mut usize, total: *mut usize) -> c_int;
     fn hp_peak_allocated(device: c_int, reset: c_int, peak: *mut usize) -> c_int;
     fn hp_empty_cache() -> c_int;
+    fn hp_device_synchronize(device: c_int) -> c_int;
 }
 
 /// A failed shim call: which call, and libtorch's first line.
@@ -168,6 +169,21 @@ impl Event {
         )
     }
 
+    /// Wait on the host until the event has completed, without spinning a core.
+    ///
+    /// c10 creates events without the blocking-sync flag, and with fewer GPU contexts
+    /// than cores the runtime's `cudaEventSynchronize` busy-waits: the completion thread
+    /// would burn a core the decode and encode pools need. Polling with a short sleep
+    /// costs at most the sleep (capped at 200 us) per batch, far below a batch's compute.
+    pub fn wait(&self) -> Result<(), CudaError> {
+        let mut nap = std::time::Duration::from_micros(20);
+        while !self.query()? {
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(std::time::Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
     pub fn query(&self) -> Result<bool, CudaError> {
         let mut done = 0;
         // SAFETY: live event, out-pointer to a local.
@@ -230,6 +246,15 @@ pub fn peak_allocated(device: usize, reset: bool) -> Result<usize, CudaError> {
         "peak allocated",
     )?;
     Ok(p)
+}
+
+/// Wait until everything queued on `device` (every stream) has finished.
+pub fn device_synchronize(device: usize) -> Result<(), CudaError> {
+    // SAFETY: plain value argument.
+    check(
+        unsafe { hp_device_synchronize(device as c_int) },
+        "device synchronize",
+    )
 }
 
 /// Return cached, unused device memory to the driver.

@@ -125,6 +125,11 @@ int hp_peak_allocated(int device, int reset, size_t* peak) {
   });
 }
 
+// Wait until all work queued on `device`, on every stream, has finished.
+int hp_device_synchronize(int device) {
+  return guarded([&] { cuda_impl()->synchronizeDevice(static_cast<c10::DeviceIndex>(device)); });
+}
+
 int hp_empty_cache() {
   return guarded([&] { c10::getDeviceAllocator(c10::DeviceType::CUDA)->emptyCache(); });
 }
