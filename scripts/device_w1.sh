@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs ON the GPU machine (carried in .device/): CUDA tests, then W1 (400 images, model
 # 48 8, 512, batch 8) with hotpipe fp32/fp16/bf16 and the Python peers in the same call,
-# alternating, and prints the table last. Logs go to $OUT.
+# alternating, then the face-crop job (100 images) against mtcnn_peer.py on the GPU, and
+# the stage telemetry last. Logs go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")"
 export LD_LIBRARY_PATH="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
@@ -37,3 +38,12 @@ for r in 1 2; do
   for v in model_only dataloader model_only_bf16 model_only_fp16 gpu_codec; do echo "round $r $(run_peer $v)"; done
 done 2>&1 | tee "$OUT/w1.txt"
 HOTPIPE_LOG=info ./hotpipe process --config $W/fp32.toml --out $W/o_tel $W/D400 2>&1 | grep -A12 "stage telemetry" | tee "$OUT/telemetry.txt"
+
+# Face crop on the GPU (issue 5: >= 10x the peer): the default job, same 100 images.
+python3 make_data.py astronaut.png $W/F100 100 7
+sed -e 's/^device = "auto"/device = "cuda:0"/' -e "s|^weights = \"models/mtcnn\"|weights = \"$PWD/mtcnn\"|" pipeline.toml > $W/face.toml
+rm -rf /tmp/site; python3 -m pip install -q --no-deps --no-index --target /tmp/site wheels/*.whl 2>>"$OUT/peers.log"
+for r in 1 2; do
+  rm -rf $W/fo; echo "round $r hotpipe_face: $(./hotpipe process --quiet --config $W/face.toml --out $W/fo $W/F100 2>>"$OUT/hotpipe.log" | grep -E '^done ')"
+  rm -rf $W/fp; echo "round $r $(PYTHONPATH=/tmp/site python3 mtcnn_peer.py $W/F100 $W/fp cuda 512 64 2>>"$OUT/peers.log" | grep '^peer=')"
+done 2>&1 | tee "$OUT/face.txt"

@@ -17,5 +17,20 @@ rm -rf .device && mkdir -p .device
 cp target/release/hotpipe .device/
 [ -n "$test_bin" ] && cp "$test_bin" .device/cuda-tests
 cp "$HOTPIPE_SHARED_BENCH"/*.py "$HOTPIPE_SHARED_BENCH"/astronaut.png .device/
+# The carry limit is 64 MiB: the release profile keeps debug info (about 120 MiB a binary).
+strip .device/hotpipe
+[ -f .device/cuda-tests ] && strip .device/cuda-tests
+# The face-crop job on the GPU: its weights, the default config, and the Python peer's
+# pure-Python wheels (the device has torch and torchvision but no network).
+[ -f models/mtcnn/onet.pt ] || scripts/setup.sh
+cp -r models/mtcnn .device/mtcnn
+cp pipeline.toml .device/
+mkdir -p .device/wheels
+"$HOTPIPE_PYTHON" -m pip download -q --no-deps --only-binary=:all: -d .device/wheels \
+  "facenet-pytorch==2.6.0" requests tqdm urllib3 idna certifi \
+  || echo "[prepare] cannot fetch the peer's wheels; the device run skips the face-crop peer" >&2
+"$HOTPIPE_PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3 \
+  --implementation py --abi none --platform any -d .device/wheels charset-normalizer 2>/dev/null \
+  || true
 cp scripts/device_w1.sh scripts/bench_w1.py scripts/make_demo_model.py .device/
 du -sh .device
