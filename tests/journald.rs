@@ -25,6 +25,12 @@ fn logs_reach_journald_with_fields() {
     // A socket file left by a journald that has exited refuses datagrams: only a socket
     // that accepts a connect has a journald behind it.
     if !journal_alive(socket) {
+        // Starting a journald needs root (it owns /run/systemd/journal); elsewhere there is
+        // no journal to test against.
+        if !nix_root() {
+            eprintln!("SKIPPED: no journald running, and starting one needs root");
+            return;
+        }
         std::fs::create_dir_all("/run/systemd/journal").unwrap();
         for stale in ["socket", "stdout", "dev-log", "io.systemd.journal"] {
             let _ = std::fs::remove_file(Path::new("/run/systemd/journal").join(stale));
@@ -105,4 +111,9 @@ fn journal_alive(socket: &Path) -> bool {
     std::os::unix::net::UnixDatagram::unbound()
         .and_then(|s| s.connect(socket))
         .is_ok()
+}
+
+fn nix_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
