@@ -1,47 +1,36 @@
 //! Criterion benchmarks of the CPU stages per format: JPEG decode (libjpeg-turbo full and
 //! DCT-scaled, zune-jpeg through `image`), PNG decode, the fit, JPEG and PNG encode.
 //!
-//! The picture is the reference portrait (`../shared/bench/astronaut.png`) scaled up to
-//! photo sizes, so the JPEGs have realistic detail; a synthetic picture stands in when the
-//! shared folder is absent. Run: `cargo bench --bench cpu_stages` (add `-- decode` etc. to
-//! pick a group).
+//! The picture is the reference portrait (`tests/data/bench/astronaut.png`) scaled up to
+//! photo sizes, so the JPEGs have realistic detail. Run: `cargo bench --bench cpu_stages`
+//! (add `-- decode` etc. to pick a group).
 
 use std::hint::black_box;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use fast_image_resize as fir;
 
-use hotpipe::config::{DecodeConfig, EncodeConfig, Filter, FitMode, Format, PreprocessConfig};
+use hotpipe::config::{Config, DecodeConfig, EncodeConfig, Format, PreprocessConfig};
 use hotpipe::pipeline::pool::BufPool;
 use hotpipe::stages::decode::{Decoder, ScaleTarget};
 use hotpipe::stages::encode::Encoder;
 use hotpipe::stages::fit::Fitter;
 
-/// Packed RGB8 `w x h`: the reference portrait resized, or a synthetic picture.
+/// Packed RGB8 `w x h`: the reference portrait (vendored in tests/data/bench) resized.
 fn picture(w: u32, h: u32) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/bench/astronaut.png");
-    if let Ok(img) = image::open(&path) {
-        let src = img.into_rgb8();
-        let (sw, sh) = src.dimensions();
-        let src = fir::images::Image::from_vec_u8(sw, sh, src.into_raw(), fir::PixelType::U8x3)
-            .expect("source image");
-        let mut dst = fir::images::Image::new(w, h, fir::PixelType::U8x3);
-        fir::Resizer::new()
-            .resize(&src, &mut dst, &fir::ResizeOptions::new())
-            .expect("resize");
-        return dst.into_vec();
-    }
-    (0..w * h)
-        .flat_map(|i| {
-            let (x, y) = (i % w, i / w);
-            [
-                (x * 255 / w) as u8,
-                (y * 255 / h) as u8,
-                ((x ^ y) & 255) as u8,
-            ]
-        })
-        .collect()
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/bench/astronaut.png");
+    let src = image::open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_rgb8();
+    let (sw, sh) = src.dimensions();
+    let src = fir::images::Image::from_vec_u8(sw, sh, src.into_raw(), fir::PixelType::U8x3)
+        .expect("source image");
+    let mut dst = fir::images::Image::new(w, h, fir::PixelType::U8x3);
+    fir::Resizer::new()
+        .resize(&src, &mut dst, &fir::ResizeOptions::new())
+        .expect("resize");
+    dst.into_vec()
 }
 
 fn jpeg(px: &[u8], w: u32, h: u32) -> Vec<u8> {
@@ -57,33 +46,28 @@ fn jpeg(px: &[u8], w: u32, h: u32) -> Vec<u8> {
         .to_vec()
 }
 
+/// The reference job (512 x 512 crop, bilinear) through the product's own config parser,
+/// so the benchmark runs with the decode limits and fit the daemon would use.
+fn config() -> Config {
+    Config::from_toml(
+        "[preprocess]\nsize = 512\nfit = \"crop\"\nfilter = \"bilinear\"\n",
+        "cpu_stages",
+        Path::new("."),
+        0,
+    )
+    .expect("bench config")
+}
+
 fn decode_cfg() -> DecodeConfig {
-    DecodeConfig {
-        max_width: 16384,
-        max_height: 16384,
-        max_alloc_bytes: 1 << 30,
-        max_file_bytes: 256 << 20,
-    }
+    config().decode
 }
 
 fn preprocess() -> PreprocessConfig {
-    PreprocessConfig {
-        width: 512,
-        height: 512,
-        fit: FitMode::Crop,
-        filter: Filter::Bilinear,
-        mean: None,
-        std: None,
-        pad_color: [0, 0, 0],
-    }
+    config().preprocess
 }
 
 fn target() -> Option<ScaleTarget> {
-    Some(ScaleTarget {
-        width: 512,
-        height: 512,
-        fit: FitMode::Crop,
-    })
+    Some(ScaleTarget::for_fit(&preprocess(), false))
 }
 
 fn decode(c: &mut Criterion) {

@@ -32,5 +32,5 @@ mkdir -p .device/wheels
 "$HOTPIPE_PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3 \
   --implementation py --abi none --platform any -d .device/wheels charset-normalizer 2>/dev/null \
   || true
-cp scripts/device_w1.sh scripts/bench_w1.py scripts/make_demo_model.py .device/
+cp scripts/device_w1.sh scripts/bench_w1.py .device/
 du -sh .device

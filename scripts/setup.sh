@@ -3,7 +3,7 @@
 #   - Debian packages the build needs (only when missing; needs root or sudo)
 #   - a Python venv with torch==2.11.0 (the libtorch hotpipe links), in a cache outside
 #     the checkout so CI and fresh clones reuse it: $HOTPIPE_CACHE (~/.cache/hotpipe)
-#   - the demo model models/restore.pt (written by scripts/make_demo_model.py)
+#   - the demo model models/restore.pt (make_model.py from the bench fixtures, 8 channels, 2 layers)
 #   - the face crop's MTCNN weights models/mtcnn/{pnet,rnet,onet}.pt (scripts/convert_mtcnn.py)
 #   - cargo build --release
 # Idempotent: a second run only rebuilds what changed.
@@ -43,7 +43,7 @@ fi
 if [ ! -f models/restore.pt ]; then
   log "writing the demo model models/restore.pt"
   mkdir -p models
-  "$HOTPIPE_PYTHON" scripts/make_demo_model.py models/restore.pt >/dev/null
+  "$HOTPIPE_PYTHON" "$HOTPIPE_SHARED_BENCH/make_model.py" models/restore.pt 8 2 >/dev/null
 fi
 
 # MTCNN weights for the built-in face crop ([face_crop]): converted once from the

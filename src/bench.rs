@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{BatchSize, Config, FitMode};
+use crate::config::{BatchSize, Config};
 use crate::error::{PipelineError, torch_message};
 use crate::pipeline::pool::BufPool;
 use crate::runtime::model::Model;
@@ -220,15 +220,7 @@ where
 }
 
 fn scale_target(cfg: &Config) -> ScaleTarget {
-    ScaleTarget {
-        width: cfg.preprocess.width,
-        height: cfg.preprocess.height,
-        fit: if cfg.face_crop.is_some() {
-            FitMode::Crop
-        } else {
-            cfg.preprocess.fit
-        },
-    }
+    ScaleTarget::for_fit(&cfg.preprocess, cfg.face_crop.is_some())
 }
 
 /// Measure `cfg` on the images in `folder`.

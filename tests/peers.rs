@@ -13,47 +13,29 @@ use common::*;
 
 #[test]
 fn outputs_match_the_naive_python_peer() {
-    let (Some(bench), Some(py)) = (shared_bench(), python()) else {
-        skip("needs the bench fixtures and HOTPIPE_PYTHON (run through scripts/test.sh)");
-        return;
-    };
     let d = tempfile::tempdir().unwrap();
     let data = d.path().join("D");
-    let run = |args: &[&std::ffi::OsStr]| {
-        let out = std::process::Command::new(&py).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    run(&[
-        bench.join("make_data.py").as_os_str(),
-        bench.join("astronaut.png").as_os_str(),
-        data.as_os_str(),
-        "100".as_ref(),
-        "7".as_ref(),
-    ]);
     let model = d.path().join("m.pt");
-    run(&[
-        bench.join("make_model.py").as_os_str(),
-        model.as_os_str(),
-        "16".as_ref(),
-        "4".as_ref(),
-    ]);
+    let Some(files) = reference_set(&data, 100) else {
+        return;
+    };
+    assert_eq!(files.len(), 100);
+    bench_model(&model, 16, 4).unwrap();
     let peer_out = d.path().join("peer");
-    let line = run(&[
-        bench.join("peers.py").as_os_str(),
-        model.as_os_str(),
-        data.as_os_str(),
-        peer_out.as_os_str(),
-        "cpu".as_ref(),
-        "naive".as_ref(),
-        "2".as_ref(),
-        "1".as_ref(),
-        "512".as_ref(),
-    ]);
+    let line = bench_script(
+        "peers.py",
+        [
+            model.as_os_str(),
+            data.as_os_str(),
+            peer_out.as_os_str(),
+            "cpu".as_ref(),
+            "naive".as_ref(),
+            "2".as_ref(),
+            "1".as_ref(),
+            "512".as_ref(),
+        ],
+    )
+    .unwrap();
     assert!(line.contains("images=100"), "{line}");
 
     let cfg = write(

@@ -12,73 +12,31 @@ mod common;
 
 use common::psnr;
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::Path;
 
-use hotpipe::config::{Filter, FitMode, PreprocessConfig};
+use hotpipe::config::Config;
 use hotpipe::pipeline::pool::BufPool;
 use hotpipe::stages::decode::{Decoder, ScaleTarget};
 use hotpipe::stages::fit::{Fitter, Rect, source_rect};
 
-/// The reference data, or why it cannot be made here.
-fn reference_data() -> Result<(tempfile::TempDir, Vec<PathBuf>), String> {
-    let shared = common::shared_bench().ok_or("no bench fixtures")?;
-    let script = shared.join("make_data.py");
-    let source = shared.join("astronaut.png");
-    let python = std::env::var("HOTPIPE_PYTHON").unwrap_or_else(|_| "python3".into());
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let out = dir.path().join("D");
-    let status = Command::new(&python)
-        .arg(&script)
-        .arg(&source)
-        .arg(&out)
-        .args(["100", "7"])
-        .status()
-        .map_err(|e| format!("cannot run {python}: {e}"))?;
-    if !status.success() {
-        return Err(format!(
-            "{python} make_data.py failed ({status}); it needs numpy and pillow"
-        ));
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&out)
-        .map_err(|e| e.to_string())?
-        .map(|e| e.map(|e| e.path()).map_err(|e| e.to_string()))
-        .collect::<Result<_, _>>()?;
-    files.sort();
-    Ok((dir, files))
-}
-
 #[test]
 fn scaled_decode_keeps_psnr_against_full_decode() {
-    let (_dir, files) = match reference_data() {
-        Ok(d) => d,
-        Err(why) => {
-            common::skip(&format!("no reference data ({why})"));
-            return;
-        }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(files) = common::reference_set(&dir.path().join("D"), 100) else {
+        return;
     };
     assert_eq!(files.len(), 100);
-    let pre = PreprocessConfig {
-        width: 512,
-        height: 512,
-        fit: FitMode::Crop,
-        filter: Filter::Bilinear,
-        mean: None,
-        std: None,
-        pad_color: [0, 0, 0],
-    };
-    let decode_cfg = hotpipe::config::DecodeConfig {
-        max_width: 16384,
-        max_height: 16384,
-        max_alloc_bytes: 1 << 30,
-        max_file_bytes: 256 << 20,
-    };
-    let target = ScaleTarget {
-        width: 512,
-        height: 512,
-        fit: FitMode::Crop,
-    };
-    let mut dec = Decoder::new(decode_cfg, BufPool::new(4)).with_scaling(Some(target));
+    // The reference job's fit, with the product's decode limits.
+    let cfg = Config::from_toml(
+        "[preprocess]\nsize = 512\nfit = \"crop\"\nfilter = \"bilinear\"\n",
+        "quality",
+        Path::new("."),
+        0,
+    )
+    .unwrap();
+    let pre = cfg.preprocess;
+    let target = ScaleTarget::for_fit(&pre, false);
+    let mut dec = Decoder::new(cfg.decode, BufPool::new(4)).with_scaling(Some(target));
     let mut fit = Fitter::new(pre.clone());
     let mut ours = vec![0u8; fit.row_bytes()];
     let mut reference = vec![0u8; fit.row_bytes()];

@@ -274,15 +274,7 @@ impl Pipeline {
         // JPEGs may be decoded at a DCT-reduced scale that still covers the fit; with a
         // middle stage the region is chosen after decoding, so only the whole image's
         // crop is a safe bound (see `ScaleTarget`).
-        let scale_target = ScaleTarget {
-            width: cfg.preprocess.width,
-            height: cfg.preprocess.height,
-            fit: if opts.middle.is_some() {
-                crate::config::FitMode::Crop
-            } else {
-                cfg.preprocess.fit
-            },
-        };
+        let scale_target = ScaleTarget::for_fit(&cfg.preprocess, opts.middle.is_some());
         let (fit_tx, fit_rx) = if opts.middle.is_some() {
             bounded::<Decoded>(cap)
         } else {

@@ -583,21 +583,19 @@ mod tests {
     #[test]
     fn oom_chunks_later_batches_at_the_learned_size() {
         let _g = tch::no_grad_guard();
-        let pre = crate::config::PreprocessConfig {
-            width: 4,
-            height: 4,
-            fit: crate::config::FitMode::Stretch,
-            filter: crate::config::Filter::Bilinear,
-            mean: None,
-            std: None,
-            pad_color: [0; 3],
-        };
-        let model = Model::identity(Device::Cpu, &pre);
-        let ring = OutRing::new(1, 8, (4, 4), None);
-        let x = Tensor::arange(8 * 4 * 4 * 3, (Kind::Int64, Device::Cpu))
+        let cfg = crate::config::Config::from_toml(
+            "[preprocess]\nsize = 8\n",
+            "test",
+            std::path::Path::new("."),
+            0,
+        )
+        .unwrap();
+        let model = Model::identity(Device::Cpu, &cfg.preprocess);
+        let ring = OutRing::new(1, 8, (8, 8), None);
+        let x = Tensor::arange(8 * 8 * 8 * 3, (Kind::Int64, Device::Cpu))
             .remainder(251)
             .to_kind(Kind::Uint8)
-            .view([8, 4, 4, 3]);
+            .view([8, 8, 8, 3]);
         let mut inject = 1;
         let mut limit = RowLimit::new(8);
         let mut ctx = RunCtx {

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use image::metadata::Orientation;
 use image::{ColorType, ImageDecoder, ImageFormat, ImageReader, Limits};
 
-use crate::config::{DecodeConfig, FitMode};
+use crate::config::{DecodeConfig, FitMode, PreprocessConfig};
 use crate::pipeline::item::Frame;
 use crate::pipeline::pool::{BufPool, PooledBuf};
 use crate::stages::fit::{Rect, source_rect};
@@ -52,6 +52,21 @@ pub struct ScaleTarget {
 }
 
 impl ScaleTarget {
+    /// The target for the fit `pre` describes. With `region_chosen_later` (a stage such as
+    /// the face crop picks the region between decode and fit) only the whole image's crop
+    /// is a safe bound, whatever `pre.fit` says.
+    pub fn for_fit(pre: &PreprocessConfig, region_chosen_later: bool) -> ScaleTarget {
+        ScaleTarget {
+            width: pre.width,
+            height: pre.height,
+            fit: if region_chosen_later {
+                FitMode::Crop
+            } else {
+                pre.fit
+            },
+        }
+    }
+
     /// The largest DCT reduction (1, 2, 4 or 8) that keeps the source rectangle of an
     /// upright `w x h` image at least as large as the target on both axes; 1 when the image
     /// is less than twice the target.

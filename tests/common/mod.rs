@@ -152,6 +152,73 @@ pub fn skip(why: &str) {
     eprintln!("SKIPPED: {why}");
 }
 
+/// The bench folder and the venv's Python, or `None` after saying (through [`skip`]) why.
+fn bench_python() -> Option<(PathBuf, PathBuf)> {
+    match (shared_bench(), python()) {
+        (Some(b), Some(p)) => Some((b, p)),
+        _ => {
+            skip("needs the bench fixtures and HOTPIPE_PYTHON (run through scripts/test.sh)");
+            None
+        }
+    }
+}
+
+/// Run `script` from the bench folder with the venv's Python; its stdout. Panics with the
+/// script's stderr when it fails; `None` (after [`skip`]) when it cannot run here.
+pub fn bench_script<I, S>(script: &str, args: I) -> Option<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let (bench, py) = bench_python()?;
+    let out = std::process::Command::new(py)
+        .arg(bench.join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The reference set, `make_data.py astronaut.png DIR n 7`, written into `dir`: its files,
+/// sorted.
+pub fn reference_set(dir: &Path, n: usize) -> Option<Vec<PathBuf>> {
+    let (bench, _) = bench_python()?;
+    bench_script(
+        "make_data.py",
+        [
+            bench.join("astronaut.png").into_os_string(),
+            dir.into(),
+            n.to_string().into(),
+            "7".into(),
+        ],
+    )?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    Some(files)
+}
+
+/// The bench's scripted residual model, `make_model.py PATH channels layers` (scripted,
+/// so it has parameters `to(kind)` can cast, as users' exported models do).
+pub fn bench_model(path: &Path, channels: u32, layers: u32) -> Option<()> {
+    bench_script(
+        "make_model.py",
+        [
+            path.as_os_str().to_owned(),
+            channels.to_string().into(),
+            layers.to_string().into(),
+        ],
+    )
+    .map(drop)
+}
+
 /// The venv interpreter with torch (set by scripts/env.sh).
 pub fn python() -> Option<PathBuf> {
     let p = PathBuf::from(std::env::var_os("HOTPIPE_PYTHON")?);
