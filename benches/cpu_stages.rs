@@ -67,7 +67,7 @@ fn preprocess() -> PreprocessConfig {
 }
 
 fn target() -> Option<ScaleTarget> {
-    Some(ScaleTarget::for_fit(&preprocess(), false))
+    ScaleTarget::for_fit(&preprocess(), false)
 }
 
 fn decode(c: &mut Criterion) {

@@ -219,7 +219,7 @@ where
     (next.load(Ordering::Relaxed) - threads.max(1), elapsed)
 }
 
-fn scale_target(cfg: &Config) -> ScaleTarget {
+fn scale_target(cfg: &Config) -> Option<ScaleTarget> {
     ScaleTarget::for_fit(&cfg.preprocess, cfg.face_crop.is_some())
 }
 
@@ -241,7 +241,7 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
     let mut fitted: Vec<Vec<u8>> = Vec::new();
     {
         let mut dec =
-            Decoder::new(cfg.decode.clone(), BufPool::new(2)).with_scaling(Some(scale_target(cfg)));
+            Decoder::new(cfg.decode.clone(), BufPool::new(2)).with_scaling(scale_target(cfg));
         let mut fit = Fitter::new(cfg.preprocess.clone());
         for (p, bytes) in paths.iter().zip(&files) {
             match dec.decode(bytes) {
@@ -270,7 +270,7 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
 
     let decode_fit = |name: &str, threads: usize, scaled: bool| {
         let files = Arc::clone(&files);
-        let target = scaled.then(|| scale_target(cfg));
+        let target = scale_target(cfg).filter(|_| scaled);
         let (done, elapsed) = run_for(threads, n, opts.min_time, || {
             let files = Arc::clone(&files);
             let mut dec = Decoder::new(cfg.decode.clone(), BufPool::new(2)).with_scaling(target);

@@ -36,7 +36,7 @@ fn scaled_decode_keeps_psnr_against_full_decode() {
     .unwrap();
     let pre = cfg.preprocess;
     let target = ScaleTarget::for_fit(&pre, false);
-    let mut dec = Decoder::new(cfg.decode, BufPool::new(4)).with_scaling(Some(target));
+    let mut dec = Decoder::new(cfg.decode, BufPool::new(4)).with_scaling(target);
     let mut fit = Fitter::new(pre.clone());
     let mut ours = vec![0u8; fit.row_bytes()];
     let mut reference = vec![0u8; fit.row_bytes()];

@@ -271,9 +271,8 @@ impl Pipeline {
         let middle_frames = if opts.middle.is_some() { 8 } else { 0 };
         let decode_pool = BufPool::new(pl.decode_threads + pl.fit_threads + 3 + middle_frames);
         telemetry.set_threads(Stage::Decode, pl.decode_threads);
-        // JPEGs may be decoded at a DCT-reduced scale that still covers the fit; with a
-        // middle stage the region is chosen after decoding, so only the whole image's
-        // crop is a safe bound (see `ScaleTarget`).
+        // JPEGs may be decoded at a DCT-reduced scale that still covers the fit; not with a
+        // middle stage, which picks the region after decoding (see `ScaleTarget::for_fit`).
         let scale_target = ScaleTarget::for_fit(&cfg.preprocess, opts.middle.is_some());
         let (fit_tx, fit_rx) = if opts.middle.is_some() {
             bounded::<Decoded>(cap)
@@ -288,7 +287,7 @@ impl Pipeline {
                 dec_tx.clone(),
             );
             let mut decoder = Decoder::new(cfg.decode.clone(), Arc::clone(&decode_pool))
-                .with_scaling(Some(scale_target));
+                .with_scaling(scale_target);
             threads.push(spawn(format!("hp-decode-{i}"), move || {
                 for (mut item, input) in rx {
                     if let Some(hook) = item.on_start.take() {

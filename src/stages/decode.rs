@@ -45,26 +45,20 @@ pub struct ScaleTarget {
     pub width: u32,
     pub height: u32,
     /// The fit mode whose source rectangle must keep at least `width x height` pixels.
-    /// When a stage between decode and fit picks the region (the face crop), pass
-    /// [`FitMode::Crop`]: the region is not known at decode time, and crop keeps the whole
-    /// image's shorter side at or above the target, which the face crop accepts.
     pub fit: FitMode,
 }
 
 impl ScaleTarget {
-    /// The target for the fit `pre` describes. With `region_chosen_later` (a stage such as
-    /// the face crop picks the region between decode and fit) only the whole image's crop
-    /// is a safe bound, whatever `pre.fit` says.
-    pub fn for_fit(pre: &PreprocessConfig, region_chosen_later: bool) -> ScaleTarget {
-        ScaleTarget {
+    /// The target for the fit `pre` describes, or `None` (decode every pixel) when a stage
+    /// between decode and fit picks the region (the face crop): that region may be a small
+    /// part of the image, and cut from a reduced decode it would be upscaled and blurred
+    /// (tests/facecrop.rs measured 26 dB against a crop of the full decode).
+    pub fn for_fit(pre: &PreprocessConfig, region_chosen_later: bool) -> Option<ScaleTarget> {
+        (!region_chosen_later).then_some(ScaleTarget {
             width: pre.width,
             height: pre.height,
-            fit: if region_chosen_later {
-                FitMode::Crop
-            } else {
-                pre.fit
-            },
-        }
+            fit: pre.fit,
+        })
     }
 
     /// The largest DCT reduction (1, 2, 4 or 8) that keeps the source rectangle of an
