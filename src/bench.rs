@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::config::{BatchSize, Config};
 use crate::error::{PipelineError, torch_message};
@@ -227,13 +227,6 @@ fn scale_target(cfg: &Config) -> Option<ScaleTarget> {
 pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let paths =
         crate::process::collect_inputs(&[folder.to_path_buf()]).map_err(BenchError::Inputs)?;
-    let mut files = Vec::new();
-    for p in &paths {
-        files.push(std::fs::read(p).map_err(|source| BenchError::Read {
-            path: p.clone(),
-            source,
-        })?);
-    }
     // Keep the images that decode; the others would measure error paths.
     let mut first_err = String::from("the folder is empty");
     let mut reductions = [0usize; 4];
@@ -243,8 +236,13 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
         let mut dec =
             Decoder::new(cfg.decode.clone(), BufPool::new(2)).with_scaling(scale_target(cfg));
         let mut fit = Fitter::new(cfg.preprocess.clone());
-        for (p, bytes) in paths.iter().zip(&files) {
-            match dec.decode(bytes) {
+        for p in &paths {
+            // One file in memory at a time: a large folder must not be held whole.
+            let bytes = std::fs::read(p).map_err(|source| BenchError::Read {
+                path: p.clone(),
+                source,
+            })?;
+            match dec.decode(&bytes) {
                 Ok(frame) => {
                     reductions[dec.last_reduction().trailing_zeros() as usize] += 1;
                     if fitted.len() < 64 {
@@ -309,7 +307,8 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
             let model = Model::load(m, dev, &cfg.preprocess)?;
             let batch = match m.max_batch {
                 BatchSize::Fixed(b) => b,
-                BatchSize::Auto => 8,
+                // The size the pipeline would run (measured from free device memory).
+                BatchSize::Auto => model.auto_batch(),
             };
             let (h, w) = (cfg.preprocess.height as i64, cfg.preprocess.width as i64);
             let rows: Vec<u8> = (0..batch)
@@ -353,7 +352,7 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
             .join()
             .map_err(|_| BenchError::Infer("the inference thread panicked".into()))?;
             let (y, images, elapsed) = timed.map_err(BenchError::Infer)?;
-            let y = y.to_device(Device::Cpu).to_kind(Kind::Uint8).contiguous();
+            let y = y.to_device(Device::Cpu);
             let row = (oh * ow * 3) as usize;
             let mut flat = vec![0u8; batch * row];
             y.copy_data_u8(&mut flat, batch * row);

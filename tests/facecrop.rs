@@ -225,6 +225,11 @@ fn select_picks_the_largest_or_the_most_confident_face() {
     assert!((score - best as f64).abs() < 1e-5, "{score} vs {best}");
     let chosen = choose(&faces, FaceSelect::MostConfident).unwrap();
     assert!((boxf(&s["face"]["box"])[0] - chosen.bbox[0] as f64).abs() < 0.2);
+    // Only a fixture where the two rules pick different faces shows that `select` is obeyed.
+    assert!(
+        (chosen.bbox[0] - largest.bbox[0]).abs() > 10.0,
+        "largest and most confident are the same face here: {largest:?}"
+    );
 }
 
 #[test]

@@ -146,10 +146,6 @@ impl FaceCropper {
         }
         out
     }
-
-    pub fn config(&self) -> &FaceCropConfig {
-        &self.cfg
-    }
 }
 
 /// Scale a working-image face to original pixels and add its crop square.

@@ -99,8 +99,10 @@ fn pool(x: &Tensor, k: i64, s: i64) -> Result<Tensor, TchError> {
     x.f_max_pool2d([k, k], [s, s], [0, 0], [1, 1], true)
 }
 
-/// 1x1 convolution head of P-Net (no activation).
-struct Head {
+/// P-Net's two 1x1 convolution heads (face probability, 2 channels; box regression, 4)
+/// joined at load into one 6-channel convolution: one pass over the 32-channel map per
+/// pyramid level instead of two, and no per-call concatenation of the weights.
+struct Heads {
     w: Tensor,
     b: Tensor,
 }
@@ -110,8 +112,7 @@ pub struct PNet {
     c1: ConvPrelu,
     c2: ConvPrelu,
     c3: ConvPrelu,
-    prob: Head,
-    reg: Head,
+    heads: Heads,
 }
 
 /// Refinement network on 24 x 24 candidate crops.
@@ -152,10 +153,17 @@ impl Nets {
         let p = Weights::load(dir, "pnet", device)?;
         let r = Weights::load(dir, "rnet", device)?;
         let o = Weights::load(dir, "onet", device)?;
-        let head = |w: &Weights, n: &str| -> Result<Head, PipelineError> {
-            Ok(Head {
-                w: w.get(&format!("{n}.weight"))?.shallow_clone(),
-                b: w.get(&format!("{n}.bias"))?.shallow_clone(),
+        let join = |name: &str| -> Result<Tensor, PipelineError> {
+            let (prob, reg) = (
+                p.get(&format!("conv4_1.{name}"))?,
+                p.get(&format!("conv4_2.{name}"))?,
+            );
+            Tensor::f_cat(&[prob, reg], 0).map_err(|e| {
+                PipelineError::FaceCrop(format!(
+                    "cannot join the P-Net heads of {}: {}",
+                    dir.display(),
+                    crate::error::torch_message(&e)
+                ))
             })
         };
         Ok(Nets {
@@ -163,8 +171,10 @@ impl Nets {
                 c1: ConvPrelu::new(&p, "conv1", "prelu1")?,
                 c2: ConvPrelu::new(&p, "conv2", "prelu2")?,
                 c3: ConvPrelu::new(&p, "conv3", "prelu3")?,
-                prob: head(&p, "conv4_1")?,
-                reg: head(&p, "conv4_2")?,
+                heads: Heads {
+                    w: join("weight")?,
+                    b: join("bias")?,
+                },
             },
             rnet: RNet {
                 c1: ConvPrelu::new(&r, "conv1", "prelu1")?,
@@ -199,10 +209,8 @@ impl PNet {
         let x = pool(&x, 2, 2)?;
         let x = self.c2.forward(&x)?;
         let x = self.c3.forward(&x)?;
-        // Both 1x1 heads in one convolution: one pass over the 32-channel map instead of two.
-        let w = Tensor::f_cat(&[&self.prob.w, &self.reg.w], 0)?;
-        let b = Tensor::f_cat(&[&self.prob.b, &self.reg.b], 0)?;
-        let y = x.f_conv2d(&w, Some(&b), [1, 1], [0, 0], [1, 1], 1)?;
+        let h = &self.heads;
+        let y = x.f_conv2d(&h.w, Some(&h.b), [1, 1], [0, 0], [1, 1], 1)?;
         let prob = y
             .f_narrow(1, 0, 2)?
             .f_softmax(1, Kind::Float)?

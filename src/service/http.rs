@@ -204,16 +204,16 @@ pub fn render(shared: &Shared) -> String {
         "hotpipe_batch_size_count {}",
         tel.batches.load(Ordering::Relaxed)
     );
-    // Device memory per CUDA device, from libtorch's allocator (free and total as the
-    // driver reports them). A CPU-only machine has no series here.
-    let devices = crate::runtime::cuda_device_count();
-    if devices > 0 {
+    // Device memory of the CUDA devices the pipeline runs on, from libtorch's allocator
+    // (free and total as the driver reports them). A CPU pipeline has no series here.
+    let devices = shared.cuda_devices();
+    if !devices.is_empty() {
         let _ = writeln!(
             o,
             "# HELP hotpipe_device_memory_bytes Device memory, free and total."
         );
         let _ = writeln!(o, "# TYPE hotpipe_device_memory_bytes gauge");
-        for i in 0..devices {
+        for i in devices {
             if let Ok((free, total)) = crate::runtime::cuda::mem_info(i) {
                 let _ = writeln!(
                     o,

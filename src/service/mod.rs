@@ -75,6 +75,9 @@ pub struct Shared {
     last_activity_ms: AtomicU64,
     stuck_s: AtomicU64,
     telemetry: Mutex<Arc<Telemetry>>,
+    /// The CUDA devices the running pipeline uses: /metrics reports their memory only,
+    /// never touching (and creating a context on) a GPU the config does not use.
+    cuda_devices: Mutex<Vec<usize>>,
 }
 
 impl Shared {
@@ -89,6 +92,7 @@ impl Shared {
             last_activity_ms: AtomicU64::new(0),
             stuck_s: AtomicU64::new(stuck_s),
             telemetry: Mutex::new(Arc::new(Telemetry::default())),
+            cuda_devices: Mutex::new(Vec::new()),
         }
     }
 
@@ -99,6 +103,13 @@ impl Shared {
 
     pub fn telemetry(&self) -> Arc<Telemetry> {
         Arc::clone(&self.telemetry.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn cuda_devices(&self) -> Vec<usize> {
+        self.cuda_devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Ok when idle or progressing; Err (with why) when items are in flight and no stage
@@ -180,6 +191,18 @@ impl Session {
         let mut pipeline = Pipeline::start(cfg, sink, start)?;
         *shared.telemetry.lock().unwrap_or_else(|p| p.into_inner()) =
             Arc::clone(pipeline.telemetry());
+        *shared
+            .cuda_devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = pipeline
+            .info()
+            .devices
+            .iter()
+            .filter_map(|d| match d {
+                tch::Device::Cuda(i) => Some(*i),
+                _ => None,
+            })
+            .collect();
         shared.stuck_s.store(hf.stuck_s, Ordering::Relaxed);
         let tx = pipeline.sender();
         pipeline.close_input();

@@ -219,6 +219,18 @@ pub fn bench_model(path: &Path, channels: u32, layers: u32) -> Option<()> {
     .map(drop)
 }
 
+/// Poll `f` every 20 ms until it holds or `timeout` passes; whether it held.
+pub fn wait_until(timeout: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    f()
+}
+
 /// The venv interpreter with torch (set by scripts/env.sh).
 pub fn python() -> Option<PathBuf> {
     let p = PathBuf::from(std::env::var_os("HOTPIPE_PYTHON")?);
