@@ -747,3 +747,68 @@ fn healthz_reports_a_stuck_stage() {
     )
     .0 == 200));
 }
+
+/// A crash between renaming an item's image and its sidecar into `outbox/` (forced at that
+/// point by a test hook that aborts the process) must not publish the image alone: after
+/// the restart the item has exactly its image and its sidecar, once each.
+#[test]
+fn crash_between_image_and_sidecar_loses_no_sidecar() {
+    let weights = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mtcnn");
+    let Some(bench) = shared_bench() else {
+        skip("no bench fixtures (astronaut.png)");
+        return;
+    };
+    if !weights.join("onet.pt").is_file() {
+        skip("no MTCNN weights (run scripts/setup.sh)");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(
+        d.path(),
+        "",
+        &format!(
+            "[face_crop]\nweights = \"{}\"\ndevice = \"cpu\"\n",
+            weights.display()
+        ),
+    );
+    let hf = d.path().join("hf");
+    let mut portrait = Vec::new();
+    image::open(bench.join("astronaut.png"))
+        .unwrap()
+        .write_to(
+            &mut std::io::Cursor::new(&mut portrait),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    let mut daemon = Daemon::start(&cfg, &[("HOTPIPE_TEST_ABORT_MID_PUBLISH", "1")]);
+    daemon.expect_log("hot folder ready", Duration::from_secs(30));
+    deliver(&hf, "astro.jpg", &portrait);
+    assert!(
+        wait_until(Duration::from_secs(60), || !daemon.alive()),
+        "the hook should have aborted the daemon:\n{}",
+        daemon.log()
+    );
+    // The crash left the image alone in outbox/ (beside the sidecar's hidden temporary
+    // file, which start-up removes), the input in work/.
+    let visible = |dir: &Path| -> Vec<String> {
+        names(dir)
+            .into_iter()
+            .filter(|n| !n.starts_with('.'))
+            .collect()
+    };
+    assert_eq!(visible(&hf.join("outbox")), ["astro.jpg"]);
+    assert_eq!(count(&hf.join("done")), 0);
+
+    let daemon = Daemon::start(&cfg, &[]);
+    assert!(
+        wait_until(Duration::from_secs(60), || count(&hf.join("done")) == 1),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(names(&hf.join("outbox")), ["astro.jpg", "astro.json"]);
+    assert_eq!(visible(&hf.join("work")), Vec::<String>::new());
+    let sidecar: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(hf.join("outbox/astro.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["source"]["width"], 512);
+    assert_eq!(count(&hf.join("failed")), 0);
+}

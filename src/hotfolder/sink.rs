@@ -2,15 +2,19 @@
 //! the input to `done/` (or its deletion), and quarantine in `failed/` with a sidecar.
 //!
 //! Publication order, each step durable before the next:
-//! 1. the output is written to a temporary name in `outbox/` and fsynced;
-//! 2. its final name and inode are recorded in the item's state ([`super::state`]);
-//! 3. it is renamed to that name without replacing anything, and `outbox/` is fsynced;
+//! 1. the output (and its JSON sidecar, if any) is written to temporary names in `outbox/`
+//!    and fsynced;
+//! 2. the final names and inodes of all of them are recorded in the item's state
+//!    ([`super::state`]), in one save;
+//! 3. they are renamed to those names without replacing anything, and `outbox/` is fsynced;
 //! 4. the input moves from `work/` to `done/` (fsynced) and the state is dropped.
 //!
-//! A crash before 3 leaves a hidden temporary file (removed at start-up) and a state
-//! whose output does not exist: the item is processed again. A crash after 3 leaves a
-//! state whose output exists with the recorded inode: recovery only does step 4. So an
-//! input yields exactly one visible output whatever moment the process dies at.
+//! A crash before 3 leaves hidden temporary files (removed at start-up) and a state whose
+//! outputs do not exist: the item is processed again. A crash during 3 leaves some of the
+//! recorded outputs: recovery takes them back and processes the item again. A crash after
+//! 3 leaves a state whose outputs all exist with the recorded inodes: recovery only does
+//! step 4. So an input yields exactly one visible set of outputs whatever moment the
+//! process dies at.
 
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
@@ -51,44 +55,106 @@ impl HotSink {
         }
     }
 
-    /// Steps 1 to 3 for one file.
-    fn publish_one(
+    /// Steps 1 to 3 for all of an item's files (its output and, with the face crop, the
+    /// JSON sidecar) together. Their names are recorded in *one* durable state save before
+    /// either is renamed: a crash (or a transient error) between the two renames then leaves
+    /// a state listing both, one of them missing, which recovery takes back and processes
+    /// again. Recorded one at a time, the state would list only the image, recovery would
+    /// call the item published, and its sidecar would never be written.
+    fn publish_files(
         &self,
         work_name: &OsStr,
         st: &mut state::ItemState,
         stem: &str,
         ext: &str,
         bytes: &[u8],
-    ) -> std::io::Result<PathBuf> {
+        sidecar: Option<&[u8]>,
+    ) -> std::io::Result<Vec<PathBuf>> {
         let outbox = &self.layout.outbox;
-        let (tmp, ino) = write_tmp(outbox, stem, bytes)?;
+        let mut temps = vec![write_tmp(outbox, stem, bytes)?];
+        if let Some(text) = sidecar {
+            match write_tmp(outbox, stem, text) {
+                Ok(t) => temps.push(t),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&temps[0].0);
+                    return Err(e);
+                }
+            }
+        }
+        let mut placed: Vec<PathBuf> = Vec::new();
         let r = (|| {
             let _g = self.names.lock().unwrap_or_else(|p| p.into_inner());
-            for n in 0..100_000u32 {
-                let file = candidate_name(stem, ext, n);
-                let to = outbox.join(&file);
-                if std::fs::symlink_metadata(&to).is_ok() {
+            'names: for n in 0..100_000u32 {
+                let image = candidate_name(stem, ext, n);
+                let mut files = vec![image.clone()];
+                if sidecar.is_some() {
+                    files.push(candidate_name(
+                        &sidecar_stem(std::path::Path::new(&image)),
+                        "json",
+                        0,
+                    ));
+                }
+                if files
+                    .iter()
+                    .any(|f| std::fs::symlink_metadata(outbox.join(f)).is_ok())
+                {
                     continue;
                 }
-                st.outputs.push(Output { file, ino });
+                st.outputs = files
+                    .iter()
+                    .zip(&temps)
+                    .map(|(file, &(_, ino))| Output {
+                        file: file.clone(),
+                        ino,
+                    })
+                    .collect();
                 state::save(&self.layout.work, work_name, st, true)?;
-                match rename_noreplace(&tmp, &to) {
-                    Ok(()) => return Ok(to),
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                        st.outputs.pop();
-                    }
-                    Err(e) => return Err(e),
+                if crash_mid_publish() && sidecar.is_some() {
+                    rename_noreplace(&temps[0].0, &outbox.join(&files[0]))?;
+                    std::process::abort();
                 }
+                for (file, (tmp, _)) in files.iter().zip(&temps) {
+                    let to = outbox.join(file);
+                    match rename_noreplace(tmp, &to) {
+                        Ok(()) => placed.push(to),
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                            // Taken since we looked (not by us: we hold the lock): put what
+                            // we placed back and try the next name.
+                            for (p, (tmp, _)) in placed.drain(..).zip(&temps) {
+                                std::fs::rename(p, tmp)?;
+                            }
+                            continue 'names;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                return Ok(std::mem::take(&mut placed));
             }
             Err(std::io::Error::other(format!(
                 "no free name for {stem}.{ext}"
             )))
         })();
         if r.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+            // Take back what was placed: the retry publishes the item whole.
+            for p in &placed {
+                let _ = std::fs::remove_file(p);
+            }
+            for (tmp, _) in &temps {
+                let _ = std::fs::remove_file(tmp);
+            }
         }
         r
     }
+}
+
+/// Test hook (`HOTPIPE_TEST_ABORT_MID_PUBLISH=1`): abort the process after an item's first
+/// file is renamed into `outbox/` and before its sidecar is, the moment a crash leaves an
+/// item half-published. Read once.
+fn crash_mid_publish() -> bool {
+    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FLAG.get_or_init(|| {
+        std::env::var_os("HOTPIPE_TEST_ABORT_MID_PUBLISH").is_some_and(|v| v == "1")
+    })
 }
 
 impl Sink for HotSink {
@@ -101,24 +167,25 @@ impl Sink for HotSink {
             .map_err(|e| err("cannot read the item's state in work/", e))?
             .unwrap_or_default();
         st.name = work_name.to_string_lossy().into_owned();
-        st.outputs.clear();
-        let mut written = Vec::new();
-        let out = self
-            .publish_one(&work_name, &mut st, &item.name, ext, encoded)
+        let sidecar = item
+            .sidecar
+            .as_ref()
+            .map(|s| serde_json::to_vec_pretty(s).unwrap_or_default());
+        let written = self
+            .publish_files(
+                &work_name,
+                &mut st,
+                &item.name,
+                ext,
+                encoded,
+                sidecar.as_deref(),
+            )
             .map_err(|e| {
                 err(
                     &format!("cannot publish into {}", self.layout.outbox.display()),
                     e,
                 )
             })?;
-        if let Some(sidecar) = &item.sidecar {
-            let text = serde_json::to_vec_pretty(sidecar).unwrap_or_default();
-            written.push(
-                self.publish_one(&work_name, &mut st, &sidecar_stem(&out), "json", &text)
-                    .map_err(|e| err("cannot publish the sidecar", e))?,
-            );
-        }
-        written.insert(0, out);
         sync_dir(&self.layout.outbox).map_err(|e| err("cannot sync outbox/", e))?;
         // Published: from here on the item must never be processed again, whatever fails.
         if let Err(e) = finish_success(&self.layout, &work_name, self.on_success) {
