@@ -218,9 +218,10 @@ pub fn middle_stage(cfg: &Config) -> Result<Option<MiddleStage>, PipelineError> 
         return Ok(None);
     };
     let cropper = FaceCropper::new(fc)?;
-    Ok(Some(Box::new(move |rx, tx, out, tel| {
-        run_stage(cropper, rx, tx, out, tel)
-    })))
+    Ok(Some(MiddleStage {
+        frames_held: MAX_BATCH,
+        run: Box::new(move |rx, tx, out, tel| run_stage(cropper, rx, tx, out, tel)),
+    }))
 }
 
 /// The stage loop: batch what is waiting, detect, annotate or reject, forward.

@@ -100,11 +100,19 @@ type QueueProbe = Box<dyn Fn() -> usize + Send>;
 /// A decoded image on its way to the fit stage.
 pub type Decoded = (Item, Frame);
 
-/// An optional stage between decode and fit (the face crop): it receives decoded
-/// frames, annotates items (`region`, `sidecar`) and forwards them, or reports an
-/// outcome for items it rejects. It must exit when its input closes.
-pub type MiddleStage =
+/// The body of a [`MiddleStage`]: it receives decoded frames, annotates items (`region`,
+/// `sidecar`) and forwards them, or reports an outcome for items it rejects. It must exit
+/// when its input closes.
+pub type MiddleRun =
     Box<dyn FnOnce(Receiver<Decoded>, Sender<Decoded>, Sender<Outcome>, Arc<Telemetry>) + Send>;
+
+/// An optional stage between decode and fit (the face crop).
+pub struct MiddleStage {
+    /// Decoded frames the stage holds at once (its batch): the frame pool grows by this
+    /// many, or the stage would wait for frames the decoders cannot get buffers for.
+    pub frames_held: usize,
+    pub run: MiddleRun,
+}
 
 /// Options that are not part of the config file.
 #[derive(Default)]
@@ -268,7 +276,7 @@ impl Pipeline {
         // the pool, not the channel, bounds how many exist: one per decoder and fit worker,
         // one for an EXIF rotation in progress, a few queued for fit, and what the detect
         // stage batches. A full pool blocks decoders, which is the intended back-pressure.
-        let middle_frames = if opts.middle.is_some() { 8 } else { 0 };
+        let middle_frames = opts.middle.as_ref().map_or(0, |m| m.frames_held);
         let decode_pool = BufPool::new(pl.decode_threads + pl.fit_threads + 3 + middle_frames);
         telemetry.set_threads(Stage::Decode, pl.decode_threads);
         // JPEGs may be decoded at a DCT-reduced scale that still covers the fit; not with a
@@ -335,7 +343,7 @@ impl Pipeline {
                 fit_tx.clone(),
             );
             threads.push(spawn("hp-detect".into(), move || {
-                middle(rx, tx, out_tx, tel)
+                (middle.run)(rx, tx, out_tx, tel)
             })?);
         }
         drop(dec_rx);
