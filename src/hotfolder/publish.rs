@@ -73,16 +73,24 @@ pub fn write_new(
     placed
 }
 
-/// Write `bytes` to a fresh temporary name in `dir` and fsync it (not the directory).
-/// Returns the path and inode, so a caller can record which file it is about to
-/// publish before renaming it (the hot folder's crash-safe publication).
-pub fn write_tmp(dir: &Path, stem: &str, bytes: &[u8]) -> std::io::Result<(PathBuf, u64)> {
-    write_temp(dir, stem, bytes, true)
+/// Write `dir/name` whole or not at all, replacing what is there: a temporary file renamed
+/// over it (with `durable`, the file and then `dir` fsynced). For files hotpipe owns the
+/// name of: an item's state, a quarantined item's `.error.json`.
+pub fn write_replace(dir: &Path, name: &str, bytes: &[u8], durable: bool) -> std::io::Result<()> {
+    let (tmp, _) = write_temp(dir, name, bytes, durable)?;
+    let r = std::fs::rename(&tmp, dir.join(name))
+        .and_then(|()| if durable { sync_dir(dir) } else { Ok(()) });
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
 }
 
 /// The one place temporary files are written: a fresh hidden name ending in
 /// [`TMP_SUFFIX`], created exclusively, optionally fsynced; removed again on error.
-fn write_temp(
+/// Returns the path and inode, so a caller can record which file it is about to publish
+/// before renaming it (the hot folder's crash-safe publication).
+pub fn write_temp(
     dir: &Path,
     stem: &str,
     bytes: &[u8],

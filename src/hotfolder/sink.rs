@@ -24,7 +24,7 @@ use crossbeam_channel::Sender;
 
 use super::publish::{
     TMP_SUFFIX, candidate_name, place_noreplace, rename_noreplace, sidecar_stem, sync_dir,
-    write_tmp,
+    write_replace, write_temp,
 };
 use super::state::{self, Failing, Output};
 use super::{Layout, split_name, utc_timestamp};
@@ -71,9 +71,9 @@ impl HotSink {
         sidecar: Option<&[u8]>,
     ) -> std::io::Result<Vec<PathBuf>> {
         let outbox = &self.layout.outbox;
-        let mut temps = vec![write_tmp(outbox, stem, bytes)?];
+        let mut temps = vec![write_temp(outbox, stem, bytes, true)?];
         if let Some(text) = sidecar {
-            match write_tmp(outbox, stem, text) {
+            match write_temp(outbox, stem, text, true) {
                 Ok(t) => temps.push(t),
                 Err(e) => {
                     let _ = std::fs::remove_file(&temps[0].0);
@@ -240,16 +240,13 @@ fn write_sidecar(layout: &Layout, f: &Failing, original: &str) -> std::io::Resul
         time: &f.time,
     })
     .map_err(std::io::Error::other)?;
-    let (tmp, _) = write_tmp(&layout.failed, "sidecar", &text)?;
     // Replacing is right here: the name was reserved for this item in its state.
-    let r = std::fs::rename(
-        &tmp,
-        layout.failed.join(format!("{}.error.json", f.as_name)),
-    );
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
+    write_replace(
+        &layout.failed,
+        &format!("{}.error.json", f.as_name),
+        &text,
+        true,
+    )
 }
 
 /// Quarantine the item `name` of `work/`: record the name it gets in `failed/`, write
@@ -270,14 +267,12 @@ pub fn fail_item(
             Some(f) => f.clone(),
             None => {
                 let (stem, ext) = split_name(name);
-                let dot = if ext.is_empty() { "" } else { "." };
+                // The exact name first (split_name does not round-trip every name, e.g.
+                // "x."), then the usual suffixes.
                 let as_name = (0..100_000u32)
-                    .map(|n| {
-                        if n == 0 {
-                            name.to_string_lossy().into_owned()
-                        } else {
-                            format!("{stem}-{n}{dot}{ext}")
-                        }
+                    .map(|n| match n {
+                        0 => name.to_string_lossy().into_owned(),
+                        n => candidate_name(&stem, &ext, n),
                     })
                     .find(|c| {
                         !c.ends_with(TMP_SUFFIX)

@@ -11,14 +11,11 @@
 //! also fsync the file and `work/` (see [`save`]).
 
 use std::ffi::OsStr;
-use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-
-use super::publish::sync_dir;
 
 /// Prefix of state files in `work/`.
 pub const STATE_PREFIX: &str = ".hp-state-";
@@ -101,31 +98,9 @@ pub fn load_path(p: &Path) -> std::io::Result<Option<ItemState>> {
 /// is published twice) and where an item is being quarantined: those saves are durable.
 pub fn save(work: &Path, name: &OsStr, st: &ItemState, durable: bool) -> std::io::Result<()> {
     let p = path(work, name);
-    let tmp = p.with_extension(format!(
-        "{}{}",
-        std::process::id(),
-        super::publish::TMP_SUFFIX
-    ));
-    let r = (|| {
-        let mut f = std::fs::File::options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec(st).map_err(std::io::Error::other)?)?;
-        if durable {
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &p)?;
-        if durable {
-            sync_dir(work)?;
-        }
-        Ok(())
-    })();
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r
+    let file = p.file_name().unwrap_or_default().to_string_lossy();
+    let json = serde_json::to_vec(st).map_err(std::io::Error::other)?;
+    super::publish::write_replace(work, &file, &json, durable)
 }
 
 /// Forget an item's state (after it left `work/`). Not synced: a state file that
