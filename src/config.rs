@@ -155,6 +155,7 @@ struct RawFaceCrop {
     margin: Option<Spanned<f64>>,
     min_face: Option<Spanned<i64>>,
     detect_size: Option<Spanned<i64>>,
+    refine_size: Option<Spanned<i64>>,
     thresholds: Option<Spanned<[f64; 3]>>,
     on_no_face: Option<Spanned<String>>,
     device: Option<Spanned<String>>,
@@ -298,6 +299,11 @@ pub enum NoFacePolicy {
     Pass,
 }
 
+/// `[face_crop] detect_size` when not set.
+pub const DEFAULT_DETECT_SIZE: u32 = 512;
+/// `[face_crop] refine_size` when not set.
+pub const DEFAULT_REFINE_SIZE: u32 = 2048;
+
 #[derive(Debug, Clone)]
 pub struct FaceCropConfig {
     /// Folder holding `pnet.pt`, `rnet.pt`, `onet.pt` (written by the set-up script).
@@ -307,8 +313,11 @@ pub struct FaceCropConfig {
     /// side (the crop is a square of `1 + 2 * margin` times the box).
     pub margin: f32,
     pub min_face: u32,
-    /// Longer side of the working image the detector sees.
+    /// Longer side of the working image the coarse pass searches whole.
     pub detect_size: u32,
+    /// Longer side of the image the fine pass re-detects each face on (the decoded
+    /// photo when it is no larger); at most `detect_size` turns the fine pass off.
+    pub refine_size: u32,
     pub thresholds: [f32; 3],
     pub on_no_face: NoFacePolicy,
     pub device: DeviceChoice,
@@ -848,7 +857,14 @@ impl Config {
                         "face_crop.detect_size",
                         64,
                         4096,
-                        1024u32,
+                        DEFAULT_DETECT_SIZE,
+                    )?,
+                    refine_size: cx.int_in(
+                        &f.refine_size,
+                        "face_crop.refine_size",
+                        64,
+                        16384,
+                        DEFAULT_REFINE_SIZE,
                     )?,
                     thresholds,
                     on_no_face: cx.choice(
@@ -1096,7 +1112,10 @@ mod tests {
         assert_eq!(f.weights, Path::new("/base/models/mtcnn"));
         assert_eq!(f.select, FaceSelect::MostConfident);
         assert_eq!(f.on_no_face, NoFacePolicy::Fail);
-        assert_eq!((f.min_face, f.detect_size), (20, 1024));
+        assert_eq!(
+            (f.min_face, f.detect_size, f.refine_size),
+            (20, DEFAULT_DETECT_SIZE, DEFAULT_REFINE_SIZE)
+        );
         assert_eq!(f.thresholds, [0.6, 0.7, 0.7]);
         // "auto" follows the model's device.
         let c = parse(
@@ -1115,6 +1134,10 @@ mod tests {
             ("[face_crop]\n\nmargin = 5.0\n", "face_crop.margin"),
             ("[face_crop]\n\nmin_face = 4\n", "face_crop.min_face"),
             ("[face_crop]\n\ndetect_size = 10\n", "face_crop.detect_size"),
+            (
+                "[face_crop]\n\nrefine_size = 20000\n",
+                "face_crop.refine_size",
+            ),
             (
                 "[face_crop]\n\nthresholds = [0.6, 0.7, 1.5]\n",
                 "face_crop.thresholds",

@@ -57,6 +57,8 @@ pub struct FaceCropper {
     nets: Nets,
     cfg: FaceCropConfig,
     resizer: fir::Resizer,
+    /// The fine pass's integral images, one per photo of a batch, reused.
+    ints: Vec<detect::Integral>,
 }
 
 impl FaceCropper {
@@ -68,57 +70,71 @@ impl FaceCropper {
             nets,
             cfg: cfg.clone(),
             resizer: fir::Resizer::new(),
+            ints: Vec::new(),
         })
     }
 
-    /// The working copy of `frame` the detector sees, and the factors from its pixels to
-    /// original-image pixels.
-    fn working(&mut self, frame: &Frame) -> Result<(WorkImage, f64, f64), String> {
+    /// A copy of `frame` whose longer side is at most `limit` (None: the frame is no
+    /// larger, use it as it is), with its size. A box filter averages every source pixel
+    /// under the target one: the "area" resampling MTCNN's own pyramid uses.
+    fn scaled(&mut self, frame: &Frame, limit: u32) -> Result<Option<(Vec<u8>, u32, u32)>, String> {
         let (fw, fh) = (frame.width, frame.height);
-        let limit = self.cfg.detect_size as f64;
-        let s = (limit / fw.max(fh) as f64).min(1.0);
+        let s = (limit as f64 / fw.max(fh) as f64).min(1.0);
         let ww = ((fw as f64 * s).round() as u32).max(1);
         let wh = ((fh as f64 * s).round() as u32).max(1);
-        let pixels = if (ww, wh) == (fw, fh) {
-            frame.pixels[..fw as usize * fh as usize * 3].to_vec()
-        } else {
-            let src = fir::images::ImageRef::new(fw, fh, &frame.pixels, fir::PixelType::U8x3)
-                .map_err(|e| format!("working image: {e}"))?;
-            let mut dst = fir::images::Image::new(ww, wh, fir::PixelType::U8x3);
-            // A box filter averages every source pixel under the target one: the
-            // "area" resampling MTCNN's own pyramid uses.
-            let opts = fir::ResizeOptions::new()
-                .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Box));
-            self.resizer
-                .resize(&src, &mut dst, &opts)
-                .map_err(|e| format!("working image: {e}"))?;
-            dst.into_vec()
+        if (ww, wh) == (fw, fh) {
+            return Ok(None);
+        }
+        let src = fir::images::ImageRef::new(fw, fh, &frame.pixels, fir::PixelType::U8x3)
+            .map_err(|e| format!("working image: {e}"))?;
+        let mut dst = fir::images::Image::new(ww, wh, fir::PixelType::U8x3);
+        let opts =
+            fir::ResizeOptions::new().resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Box));
+        self.resizer
+            .resize(&src, &mut dst, &opts)
+            .map_err(|e| format!("working image: {e}"))?;
+        Ok(Some((dst.into_vec(), ww, wh)))
+    }
+
+    /// The coarse pass's working copy of `frame` (the frame itself when it is no larger
+    /// than `detect_size`: then `None` for the pixels), and its size.
+    fn working(&mut self, frame: &Frame) -> Result<(WorkImage, bool), String> {
+        let (pixels, ww, wh, copied) = match self.scaled(frame, self.cfg.detect_size)? {
+            Some((p, w, h)) => (p, w, h, true),
+            None => {
+                let n = frame.width as usize * frame.height as usize * 3;
+                (frame.pixels[..n].to_vec(), frame.width, frame.height, false)
+            }
         };
-        let kx = frame.orig_width as f64 / ww as f64;
-        let ky = frame.orig_height as f64 / wh as f64;
-        // min_face is in original pixels; P-Net cannot see a face under 12 working pixels.
-        let min_face = (self.cfg.min_face as f64 / kx.max(ky)).max(12.0);
+        let k = frame.orig_width.max(frame.orig_height) as f64 / ww.max(wh) as f64;
         let im = WorkImage {
             width: ww as usize,
             height: wh as usize,
             pixels,
-            min_face,
+            min_face: min_face_in(self.cfg.min_face, k),
         };
-        Ok((im, kx, ky))
+        Ok((im, copied))
     }
 
     /// Detect faces in a batch of frames. Per frame: every face found (original-image
     /// pixels, best score first), or why detection failed.
+    ///
+    /// Two passes. The coarse one runs the whole cascade on copies at `detect_size`: it
+    /// decides where faces are, at a quarter of the cost of twice the resolution. The fine
+    /// one re-detects each face found on the photo itself (or a copy at `refine_size`),
+    /// around the face and on the pyramid levels for its size only ([`detect::refine`]),
+    /// so the box, score and landmarks are those of a full-resolution MTCNN, which is
+    /// what users compare against and what the crop is cut from.
     pub fn detect(&mut self, frames: &[&Frame]) -> Vec<Result<Vec<FoundFace>, String>> {
         let mut out: Vec<Result<Vec<FoundFace>, String>> = Vec::with_capacity(frames.len());
         let mut work = Vec::new();
-        let mut scale = Vec::new();
+        let mut copied = Vec::new();
         let mut slot = Vec::new();
         for (i, f) in frames.iter().enumerate() {
             match self.working(f) {
-                Ok((im, kx, ky)) => {
+                Ok((im, c)) => {
                     work.push(im);
-                    scale.push((kx as f32, ky as f32));
+                    copied.push(c);
                     slot.push(i);
                     out.push(Ok(Vec::new()));
                 }
@@ -128,24 +144,116 @@ impl FaceCropper {
         if work.is_empty() {
             return out;
         }
-        match detect::detect(&self.nets, &work, self.cfg.thresholds) {
-            Ok(found) => {
-                for ((faces, (kx, ky)), i) in found.into_iter().zip(scale).zip(slot) {
-                    out[i] = Ok(faces
-                        .into_iter()
-                        .map(|f| to_original(&f, kx, ky, self.cfg.margin))
-                        .collect());
-                }
-            }
+        let fail = |e: &tch::TchError| format!("face detector failed: {}", torch_message(e));
+        let coarse = match detect::detect(&self.nets, &work, self.cfg.thresholds, &mut self.ints) {
+            Ok(found) => found,
             Err(e) => {
-                let reason = format!("face detector failed: {}", torch_message(&e));
+                let reason = fail(&e);
                 for i in slot {
                     out[i] = Err(reason.clone());
                 }
+                return out;
             }
+        };
+        let fine = self.cfg.refine_size > self.cfg.detect_size;
+        // Per frame: the pixels the fine pass runs on (None: the frame's own), their size,
+        // and the coarse faces as seeds in those pixels.
+        let mut copies: Vec<Option<Vec<u8>>> = Vec::new();
+        let mut sizes = Vec::new();
+        let mut seeds = Vec::new();
+        let mut min_faces = Vec::new();
+        let mut final_coarse = vec![false; work.len()];
+        for (k, (faces, im)) in coarse.iter().zip(&work).enumerate() {
+            let frame = frames[slot[k]];
+            if faces.is_empty() || !copied[k] || !fine {
+                final_coarse[k] = true;
+                copies.push(None);
+                sizes.push((im.width as u32, im.height as u32));
+                seeds.push(Vec::new());
+                min_faces.push(12.0);
+                continue;
+            }
+            let (copy, vw, vh) = match self.scaled(frame, self.cfg.refine_size) {
+                Ok(Some((p, w, h))) => (Some(p), w, h),
+                Ok(None) => (None, frame.width, frame.height),
+                Err(e) => {
+                    out[slot[k]] = Err(e);
+                    final_coarse[k] = true;
+                    (None, im.width as u32, im.height as u32)
+                }
+            };
+            let r = vw as f32 / im.width as f32;
+            seeds.push(if final_coarse[k] {
+                Vec::new()
+            } else {
+                faces.iter().map(|f| f.bbox.map(|v| v * r)).collect()
+            });
+            let kv = frame.orig_width.max(frame.orig_height) as f64 / vw.max(vh) as f64;
+            min_faces.push(min_face_in(self.cfg.min_face, kv));
+            copies.push(copy);
+            sizes.push((vw, vh));
+        }
+        let views: Vec<detect::View> = (0..work.len())
+            .map(|k| {
+                let (w, h) = (sizes[k].0 as usize, sizes[k].1 as usize);
+                let pixels: &[u8] = match &copies[k] {
+                    Some(p) => p,
+                    None if final_coarse[k] => &work[k].pixels,
+                    None => &frames[slot[k]].pixels[..w * h * 3],
+                };
+                detect::View {
+                    width: w,
+                    height: h,
+                    pixels,
+                }
+            })
+            .collect();
+        let refined = if seeds.iter().any(|s| !s.is_empty()) {
+            detect::refine(
+                &self.nets,
+                &views,
+                &seeds,
+                &min_faces,
+                self.cfg.thresholds,
+                &mut self.ints,
+            )
+        } else {
+            Ok(vec![Vec::new(); work.len()])
+        };
+        let refined = match refined {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = fail(&e);
+                for (k, &i) in slot.iter().enumerate() {
+                    if !final_coarse[k] {
+                        out[i] = Err(reason.clone());
+                    }
+                }
+                vec![Vec::new(); work.len()]
+            }
+        };
+        for (k, (c, r)) in coarse.into_iter().zip(refined).enumerate() {
+            let i = slot[k];
+            if out[i].is_err() {
+                continue;
+            }
+            let frame = frames[i];
+            let faces = if final_coarse[k] { c } else { r };
+            let kx = frame.orig_width as f32 / views[k].width as f32;
+            let ky = frame.orig_height as f32 / views[k].height as f32;
+            out[i] = Ok(faces
+                .iter()
+                .map(|f| to_original(f, kx, ky, self.cfg.margin))
+                .collect());
         }
         out
     }
+}
+
+/// `min_face` (original pixels) in the pixels of a copy `k` times smaller: P-Net cannot
+/// see a face under 12 of them.
+fn min_face_in(min_face: u32, k: f64) -> f64 {
+    (min_face as f64 / k).max(12.0)
 }
 
 /// Scale a working-image face to original pixels and add its crop square.
