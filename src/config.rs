@@ -143,6 +143,7 @@ struct RawPipeline {
     encode_threads: Option<Spanned<i64>>,
     infer_threads: Option<Spanned<i64>>,
     cpu_infer_workers: Option<Spanned<i64>>,
+    detect_threads: Option<Spanned<i64>>,
     channel_capacity: Option<Spanned<i64>>,
     batch_slots: Option<Spanned<i64>>,
 }
@@ -281,6 +282,9 @@ pub struct PipelineConfig {
     /// model and `infer_threads / cpu_infer_workers` intra-op threads: small models scale
     /// better across workers than across intra-op threads.
     pub cpu_infer_workers: usize,
+    /// Face-crop detect workers (with `[face_crop]`), each with its own copy of the
+    /// MTCNN weights; on the CPU each runs libtorch on one thread.
+    pub detect_threads: usize,
     pub channel_capacity: usize,
     pub batch_slots: usize,
 }
@@ -781,6 +785,13 @@ impl Config {
                 1,
                 256,
                 1usize,
+            )?,
+            detect_threads: cx.int_in(
+                &pl.detect_threads,
+                "pipeline.detect_threads",
+                1,
+                64,
+                cores.clamp(1, 8),
             )?,
             channel_capacity: cx.int_in(
                 &pl.channel_capacity,

@@ -467,3 +467,59 @@ fn boxes_are_in_original_pixels_when_the_frame_was_decoded_smaller() {
     assert!((f2.landmarks[2][0] - 2.0 * f1.landmarks[2][0]).abs() < 1.0);
     assert!((f2.crop.x1 - 2.0 * f1.crop.x1).abs() < 2.0);
 }
+
+fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let i = w * h;
+    i / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - i)
+}
+
+#[test]
+fn fine_pass_gives_the_boxes_of_the_whole_resolution_cascade() {
+    let Some((w, a)) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    // A 1600 x 1300 photo, the face about 330 px, off centre (PNG: both decodes agree).
+    let mut photo = RgbImage::from_pixel(1600, 1300, Rgb([90, 110, 130]));
+    let big = image::imageops::resize(&a, 1150, 1150, image::imageops::FilterType::Triangle);
+    image::imageops::overlay(&mut photo, &big, 380, 90);
+    let path = d.path().join("photo.png");
+    photo.save(&path).unwrap();
+    let faces = |name: &str, face_extra: &str| {
+        let dir = d.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = config(&dir, &w, face_extra, "");
+        let f = library_faces(&cfg, &path);
+        choose(&f, FaceSelect::MostConfident)
+            .unwrap_or_else(|| panic!("{name}: no face"))
+            .clone()
+    };
+    // The reference: the photo is no larger than detect_size, so the coarse pass is
+    // MTCNN on the whole photo at full resolution (what facenet-pytorch runs).
+    let whole = faces("whole", "detect_size = 2048");
+    // Coarse on a 400 px copy, then the fine pass on the photo.
+    let fine = faces("fine", "detect_size = 400");
+    // Coarse only (refine_size <= detect_size turns the fine pass off).
+    let coarse = faces("coarse", "detect_size = 400\nrefine_size = 400");
+    let (i_fine, i_coarse) = (iou(fine.bbox, whole.bbox), iou(coarse.bbox, whole.bbox));
+    eprintln!(
+        "whole {:?} {}\nfine {:?} {} (IoU {i_fine})\ncoarse {:?} {} (IoU {i_coarse})",
+        whole.bbox, whole.score, fine.bbox, fine.score, coarse.bbox, coarse.score
+    );
+    assert!(
+        i_fine > 0.99,
+        "fine pass box IoU {i_fine} with the whole-resolution box"
+    );
+    assert!((fine.score - whole.score).abs() < 1e-3);
+    for (p, q) in fine.landmarks.iter().zip(&whole.landmarks) {
+        assert!(
+            (p[0] - q[0]).abs() < 1.5 && (p[1] - q[1]).abs() < 1.5,
+            "{p:?} {q:?}"
+        );
+    }
+    // Without it the box is the 400 px copy's, measurably further from the reference.
+    assert!(
+        i_coarse < i_fine - 0.005,
+        "coarse IoU {i_coarse}, fine {i_fine}"
+    );
+}

@@ -180,117 +180,115 @@ pub const FINE_MIN_WINDOW: f64 = 0.25;
 /// (a window that overlaps the face can regress onto it) plus this fraction of the face.
 const FINE_PAD: f64 = 0.25;
 
-/// The fine pass: for each image, the cascade again on `views` (the decoded photo, or a
-/// copy of it at `refine_size`) around each seed face (a face the coarse pass found, in
-/// `views` pixels), on the pyramid levels facenet-pytorch would use for a face of that
-/// size on the whole image. Inside those windows the input of every network is what it
-/// would be on the whole image (each level's pixels are area averages over the same
-/// source pixels, computed exactly from an integral image; windows start on P-Net's
-/// stride), so the boxes are the full-resolution cascade's, at a fraction of its cost.
-/// `min_face` is per image, in `views` pixels. Returns, per image, the faces found.
+/// The fine pass on one image: the cascade again on `view` (the decoded photo, or a copy
+/// of it at `refine_size`) around each seed face (a face the coarse pass found, in `view`
+/// pixels), on the pyramid levels facenet-pytorch would use for a face of that size on
+/// the whole image. Inside those windows the input of every network is what it would be
+/// on the whole image (each level's pixels are area averages over the same source pixels,
+/// computed exactly from an integral image; windows start on P-Net's stride), so the
+/// boxes are the full-resolution cascade's, at a fraction of its cost. `min_face` is in
+/// `view` pixels. One image at a time so that one integral image (`int`, reused) is
+/// alive, not one per photo of a batch: it is 12 bytes per pixel of the search window.
 pub fn refine(
     nets: &Nets,
-    views: &[View],
-    seeds: &[Vec<[f32; 4]>],
-    min_face: &[f64],
+    view: View,
+    seeds: &[[f32; 4]],
+    min_face: f64,
     thresholds: [f32; 3],
-    ints: &mut Vec<Integral>,
-) -> Result<Vec<Vec<Face>>, TchError> {
+    int: &mut Integral,
+) -> Result<Vec<Face>, TchError> {
     let _guard = tch::no_grad_guard();
     let dev = nets.device;
     let t0 = std::time::Instant::now();
-    if ints.len() < views.len() {
-        ints.resize_with(views.len(), Integral::default);
+    int.clear();
+    let (w, h) = (view.width, view.height);
+    let fmax = seeds
+        .iter()
+        .map(|b| (b[2] - b[0]).max(b[3] - b[1]) as f64)
+        .fold(0.0, f64::max);
+    // Per level: its scale and size, and the span of its pixels searched.
+    let mut levels = Vec::new();
+    // The image pixels all of them (and the crops of R-Net and O-Net) are made of.
+    let pad = (FINE_PAD * fmax) as usize;
+    let mut union = [usize::MAX, usize::MAX, 0, 0];
+    for scale in scales(w.min(h), min_face) {
+        let win = 12.0 / scale;
+        let mut rect: Option<[f64; 4]> = None;
+        for b in seeds {
+            let f = (b[2] - b[0]).max(b[3] - b[1]) as f64;
+            if win < FINE_MIN_WINDOW * f {
+                continue;
+            }
+            let p = win + FINE_PAD * f;
+            let r = [
+                b[0] as f64 - p,
+                b[1] as f64 - p,
+                b[2] as f64 + p,
+                b[3] as f64 + p,
+            ];
+            rect = Some(match rect {
+                None => r,
+                Some(u) => [
+                    u[0].min(r[0]),
+                    u[1].min(r[1]),
+                    u[2].max(r[2]),
+                    u[3].max(r[3]),
+                ],
+            });
+        }
+        let Some(r) = rect else { continue };
+        let hs = (h as f64 * scale + 1.0) as usize;
+        let ws = (w as f64 * scale + 1.0) as usize;
+        let (r0, r1) = level_span(r[1], r[3], h, hs);
+        let (c0, c1) = level_span(r[0], r[2], w, ws);
+        union = [
+            union[0].min((c0 * w / ws).saturating_sub(pad)),
+            union[1].min((r0 * h / hs).saturating_sub(pad)),
+            union[2].max(((c1 * w).div_ceil(ws) + pad).min(w)),
+            union[3].max(((r1 * h).div_ceil(hs) + pad).min(h)),
+        ];
+        levels.push((scale, hs, ws, r0, r1, c0, c1));
+    }
+    if levels.is_empty() {
+        return Ok(Vec::new());
+    }
+    int.build(
+        &view,
+        union[0],
+        union[1],
+        union[2] - union[0],
+        union[3] - union[1],
+    );
+    let mut per = Vec::new();
+    let mut buf = Vec::new();
+    for (scale, hs, ws, r0, r1, c0, c1) in levels {
+        let (rows, cols) = (level_bins(r0, r1, h, hs), level_bins(c0, c1, w, ws));
+        buf.clear();
+        int.sample(&rows, &cols, &mut buf);
+        let (prob, reg) = nets.pnet.forward(&nchw(&buf, 1, r1 - r0, c1 - c0, dev)?)?;
+        let (ph, pw) = (prob.size()[1] as usize, prob.size()[2] as usize);
+        let c = generate(
+            &to_vec(&prob)?,
+            &to_vec(&reg)?,
+            (pw, ph),
+            (c0 / 2, r0 / 2),
+            scale as f32,
+            thresholds[0],
+            0,
+        );
+        per.extend(nms(&c, 0.5, Overlap::Union).into_iter().map(|j| c[j]));
     }
     let mut cands = Vec::new();
-    let mut buf = Vec::new();
-    for (img, (v, seeds)) in views.iter().zip(seeds).enumerate() {
-        if seeds.is_empty() {
-            ints[img].clear();
-            continue;
-        }
-        let (w, h) = (v.width, v.height);
-        let fmax = seeds
-            .iter()
-            .map(|b| (b[2] - b[0]).max(b[3] - b[1]) as f64)
-            .fold(0.0, f64::max);
-        // Per level: its scale and size, and the span of its pixels searched.
-        let mut levels = Vec::new();
-        // The image pixels all of them (and the crops of R-Net and O-Net) are made of.
-        let pad = (FINE_PAD * fmax) as usize;
-        let mut union = [usize::MAX, usize::MAX, 0, 0];
-        for scale in scales(w.min(h), min_face[img]) {
-            let win = 12.0 / scale;
-            let mut rect: Option<[f64; 4]> = None;
-            for b in seeds {
-                let f = (b[2] - b[0]).max(b[3] - b[1]) as f64;
-                if win < FINE_MIN_WINDOW * f {
-                    continue;
-                }
-                let p = win + FINE_PAD * f;
-                let r = [
-                    b[0] as f64 - p,
-                    b[1] as f64 - p,
-                    b[2] as f64 + p,
-                    b[3] as f64 + p,
-                ];
-                rect = Some(match rect {
-                    None => r,
-                    Some(u) => [
-                        u[0].min(r[0]),
-                        u[1].min(r[1]),
-                        u[2].max(r[2]),
-                        u[3].max(r[3]),
-                    ],
-                });
-            }
-            let Some(r) = rect else { continue };
-            let hs = (h as f64 * scale + 1.0) as usize;
-            let ws = (w as f64 * scale + 1.0) as usize;
-            let (r0, r1) = level_span(r[1], r[3], h, hs);
-            let (c0, c1) = level_span(r[0], r[2], w, ws);
-            union = [
-                union[0].min((c0 * w / ws).saturating_sub(pad)),
-                union[1].min((r0 * h / hs).saturating_sub(pad)),
-                union[2].max(((c1 * w).div_ceil(ws) + pad).min(w)),
-                union[3].max(((r1 * h).div_ceil(hs) + pad).min(h)),
-            ];
-            levels.push((scale, hs, ws, r0, r1, c0, c1));
-        }
-        if levels.is_empty() {
-            ints[img].clear();
-            continue;
-        }
-        let int = &mut ints[img];
-        int.build(
-            v,
-            union[0],
-            union[1],
-            union[2] - union[0],
-            union[3] - union[1],
-        );
-        let mut per = Vec::new();
-        for (scale, hs, ws, r0, r1, c0, c1) in levels {
-            let (rows, cols) = (level_bins(r0, r1, h, hs), level_bins(c0, c1, w, ws));
-            buf.clear();
-            int.sample(&rows, &cols, &mut buf);
-            let x = nchw(&buf, 1, r1 - r0, c1 - c0, dev)?;
-            let (prob, reg) = nets.pnet.forward(&x)?;
-            let (ph, pw) = (prob.size()[1] as usize, prob.size()[2] as usize);
-            let c = generate(
-                &to_vec(&prob)?,
-                &to_vec(&reg)?,
-                (pw, ph),
-                (c0 / 2, r0 / 2),
-                scale as f32,
-                thresholds[0],
-                img,
-            );
-            per.extend(nms(&c, 0.5, Overlap::Union).into_iter().map(|j| c[j]));
-        }
-        merge_levels(&per, &mut cands);
-    }
-    finish(nets, views, Some(ints), cands, thresholds, t0)
+    merge_levels(&per, &mut cands);
+    let mut faces = finish(
+        nets,
+        &[view],
+        Some(std::slice::from_ref(int)),
+        cands,
+        thresholds,
+        t0,
+    )?;
+    Ok(faces.pop().unwrap_or_default())
 }
 
 /// The pixels of a level `ns` pixels long (over `n` image pixels) whose area-average
@@ -759,5 +757,48 @@ mod tests {
         // Bottom-right (HWC: cell 3, channel 0): x 2..4, y 1: (21 + 31) / 2 = 26.
         assert!((un(out[9]) - 26.0).abs() < 1e-3);
         assert_eq!(out.len(), 12);
+    }
+
+    #[test]
+    fn level_spans_keep_p_net_alignment() {
+        // A 1000-pixel side at a 300-pixel level, window over image pixels 333..500.
+        let (s, e) = level_span(333.0, 500.0, 1000, 300);
+        assert_eq!(s % 2, 0, "starts on P-Net's stride");
+        assert_eq!((e - s) % 2, 0, "even length inside the level");
+        assert!(
+            s * 1000 / 300 <= 333 && (e * 1000).div_ceil(300) >= 500,
+            "covers it"
+        );
+        // A window at the level's end keeps the level's own (odd) length there.
+        assert_eq!(level_span(900.0, 1000.0, 1000, 301).1, 301);
+        // Too small for P-Net's 12-pixel window: grown to 12, inside the level.
+        let (s, e) = level_span(10.0, 12.0, 1000, 100);
+        assert!(e - s >= 12 && e <= 100 && s % 2 == 0);
+        let (s, e) = level_span(995.0, 1000.0, 1000, 100);
+        assert!(e - s >= 12 && e == 100 && s % 2 == 0);
+    }
+
+    #[test]
+    fn integral_samples_equal_direct_area_resize() {
+        let (w, h) = (37, 29);
+        let pixels: Vec<u8> = (0..w * h * 3).map(|i| (i * 7919 % 251) as u8).collect();
+        let v = View {
+            width: w,
+            height: h,
+            pixels: &pixels,
+        };
+        let mut int = Integral::default();
+        int.build(&v, 3, 2, 30, 25);
+        for (x0, y0, cw, ch, size) in [(3, 2, 30, 25, 24), (5, 4, 13, 17, 6), (10, 9, 7, 7, 7)] {
+            assert!(int.covers(x0, y0, cw, ch));
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            area_resize(&v, x0, y0, cw, ch, size, &mut Vec::new(), &mut a);
+            int.sample(&bins(y0, ch, size), &bins(x0, cw, size), &mut b);
+            assert_eq!(a.len(), b.len());
+            for (p, q) in a.iter().zip(&b) {
+                assert!((p - q).abs() < 1e-5, "{p} {q}");
+            }
+        }
+        assert!(!int.covers(2, 2, 5, 5));
     }
 }

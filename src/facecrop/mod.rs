@@ -34,8 +34,12 @@ use crate::runtime::to_device;
 use detect::{Face, WorkImage};
 use nets::Nets;
 
-/// Most photos detected together.
+/// Most photos a worker detects together on a GPU, where one call for several photos
+/// saves launches and transfers.
 const MAX_BATCH: usize = 8;
+/// The same on the CPU, where a batch saves little (P-Net batches only photos of the same
+/// size) and every photo held is a full-resolution frame (12 MiB at 2048 px).
+const MAX_BATCH_CPU: usize = 2;
 /// How long the stage waits for more photos once it holds one: short, because a batch
 /// saves little on a CPU and must never add visible latency.
 const BATCH_WAIT: Duration = Duration::from_millis(3);
@@ -57,8 +61,10 @@ pub struct FaceCropper {
     nets: Nets,
     cfg: FaceCropConfig,
     resizer: fir::Resizer,
-    /// The fine pass's integral images, one per photo of a batch, reused.
+    /// The coarse pass's integral images, one per photo of a batch, reused.
     ints: Vec<detect::Integral>,
+    /// The fine pass's integral image, reused.
+    fine: detect::Integral,
 }
 
 impl FaceCropper {
@@ -71,6 +77,7 @@ impl FaceCropper {
             cfg: cfg.clone(),
             resizer: fir::Resizer::new(),
             ints: Vec::new(),
+            fine: detect::Integral::default(),
         })
     }
 
@@ -156,98 +163,74 @@ impl FaceCropper {
             }
         };
         let fine = self.cfg.refine_size > self.cfg.detect_size;
-        // Per frame: the pixels the fine pass runs on (None: the frame's own), their size,
-        // and the coarse faces as seeds in those pixels.
-        let mut copies: Vec<Option<Vec<u8>>> = Vec::new();
-        let mut sizes = Vec::new();
-        let mut seeds = Vec::new();
-        let mut min_faces = Vec::new();
-        let mut final_coarse = vec![false; work.len()];
-        for (k, (faces, im)) in coarse.iter().zip(&work).enumerate() {
-            let frame = frames[slot[k]];
-            if faces.is_empty() || !copied[k] || !fine {
-                final_coarse[k] = true;
-                copies.push(None);
-                sizes.push((im.width as u32, im.height as u32));
-                seeds.push(Vec::new());
-                min_faces.push(12.0);
-                continue;
-            }
-            let (copy, vw, vh) = match self.scaled(frame, self.cfg.refine_size) {
-                Ok(Some((p, w, h))) => (Some(p), w, h),
-                Ok(None) => (None, frame.width, frame.height),
-                Err(e) => {
-                    out[slot[k]] = Err(e);
-                    final_coarse[k] = true;
-                    (None, im.width as u32, im.height as u32)
-                }
-            };
-            let r = vw as f32 / im.width as f32;
-            seeds.push(if final_coarse[k] {
-                Vec::new()
+        for (k, (faces, im)) in coarse.into_iter().zip(&work).enumerate() {
+            let (i, frame) = (slot[k], frames[slot[k]]);
+            // No face, or the coarse copy was the photo itself: the coarse pass was the
+            // whole-resolution cascade already.
+            let r = if faces.is_empty() || !copied[k] || !fine {
+                Ok((faces, im.width as f32, im.height as f32))
             } else {
-                faces.iter().map(|f| f.bbox.map(|v| v * r)).collect()
+                self.refine(frame, im, &faces).map_err(|e| match e {
+                    Refine::Torch(e) => fail(&e),
+                    Refine::Copy(e) => e,
+                })
+            };
+            out[i] = r.map(|(faces, vw, vh)| {
+                let kx = frame.orig_width as f32 / vw;
+                let ky = frame.orig_height as f32 / vh;
+                faces
+                    .iter()
+                    .map(|f| to_original(f, kx, ky, self.cfg.margin))
+                    .collect()
             });
-            let kv = frame.orig_width.max(frame.orig_height) as f64 / vw.max(vh) as f64;
-            min_faces.push(min_face_in(self.cfg.min_face, kv));
-            copies.push(copy);
-            sizes.push((vw, vh));
-        }
-        let views: Vec<detect::View> = (0..work.len())
-            .map(|k| {
-                let (w, h) = (sizes[k].0 as usize, sizes[k].1 as usize);
-                let pixels: &[u8] = match &copies[k] {
-                    Some(p) => p,
-                    None if final_coarse[k] => &work[k].pixels,
-                    None => &frames[slot[k]].pixels[..w * h * 3],
-                };
-                detect::View {
-                    width: w,
-                    height: h,
-                    pixels,
-                }
-            })
-            .collect();
-        let refined = if seeds.iter().any(|s| !s.is_empty()) {
-            detect::refine(
-                &self.nets,
-                &views,
-                &seeds,
-                &min_faces,
-                self.cfg.thresholds,
-                &mut self.ints,
-            )
-        } else {
-            Ok(vec![Vec::new(); work.len()])
-        };
-        let refined = match refined {
-            Ok(r) => r,
-            Err(e) => {
-                let reason = fail(&e);
-                for (k, &i) in slot.iter().enumerate() {
-                    if !final_coarse[k] {
-                        out[i] = Err(reason.clone());
-                    }
-                }
-                vec![Vec::new(); work.len()]
-            }
-        };
-        for (k, (c, r)) in coarse.into_iter().zip(refined).enumerate() {
-            let i = slot[k];
-            if out[i].is_err() {
-                continue;
-            }
-            let frame = frames[i];
-            let faces = if final_coarse[k] { c } else { r };
-            let kx = frame.orig_width as f32 / views[k].width as f32;
-            let ky = frame.orig_height as f32 / views[k].height as f32;
-            out[i] = Ok(faces
-                .iter()
-                .map(|f| to_original(f, kx, ky, self.cfg.margin))
-                .collect());
         }
         out
     }
+
+    /// The fine pass on one frame, seeded with the coarse pass's `faces` (in `im`'s
+    /// pixels). Returns the faces in the pixels of the image it ran on, and its size.
+    fn refine(
+        &mut self,
+        frame: &Frame,
+        im: &WorkImage,
+        faces: &[detect::Face],
+    ) -> Result<(Vec<detect::Face>, f32, f32), Refine> {
+        let copy = self
+            .scaled(frame, self.cfg.refine_size)
+            .map_err(Refine::Copy)?;
+        let view = match &copy {
+            Some((p, w, h)) => detect::View {
+                width: *w as usize,
+                height: *h as usize,
+                pixels: p,
+            },
+            None => detect::View {
+                width: frame.width as usize,
+                height: frame.height as usize,
+                pixels: &frame.pixels[..frame.width as usize * frame.height as usize * 3],
+            },
+        };
+        let r = view.width as f32 / im.width as f32;
+        let seeds: Vec<[f32; 4]> = faces.iter().map(|f| f.bbox.map(|v| v * r)).collect();
+        let kv =
+            frame.orig_width.max(frame.orig_height) as f64 / view.width.max(view.height) as f64;
+        let found = detect::refine(
+            &self.nets,
+            view,
+            &seeds,
+            min_face_in(self.cfg.min_face, kv),
+            self.cfg.thresholds,
+            &mut self.fine,
+        )
+        .map_err(Refine::Torch)?;
+        Ok((found, view.width as f32, view.height as f32))
+    }
+}
+
+/// Why the fine pass failed on a frame.
+enum Refine {
+    Torch(tch::TchError),
+    Copy(String),
 }
 
 /// `min_face` (original pixels) in the pixels of a copy `k` times smaller: P-Net cannot
@@ -319,33 +302,55 @@ pub fn sidecar(frame: &Frame, faces: usize, face: Option<&FoundFace>) -> serde_j
     })
 }
 
-/// The detect stage for the pipeline, when `[face_crop]` is configured. Loads the
-/// weights now, so a missing or broken weights file fails the start, not the first photo.
+/// The detect stage for the pipeline, when `[face_crop]` is configured: `[pipeline]
+/// detect_threads` workers, each with its own detector. Loads the weights now, so a
+/// missing or broken weights file fails the start, not the first photo.
+///
+/// On the CPU each worker runs libtorch on one thread: MTCNN is many small operations
+/// (P-Net on a window, R-Net on a few dozen crops), whose parallel regions are short and
+/// wait at each barrier for the slowest thread, which on a busy machine is often
+/// descheduled behind a decoder. Workers that each own a core do not wait for each other
+/// (measured on 2 cores: see BENCHMARKS.md, face crop).
 pub fn middle_stage(cfg: &Config) -> Result<Option<MiddleStage>, PipelineError> {
     let Some(fc) = &cfg.face_crop else {
         return Ok(None);
     };
-    let cropper = FaceCropper::new(fc)?;
+    let workers = cfg.pipeline.detect_threads;
+    let mut runs: Vec<crate::pipeline::MiddleRun> = Vec::with_capacity(workers);
+    let mut batch = MAX_BATCH;
+    for _ in 0..workers {
+        let cropper = FaceCropper::new(fc)?;
+        let on_cpu = cropper.nets.device == tch::Device::Cpu;
+        if on_cpu {
+            batch = MAX_BATCH_CPU;
+        }
+        runs.push(Box::new(move |rx, tx, out, tel| {
+            if on_cpu {
+                crate::runtime::cuda::set_local_threads(1);
+            }
+            run_stage(cropper, batch, rx, tx, out, tel)
+        }));
+    }
     Ok(Some(MiddleStage {
-        frames_held: MAX_BATCH,
-        run: Box::new(move |rx, tx, out, tel| run_stage(cropper, rx, tx, out, tel)),
+        frames_held: workers * batch,
+        runs,
     }))
 }
 
 /// The stage loop: batch what is waiting, detect, annotate or reject, forward.
 fn run_stage(
     mut cropper: FaceCropper,
+    max_batch: usize,
     rx: Receiver<Decoded>,
     tx: Sender<Decoded>,
     out: Sender<Outcome>,
     tel: Arc<Telemetry>,
 ) {
-    tel.set_threads(Stage::Detect, 1);
     let (select, policy) = (cropper.cfg.select, cropper.cfg.on_no_face);
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         let deadline = Instant::now() + BATCH_WAIT;
-        while batch.len() < MAX_BATCH {
+        while batch.len() < max_batch {
             match rx.recv_deadline(deadline) {
                 Ok(d) => batch.push(d),
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,

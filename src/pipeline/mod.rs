@@ -108,10 +108,12 @@ pub type MiddleRun =
 
 /// An optional stage between decode and fit (the face crop).
 pub struct MiddleStage {
-    /// Decoded frames the stage holds at once (its batch): the frame pool grows by this
-    /// many, or the stage would wait for frames the decoders cannot get buffers for.
+    /// Decoded frames the stage holds at once (its batches, all workers together): the
+    /// frame pool grows by this many, or the stage would wait for frames the decoders
+    /// cannot get buffers for.
     pub frames_held: usize,
-    pub run: MiddleRun,
+    /// One body per worker thread; they share the stage's input and output queues.
+    pub runs: Vec<MiddleRun>,
 }
 
 /// Options that are not part of the config file.
@@ -336,15 +338,18 @@ impl Pipeline {
 
         // detect (optional)
         if let Some(middle) = opts.middle {
-            let (tel, out_tx, rx, tx) = (
-                Arc::clone(&telemetry),
-                out_tx.clone(),
-                dec_rx.clone(),
-                fit_tx.clone(),
-            );
-            threads.push(spawn("hp-detect".into(), move || {
-                (middle.run)(rx, tx, out_tx, tel)
-            })?);
+            telemetry.set_threads(Stage::Detect, middle.runs.len());
+            for (i, run) in middle.runs.into_iter().enumerate() {
+                let (tel, out_tx, rx, tx) = (
+                    Arc::clone(&telemetry),
+                    out_tx.clone(),
+                    dec_rx.clone(),
+                    fit_tx.clone(),
+                );
+                threads.push(spawn(format!("hp-detect-{i}"), move || {
+                    run(rx, tx, out_tx, tel)
+                })?);
+            }
         }
         drop(dec_rx);
         drop(fit_tx);

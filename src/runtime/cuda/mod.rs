@@ -33,6 +33,7 @@ unsafe extern "C" {
     fn hp_peak_allocated(device: c_int, reset: c_int, peak: *mut usize) -> c_int;
     fn hp_empty_cache() -> c_int;
     fn hp_device_synchronize(device: c_int) -> c_int;
+    fn hp_set_local_threads(n: c_int) -> c_int;
 }
 
 /// A failed shim call: which call, and libtorch's first line.
@@ -257,8 +258,45 @@ pub fn device_synchronize(device: usize) -> Result<(), CudaError> {
     )
 }
 
+/// Set libtorch's CPU intra-op threads for the calling thread only (OpenMP's per-thread
+/// count), leaving every other thread's and the process default alone. Returns the count
+/// now in effect, or `None` when libtorch has no OpenMP.
+pub fn set_local_threads(n: usize) -> Option<usize> {
+    // Makes libtorch adopt its process default in this thread now, so that its first
+    // parallel operation does not replace the count set below.
+    let _ = tch::get_num_threads();
+    // SAFETY: plain value argument; the shim checks that OpenMP is present.
+    let r = unsafe { hp_set_local_threads(n as c_int) };
+    (r > 0).then_some(r as usize)
+}
+
 /// Return cached, unused device memory to the driver.
 pub fn empty_cache() -> Result<(), CudaError> {
     // SAFETY: no arguments.
     check(unsafe { hp_empty_cache() }, "empty cache")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_threads_stay_in_their_thread() {
+        let default = std::thread::spawn(tch::get_num_threads).join().unwrap() as usize;
+        let want = default + 1;
+        let seen = std::thread::spawn(move || {
+            let set = set_local_threads(want);
+            // A parallel operation must not put the process default back.
+            let x = Tensor::ones([1, 3, 64, 64], (tch::Kind::Float, tch::Device::Cpu));
+            let w = Tensor::ones([4, 3, 3, 3], (tch::Kind::Float, tch::Device::Cpu));
+            let _ = x.conv2d(&w, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
+            (set, tch::get_num_threads() as usize)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, (Some(want), want));
+        // Other threads, new ones included, keep the process default.
+        let other = std::thread::spawn(tch::get_num_threads).join().unwrap() as usize;
+        assert_eq!(other, default);
+    }
 }

@@ -18,6 +18,11 @@
 #include <cstring>
 #include <string>
 
+// OpenMP, which libtorch's CPU kernels run on. Weak: resolved at run time from the
+// libgomp that libtorch_cpu loads, null if libtorch was built without OpenMP.
+extern "C" void omp_set_num_threads(int) __attribute__((weak));
+extern "C" int omp_get_max_threads() __attribute__((weak));
+
 namespace {
 thread_local std::string last_error;
 
@@ -132,5 +137,17 @@ int hp_device_synchronize(int device) {
 
 int hp_empty_cache() {
   return guarded([&] { c10::getDeviceAllocator(c10::DeviceType::CUDA)->emptyCache(); });
+}
+
+// Intra-op threads for the calling thread only. at::set_num_threads also sets the
+// process-wide default every thread adopts on its first parallel operation, and MKL's
+// global count; this sets the calling thread's OpenMP count and nothing else. The caller
+// must have run a parallel operation (or at::get_num_threads) in this thread first, or
+// that first operation replaces this setting with the process-wide default. Returns the
+// count now in effect, or -1 without OpenMP.
+int hp_set_local_threads(int n) {
+  if (omp_set_num_threads == nullptr || omp_get_max_threads == nullptr) return -1;
+  omp_set_num_threads(n);
+  return omp_get_max_threads();
 }
 }
