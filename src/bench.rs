@@ -8,6 +8,8 @@
 //!   row as the pipeline does; once with DCT-scaled JPEG decoding disabled and once
 //!   enabled on one thread (what the scaling buys on this data), then with
 //!   `pipeline.decode_threads` threads;
+//! - **face detect** (with `[face_crop]`): both MTCNN passes on decoded frames, with
+//!   `pipeline.detect_threads` workers set up as the pipeline sets them up;
 //! - **inference**: batches of `max_batch` fitted images, on the first configured device;
 //! - **encode**: the model's outputs, with `pipeline.encode_threads` threads;
 //!
@@ -97,6 +99,8 @@ pub struct BenchReport {
     pub decode_fit_full: Rate,
     pub decode_fit_scaled: Rate,
     pub decode_fit: Rate,
+    /// The face crop's detect stage, with whether it ran on the CPU.
+    pub detect: Option<(Rate, bool)>,
     pub infer: Option<Rate>,
     pub encode: Rate,
     pub pipeline: Option<Rate>,
@@ -106,6 +110,7 @@ impl BenchReport {
     /// The stage with the lowest rate when each runs alone with its own threads.
     pub fn bound(&self) -> &Rate {
         let mut stages = vec![&self.decode_fit, &self.encode];
+        stages.extend(self.detect.as_ref().map(|(r, _)| r));
         stages.extend(self.infer.as_ref());
         stages
             .into_iter()
@@ -117,6 +122,9 @@ impl BenchReport {
     /// it runs on the CPU): cores / (sum of per-image CPU time).
     pub fn cpu_ceiling(&self, infer_on_cpu: bool) -> f64 {
         let mut ms = self.decode_fit_scaled.ms_per_image() + self.encode.ms_per_image();
+        if let Some((d, true)) = &self.detect {
+            ms += d.ms_per_image();
+        }
         if infer_on_cpu && let Some(i) = &self.infer {
             ms += i.ms_per_image();
         }
@@ -141,6 +149,7 @@ impl fmt::Display for BenchReport {
             &self.decode_fit_scaled,
             &self.decode_fit,
         ];
+        rows.extend(self.detect.as_ref().map(|(r, _)| r));
         rows.extend(self.infer.as_ref());
         rows.push(&self.encode);
         for r in rows {
@@ -219,6 +228,10 @@ where
     (next.load(Ordering::Relaxed) - threads.max(1), elapsed)
 }
 
+/// Decoded frames the face-detect measurement cycles through (full-resolution frames are
+/// large: 12 MiB at 2048 px).
+const DETECT_FRAMES: usize = 16;
+
 fn scale_target(cfg: &Config) -> Option<ScaleTarget> {
     ScaleTarget::for_fit(&cfg.preprocess, cfg.face_crop.is_some())
 }
@@ -293,6 +306,50 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
     let decode_fit_full = decode_fit("read+decode+fit (full decode)", 1, false);
     let decode_fit_scaled = decode_fit("read+decode+fit (DCT-scaled JPEG)", 1, true);
     let decode_fit_n = decode_fit("read+decode+fit (DCT-scaled JPEG)", pl.decode_threads, true);
+
+    // The face crop's detect stage on frames decoded as the pipeline decodes them (in
+    // full: a middle stage turns DCT scaling off), a bounded number held in memory.
+    let detect = match &cfg.face_crop {
+        None => None,
+        Some(fc) => {
+            let mut dec = Decoder::new(cfg.decode.clone(), BufPool::new(DETECT_FRAMES + 1))
+                .with_scaling(scale_target(cfg));
+            let mut frames = Vec::new();
+            for p in files.iter().take(DETECT_FRAMES) {
+                if let Ok(input) = read_input(p, max_file)
+                    && let Ok(frame) = dec.decode(input.bytes())
+                {
+                    frames.push(frame);
+                }
+            }
+            let frames = Arc::new(frames);
+            let mut croppers = Vec::new();
+            for _ in 0..pl.detect_threads {
+                croppers.push(crate::facecrop::FaceCropper::new(fc)?);
+            }
+            let on_cpu = croppers[0].on_cpu();
+            let croppers = std::sync::Mutex::new(croppers);
+            let (done, elapsed) = run_for(pl.detect_threads, frames.len(), opts.min_time, || {
+                let frames = Arc::clone(&frames);
+                let mut cropper = croppers.lock().unwrap().pop().expect("one per thread");
+                let mut first = true;
+                Box::new(move |i| {
+                    if first && on_cpu {
+                        crate::runtime::cuda::set_local_threads(1);
+                    }
+                    first = false;
+                    let _ = cropper.detect(&[&frames[i % frames.len()]]);
+                })
+            });
+            let rate = Rate {
+                name: format!("face detect ({:?}, both passes)", fc.device),
+                threads: pl.detect_threads,
+                images: done,
+                elapsed,
+            };
+            Some((rate, on_cpu))
+        }
+    };
 
     // Inference on the first device, batches of max_batch fitted images.
     let (infer, outputs, out_hw) = match &cfg.model {
@@ -399,7 +456,11 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
         let s = s?;
         Some(Rate {
             name: "whole pipeline (process, files on disk)".to_string(),
-            threads: pl.decode_threads + pl.fit_threads + pl.encode_threads + 1,
+            threads: pl.decode_threads
+                + pl.fit_threads
+                + pl.encode_threads
+                + 1
+                + cfg.face_crop.as_ref().map_or(0, |_| pl.detect_threads),
             images: s.done + s.failed.len(),
             elapsed: s.elapsed,
         })
@@ -414,6 +475,7 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
         decode_fit_full,
         decode_fit_scaled,
         decode_fit: decode_fit_n,
+        detect,
         infer,
         encode,
         pipeline,

@@ -523,3 +523,58 @@ fn fine_pass_gives_the_boxes_of_the_whole_resolution_cascade() {
         "coarse IoU {i_coarse}, fine {i_fine}"
     );
 }
+
+#[test]
+fn bench_measures_the_detect_stage_and_names_the_bound() {
+    let Some((w, a)) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let photos = d.path().join("photos");
+    std::fs::create_dir_all(&photos).unwrap();
+    let big = image::imageops::resize(&a, 900, 900, image::imageops::FilterType::Triangle);
+    big.save(photos.join("a.jpg")).unwrap();
+    two_faces(&a).save(photos.join("b.jpg")).unwrap();
+    let m = d.path().join("m.pt");
+    restore_model(&m);
+    let cfg = config(d.path(), &w, "", "detect_threads = 2\n");
+    let cfg = write(
+        &d.path().join("chain.toml"),
+        &std::fs::read_to_string(&cfg).unwrap().replace(
+            "[preprocess]",
+            &format!(
+                "[model]\npath = \"{}\"\ndevice = \"cpu\"\nmax_batch = 2\n\n[preprocess]",
+                m.display()
+            ),
+        ),
+    );
+    let r = hotpipe()
+        .args(["bench", "--seconds", "0", "--config"])
+        .arg(&cfg)
+        .arg(&photos)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "{out}\n{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let rate = |prefix: &str| -> (usize, f64) {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` line in:\n{out}"));
+        let f: Vec<&str> = line[prefix.len()..].split_whitespace().collect();
+        let n = f.len();
+        (f[n - 3].parse().unwrap(), f[n - 2].parse().unwrap())
+    };
+    // Every stage measured, the detect stage with its 2 workers.
+    let (threads, ips) = rate("face detect");
+    assert_eq!(threads, 2, "{out}");
+    assert!(ips > 0.0, "{out}");
+    assert!(rate("inference").1 > 0.0, "{out}");
+    assert!(rate("encode").1 > 0.0, "{out}");
+    assert!(rate("whole pipeline").1 > 0.0, "{out}");
+    assert!(out.contains("2 images"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("bound: ")), "{out}");
+}

@@ -95,6 +95,11 @@ impl FaceCropper {
         })
     }
 
+    /// Whether the detector runs on the CPU.
+    pub fn on_cpu(&self) -> bool {
+        self.nets.device == tch::Device::Cpu
+    }
+
     /// A copy of `frame` whose longer side is at most `limit` (None: the frame is no
     /// larger, use it as it is), with its size. A box filter averages every source pixel
     /// under the target one: the "area" resampling MTCNN's own pyramid uses.
@@ -340,7 +345,7 @@ pub fn middle_stage(cfg: &Config) -> Result<Option<MiddleStage>, PipelineError> 
     let mut batch = MAX_BATCH;
     for _ in 0..workers {
         let cropper = FaceCropper::new(fc)?;
-        let on_cpu = cropper.nets.device == tch::Device::Cpu;
+        let on_cpu = cropper.on_cpu();
         if on_cpu {
             batch = MAX_BATCH_CPU;
         }
