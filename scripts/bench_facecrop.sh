@@ -23,20 +23,28 @@ cfg="$WORK/bench.toml"
 sed "s/^device = \"auto\"/device = \"$DEVICE\"/" pipeline.toml > "$cfg"
 sed -i "s|^weights = \"models/mtcnn\"|weights = \"$PWD/models/mtcnn\"|" "$cfg"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1-3 /proc/loadavg)"
-hp=(); peer=()
+hp=(); peer=(); hrss=(); prss=()
 for r in $(seq "$ROUNDS"); do
   rm -rf "$WORK/hp_out"
   t0=$(date +%s.%N)
-  line=$(HOTPIPE_LOG=error target/release/hotpipe process --quiet --config "$cfg" --out "$WORK/hp_out" "$WORK/data" | grep -E '^done ' || true)
+  # Run through Python only to read the child's peak RSS (wait4's rusage), as the peer
+  # reports its own.
+  out=$(HOTPIPE_LOG=error "$HOTPIPE_PYTHON" -c "import resource, subprocess, sys
+subprocess.run(sys.argv[1:])
+print('rss_mib=%.0f' % (resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))" \
+    target/release/hotpipe process --quiet --config "$cfg" --out "$WORK/hp_out" "$WORK/data")
+  line=$(echo "$out" | grep -E '^done ' || true)
+  hrss+=("$(echo "$out" | sed -nE 's/^rss_mib=([0-9]+)/\1/p')")
   t1=$(date +%s.%N)
   rate=$(echo "$line" | awk -v n="$N" '{ for (i = 1; i <= NF; i++) if ($(i+1) == "s,") print n / $i }')
   hp+=("$rate")
-  echo "round $r hotpipe: $line; images/s $rate; process wall $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s"
+  echo "round $r hotpipe: $line; images/s $rate; peak RSS ${hrss[-1]} MiB; process wall $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s"
   if [ "$PEER_OK" = 1 ]; then
     rm -rf "$WORK/peer_out"
     pl=$("$HOTPIPE_PYTHON" "$BENCH/mtcnn_peer.py" "$WORK/data" "$WORK/peer_out" "$DEVICE" 512 64 2>/dev/null | grep '^peer=')
     # The peer prints images/s with one decimal (0.1 on 2 cores): use its seconds.
     peer+=("$(echo "$pl" | sed -E 's/.*seconds=([0-9.]+).*/\1/' | awk -v n="$N" '{ print n / $1 }')")
+    prss+=("$(echo "$pl" | sed -E 's/.*peak_rss_mib=([0-9]+).*/\1/')")
     echo "round $r peer:    $pl"
   fi
 done
@@ -47,4 +55,5 @@ if [ "$PEER_OK" = 1 ]; then
   pm=$(median "${peer[@]}")
   echo "peer images/s:    ${peer[*]} -> median $pm"
   echo "ratio hotpipe / peer: $(awk -v a="$hm" -v b="$pm" 'BEGIN { printf "%.2f", a / b }')"
+  echo "peak RSS MiB, highest of the rounds: hotpipe $(printf '%s\n' "${hrss[@]}" | sort -g | tail -1), peer $(printf '%s\n' "${prss[@]}" | sort -g | tail -1)"
 fi

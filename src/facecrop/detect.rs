@@ -35,6 +35,8 @@ pub struct WorkImage {
     pub pixels: Vec<u8>,
     /// Smallest face to look for, in this image's pixels (at least 12, P-Net's window).
     pub min_face: f64,
+    /// Score thresholds of P-Net, R-Net and O-Net for this image.
+    pub thresholds: [f32; 3],
 }
 
 impl WorkImage {
@@ -96,7 +98,6 @@ pub fn scales(min_side: usize, min_face: f64) -> Vec<f64> {
 pub fn detect(
     nets: &Nets,
     images: &[WorkImage],
-    thresholds: [f32; 3],
     ints: &mut Vec<Integral>,
 ) -> Result<Vec<Vec<Face>>, TchError> {
     let _guard = tch::no_grad_guard();
@@ -139,7 +140,8 @@ pub fn detect(
             for (k, &img) in idx.iter().enumerate() {
                 let p = &prob[k * ph * pw..(k + 1) * ph * pw];
                 let r = &reg[k * 4 * ph * pw..(k + 1) * 4 * ph * pw];
-                let cands = generate(p, r, (pw, ph), (0, 0), scale as f32, thresholds[0], img);
+                let t = images[img].thresholds[0];
+                let cands = generate(p, r, (pw, ph), (0, 0), scale as f32, t, img);
                 let keep = nms(&cands, 0.5, Overlap::Union);
                 per_image[img].extend(keep.into_iter().map(|j| cands[j]));
             }
@@ -150,7 +152,8 @@ pub fn detect(
         merge_levels(&c, &mut cands);
     }
     let views: Vec<View> = images.iter().map(WorkImage::view).collect();
-    finish(nets, &views, Some(ints), cands, thresholds, t0)
+    let thresholds: Vec<[f32; 3]> = images.iter().map(|im| im.thresholds).collect();
+    finish(nets, &views, Some(ints), cands, &thresholds, t0)
 }
 
 /// One image's P-Net candidates from every level: NMS across levels, then P-Net's own
@@ -285,7 +288,7 @@ pub fn refine(
         &[view],
         Some(std::slice::from_ref(int)),
         cands,
-        thresholds,
+        &[thresholds],
         t0,
     )?;
     Ok(faces.pop().unwrap_or_default())
@@ -413,14 +416,14 @@ fn bins(start: usize, n: usize, size: usize) -> Vec<(usize, usize)> {
 }
 
 /// Stages 2 and 3 (R-Net and O-Net on crops of `views`, the images the candidates'
-/// coordinates refer to) and the final NMS. `ints`: per image, an integral image of part
+/// coordinates refer to, with each image's `thresholds`) and the final NMS. `ints`: per image, an integral image of part
 /// of it that crops inside it are cut from in O(1) per output pixel.
 fn finish(
     nets: &Nets,
     views: &[View],
     ints: Option<&[Integral]>,
     cands: Vec<Cand>,
-    thresholds: [f32; 3],
+    thresholds: &[[f32; 3]],
     t0: std::time::Instant,
 ) -> Result<Vec<Vec<Face>>, TchError> {
     let dev = nets.device;
@@ -441,7 +444,7 @@ fn finish(
             regs.extend(to_vec(&r)?);
         }
         for (i, c) in cands.iter().enumerate() {
-            if probs[i] > thresholds[1] {
+            if probs[i] > thresholds[c.img][1] {
                 passed.push(Cand {
                     b: c.b,
                     score: probs[i],
@@ -483,7 +486,7 @@ fn finish(
             marks.extend(to_vec(&m)?);
         }
         for (i, c) in cands.iter().enumerate() {
-            if probs[i] <= thresholds[2] {
+            if probs[i] <= thresholds[c.img][2] {
                 continue;
             }
             // Landmarks are relative to the box before regression (+1 / -1 as upstream).
@@ -748,6 +751,7 @@ mod tests {
             height: 2,
             pixels,
             min_face: 12.0,
+            thresholds: [0.6, 0.7, 0.7],
         };
         let mut out = Vec::new();
         area_resize(&im.view(), 0, 0, 4, 2, 2, &mut Vec::new(), &mut out);

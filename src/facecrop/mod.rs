@@ -133,11 +133,19 @@ impl FaceCropper {
             }
         };
         let k = frame.orig_width.max(frame.orig_height) as f64 / ww.max(wh) as f64;
+        let t = self.cfg.thresholds;
+        // Only where a fine pass follows (on a copy) is the coarse pass a proposal.
+        let thresholds = if copied && self.cfg.refine_size > self.cfg.detect_size {
+            [t[0], t[1] - COARSE_SLACK[0], t[2] - COARSE_SLACK[1]].map(|v| v.max(0.0))
+        } else {
+            t
+        };
         let im = WorkImage {
             width: ww as usize,
             height: wh as usize,
             pixels,
             min_face: min_face_in(self.cfg.min_face, k),
+            thresholds,
         };
         Ok((im, copied))
     }
@@ -171,13 +179,7 @@ impl FaceCropper {
             return out;
         }
         let fail = |e: &tch::TchError| format!("face detector failed: {}", torch_message(e));
-        let t = self.cfg.thresholds;
-        let coarse_t = if self.cfg.refine_size > self.cfg.detect_size {
-            [t[0], t[1] - COARSE_SLACK[0], t[2] - COARSE_SLACK[1]].map(|v| v.max(0.0))
-        } else {
-            t
-        };
-        let coarse = match detect::detect(&self.nets, &work, coarse_t, &mut self.ints) {
+        let coarse = match detect::detect(&self.nets, &work, &mut self.ints) {
             Ok(found) => found,
             Err(e) => {
                 let reason = fail(&e);
