@@ -47,6 +47,8 @@ pub enum BenchError {
     },
     #[error("no decodable images in {0} (the first failure: {1})")]
     NoImages(PathBuf, String),
+    #[error("face detection failed while benchmarking: {0}")]
+    Detect(String),
     #[error("inference failed while benchmarking: {0}")]
     Infer(String),
     #[error(transparent)]
@@ -322,10 +324,20 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
                     frames.push(frame);
                 }
             }
+            if frames.is_empty() {
+                return Err(BenchError::NoImages(
+                    folder.to_path_buf(),
+                    "none of the first files decodes in full for the face crop".into(),
+                ));
+            }
             let frames = Arc::new(frames);
             let mut croppers = Vec::new();
             for _ in 0..pl.detect_threads {
                 croppers.push(crate::facecrop::FaceCropper::new(fc)?);
+            }
+            // A detector that fails on every photo would time its error path.
+            if let Some(Err(reason)) = croppers[0].detect(&[&frames[0]]).pop() {
+                return Err(BenchError::Detect(reason));
             }
             let on_cpu = croppers[0].on_cpu();
             let croppers = std::sync::Mutex::new(croppers);

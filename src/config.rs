@@ -750,7 +750,7 @@ impl Config {
         };
 
         let pl = &raw.pipeline;
-        let pipeline = PipelineConfig {
+        let mut pipeline = PipelineConfig {
             decode_threads: cx.int_in(
                 &pl.decode_threads,
                 "pipeline.decode_threads",
@@ -867,14 +867,14 @@ impl Config {
                         &f.detect_size,
                         "face_crop.detect_size",
                         64,
-                        4096,
+                        2048,
                         DEFAULT_DETECT_SIZE,
                     )?,
                     refine_size: cx.int_in(
                         &f.refine_size,
                         "face_crop.refine_size",
                         64,
-                        16384,
+                        4096,
                         DEFAULT_REFINE_SIZE,
                     )?,
                     thresholds,
@@ -966,6 +966,16 @@ impl Config {
                 }
             },
         };
+
+        // A detector on a GPU needs CPU workers only for its crops and NMS, and each holds
+        // a GPU batch of frames: two keep the GPU fed without holding dozens of frames.
+        if pl.detect_threads.is_none()
+            && face_crop
+                .as_ref()
+                .is_some_and(|f| matches!(f.device, DeviceChoice::Cuda(_)))
+        {
+            pipeline.detect_threads = 2;
+        }
 
         Ok(Config {
             source: source.to_string(),
@@ -1134,6 +1144,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.face_crop.unwrap().device, DeviceChoice::Cuda(0));
+        // A detector on a GPU gets 2 detect workers unless set; on the CPU, one per core.
+        assert_eq!(c.pipeline.detect_threads, 2);
+        let cpu = parse("[face_crop]\ndevice = \"cpu\"\n").unwrap();
+        assert_eq!(cpu.pipeline.detect_threads, available_cores().clamp(1, 8));
         let c = parse("[face_crop]\nselect = \"largest\"\non_no_face = \"pass\"\n").unwrap();
         let f = c.face_crop.unwrap();
         assert_eq!(

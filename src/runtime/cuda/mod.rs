@@ -34,6 +34,7 @@ unsafe extern "C" {
     fn hp_empty_cache() -> c_int;
     fn hp_device_synchronize(device: c_int) -> c_int;
     fn hp_set_local_threads(n: c_int) -> c_int;
+    fn hp_local_threads(omp: *mut c_int, mkl: *mut c_int);
 }
 
 /// A failed shim call: which call, and libtorch's first line.
@@ -270,6 +271,17 @@ pub fn set_local_threads(n: usize) -> Option<usize> {
     (r > 0).then_some(r as usize)
 }
 
+/// The calling thread's OpenMP and MKL thread counts (`None` where libtorch has neither).
+pub fn local_threads() -> (Option<usize>, Option<usize>) {
+    let (mut omp, mut mkl) = (0, 0);
+    // SAFETY: two valid out-pointers.
+    unsafe { hp_local_threads(&mut omp, &mut mkl) };
+    (
+        (omp > 0).then_some(omp as usize),
+        (mkl > 0).then_some(mkl as usize),
+    )
+}
+
 /// Return cached, unused device memory to the driver.
 pub fn empty_cache() -> Result<(), CudaError> {
     // SAFETY: no arguments.
@@ -290,11 +302,15 @@ mod tests {
             let x = Tensor::ones([1, 3, 64, 64], (tch::Kind::Float, tch::Device::Cpu));
             let w = Tensor::ones([4, 3, 3, 3], (tch::Kind::Float, tch::Device::Cpu));
             let _ = x.conv2d(&w, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
-            (set, tch::get_num_threads() as usize)
+            let m = Tensor::ones([64, 256], (tch::Kind::Float, tch::Device::Cpu));
+            let _ = m.matmul(&m.tr());
+            (set, tch::get_num_threads() as usize, local_threads())
         })
         .join()
         .unwrap();
-        assert_eq!(seen, (Some(want), want));
+        // OpenMP (convolutions) and, where libtorch has MKL, MKL (matrix products).
+        let mkl = local_threads().1.map(|_| want);
+        assert_eq!(seen, (Some(want), want, (Some(want), mkl)));
         // Other threads, new ones included, keep the process default.
         let other = std::thread::spawn(tch::get_num_threads).join().unwrap() as usize;
         assert_eq!(other, default);

@@ -22,6 +22,11 @@
 // libgomp that libtorch_cpu loads, null if libtorch was built without OpenMP.
 extern "C" void omp_set_num_threads(int) __attribute__((weak));
 extern "C" int omp_get_max_threads() __attribute__((weak));
+// MKL (libtorch's sgemm for linear layers) keeps its own per-thread count, which libtorch
+// sets to its process-wide default when a thread first uses it. The C entry point: the
+// lower-case name is the Fortran one, which takes a pointer.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+extern "C" int MKL_Get_Max_Threads() __attribute__((weak));
 
 namespace {
 thread_local std::string last_error;
@@ -140,14 +145,22 @@ int hp_empty_cache() {
 }
 
 // Intra-op threads for the calling thread only. at::set_num_threads also sets the
-// process-wide default every thread adopts on its first parallel operation, and MKL's
-// global count; this sets the calling thread's OpenMP count and nothing else. The caller
-// must have run a parallel operation (or at::get_num_threads) in this thread first, or
-// that first operation replaces this setting with the process-wide default. Returns the
-// count now in effect, or -1 without OpenMP.
+// process-wide default every thread adopts on its first parallel operation; this sets the
+// calling thread's OpenMP count (convolutions, pooling, element-wise kernels) and, where
+// libtorch has MKL, MKL's count for the calling thread (matrix products), and nothing
+// else. The caller must have run a parallel operation (or at::get_num_threads) in this
+// thread first, or that first operation replaces this setting with the process-wide
+// default. Returns the OpenMP count now in effect, or -1 without OpenMP.
 int hp_set_local_threads(int n) {
   if (omp_set_num_threads == nullptr || omp_get_max_threads == nullptr) return -1;
   omp_set_num_threads(n);
+  if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(n);
   return omp_get_max_threads();
+}
+
+// The calling thread's OpenMP and MKL thread counts (-1 where absent).
+void hp_local_threads(int* omp, int* mkl) {
+  *omp = omp_get_max_threads != nullptr ? omp_get_max_threads() : -1;
+  *mkl = MKL_Get_Max_Threads != nullptr ? MKL_Get_Max_Threads() : -1;
 }
 }
