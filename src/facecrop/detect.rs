@@ -465,25 +465,15 @@ fn finish(
     let (cands, crops) = crops_for(views, ints, cands, 24);
     let mut passed = Vec::new();
     if !cands.is_empty() {
-        let mut probs = Vec::with_capacity(cands.len());
-        let mut regs = Vec::with_capacity(cands.len() * 4);
-        for (c0, c1) in chunks(cands.len()) {
-            let x = nchw(&crops[c0 * 3 * 576..c1 * 3 * 576], c1 - c0, 24, 24, dev)?;
-            let (p, r) = nets.rnet.forward(&x)?;
-            probs.extend(to_vec(&p)?);
-            regs.extend(to_vec(&r)?);
-        }
+        let [probs, regs] = over_chunks(&crops, cands.len(), 24, dev, |x| {
+            nets.rnet.forward(x).map(|(p, r)| [p, r])
+        })?;
         for (i, c) in cands.iter().enumerate() {
             if probs[i] > thresholds[c.img][1] {
                 passed.push(Cand {
                     b: c.b,
                     score: probs[i],
-                    reg: [
-                        regs[i * 4],
-                        regs[i * 4 + 1],
-                        regs[i * 4 + 2],
-                        regs[i * 4 + 3],
-                    ],
+                    reg: reg4(&regs, i),
                     img: c.img,
                 });
             }
@@ -505,16 +495,9 @@ fn finish(
     let (cands, crops) = crops_for(views, ints, cands, 48);
     let mut faces: Vec<Vec<(Cand, [[f32; 2]; 5])>> = vec![Vec::new(); n_images];
     if !cands.is_empty() {
-        let mut probs = Vec::with_capacity(cands.len());
-        let mut regs = Vec::with_capacity(cands.len() * 4);
-        let mut marks = Vec::with_capacity(cands.len() * 10);
-        for (c0, c1) in chunks(cands.len()) {
-            let x = nchw(&crops[c0 * 3 * 2304..c1 * 3 * 2304], c1 - c0, 48, 48, dev)?;
-            let (p, r, m) = nets.onet.forward(&x)?;
-            probs.extend(to_vec(&p)?);
-            regs.extend(to_vec(&r)?);
-            marks.extend(to_vec(&m)?);
-        }
+        let [probs, regs, marks] = over_chunks(&crops, cands.len(), 48, dev, |x| {
+            nets.onet.forward(x).map(|(p, r, m)| [p, r, m])
+        })?;
         for (i, c) in cands.iter().enumerate() {
             if probs[i] <= thresholds[c.img][2] {
                 continue;
@@ -527,12 +510,7 @@ fn finish(
             for (k, p) in lm.iter_mut().enumerate() {
                 *p = [wi * m[k] + c.b[0] - 1.0, hi * m[k + 5] + c.b[1] - 1.0];
             }
-            let reg = [
-                regs[i * 4],
-                regs[i * 4 + 1],
-                regs[i * 4 + 2],
-                regs[i * 4 + 3],
-            ];
+            let reg = reg4(&regs, i);
             let k = Cand {
                 b: bbreg(c.b, reg),
                 score: probs[i],
@@ -575,6 +553,37 @@ fn to_vec(t: &Tensor) -> Result<Vec<f32>, TchError> {
         .f_contiguous()?
         .f_view([-1])?;
     Vec::<f32>::try_from(&t)
+}
+
+/// Run `net` on `n` crops of `size x size` (HWC, as [`crops_for`] cuts them) in chunks
+/// of at most [`NET_CHUNK`]; returns each of its `K` outputs' values, concatenated over
+/// the chunks in candidate order.
+fn over_chunks<const K: usize>(
+    crops: &[f32],
+    n: usize,
+    size: usize,
+    dev: Device,
+    mut net: impl FnMut(&Tensor) -> Result<[Tensor; K], TchError>,
+) -> Result<[Vec<f32>; K], TchError> {
+    let per = 3 * size * size;
+    let mut out: [Vec<f32>; K] = std::array::from_fn(|_| Vec::new());
+    for (c0, c1) in chunks(n) {
+        let x = nchw(&crops[c0 * per..c1 * per], c1 - c0, size, size, dev)?;
+        for (o, t) in out.iter_mut().zip(net(&x)?) {
+            o.extend(to_vec(&t)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Candidate `i`'s four regression values.
+fn reg4(regs: &[f32], i: usize) -> [f32; 4] {
+    [
+        regs[i * 4],
+        regs[i * 4 + 1],
+        regs[i * 4 + 2],
+        regs[i * 4 + 3],
+    ]
 }
 
 /// `[start, end)` index ranges of at most [`NET_CHUNK`] candidates.
