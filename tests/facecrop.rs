@@ -54,6 +54,21 @@ fn config(dir: &Path, weights: &Path, face_extra: &str, extra: &str) -> PathBuf 
     )
 }
 
+/// `cfg` with a `[model]` (on the CPU, batches of 2) after the face crop, as chain.toml
+/// beside it.
+fn with_model(cfg: &Path, model: &Path) -> PathBuf {
+    write(
+        &cfg.with_file_name("chain.toml"),
+        &std::fs::read_to_string(cfg).unwrap().replace(
+            "[preprocess]",
+            &format!(
+                "[model]\npath = \"{}\"\ndevice = \"cpu\"\nmax_batch = 2\n\n[preprocess]",
+                model.display()
+            ),
+        ),
+    )
+}
+
 struct Run {
     code: Option<i32>,
     stdout: String,
@@ -391,16 +406,7 @@ fn face_crop_then_model_in_one_pass() {
         process(&cfg, &crop_out, std::slice::from_ref(&src)).code,
         Some(0)
     );
-    let cfg = write(
-        &d.path().join("chain.toml"),
-        &std::fs::read_to_string(&cfg).unwrap().replace(
-            "[preprocess]",
-            &format!(
-                "[model]\npath = \"{}\"\ndevice = \"cpu\"\nmax_batch = 2\n\n[preprocess]",
-                m.display()
-            ),
-        ),
-    );
+    let cfg = with_model(&cfg, &m);
     let out = d.path().join("chain");
     let r = process(&cfg, &out, std::slice::from_ref(&src));
     assert_eq!(r.code, Some(0), "{}", r.stdout);
@@ -536,16 +542,7 @@ fn bench_measures_the_detect_stage_and_names_the_bound() {
     let m = d.path().join("m.pt");
     restore_model(&m);
     let cfg = config(d.path(), &w, "", "detect_threads = 2\n");
-    let cfg = write(
-        &d.path().join("chain.toml"),
-        &std::fs::read_to_string(&cfg).unwrap().replace(
-            "[preprocess]",
-            &format!(
-                "[model]\npath = \"{}\"\ndevice = \"cpu\"\nmax_batch = 2\n\n[preprocess]",
-                m.display()
-            ),
-        ),
-    );
+    let cfg = with_model(&cfg, &m);
     let r = hotpipe()
         .args(["bench", "--seconds", "0", "--config"])
         .arg(&cfg)
