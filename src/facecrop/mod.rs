@@ -79,6 +79,8 @@ pub struct FaceCropper {
     ints: Vec<detect::Integral>,
     /// The fine pass's integral image, reused.
     fine: detect::Integral,
+    /// Pixel buffers of working copies, reused from photo to photo.
+    spare: Vec<Vec<u8>>,
 }
 
 impl FaceCropper {
@@ -92,6 +94,7 @@ impl FaceCropper {
             resizer: fir::Resizer::new(),
             ints: Vec::new(),
             fine: detect::Integral::default(),
+            spare: Vec::new(),
         })
     }
 
@@ -113,13 +116,30 @@ impl FaceCropper {
         }
         let src = fir::images::ImageRef::new(fw, fh, &frame.pixels, fir::PixelType::U8x3)
             .map_err(|e| format!("working image: {e}"))?;
-        let mut dst = fir::images::Image::new(ww, wh, fir::PixelType::U8x3);
+        let buf = self.buffer(ww as usize * wh as usize * 3);
+        let mut dst = fir::images::Image::from_vec_u8(ww, wh, buf, fir::PixelType::U8x3)
+            .map_err(|e| format!("working image: {e}"))?;
         let opts =
             fir::ResizeOptions::new().resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Box));
         self.resizer
             .resize(&src, &mut dst, &opts)
             .map_err(|e| format!("working image: {e}"))?;
         Ok(Some((dst.into_vec(), ww, wh)))
+    }
+
+    /// A pixel buffer of `n` bytes, reused from an earlier photo when there is one.
+    fn buffer(&mut self, n: usize) -> Vec<u8> {
+        let mut b = self.spare.pop().unwrap_or_default();
+        b.clear();
+        b.resize(n, 0);
+        b
+    }
+
+    /// Keep a buffer for a later photo (a few: as many as a batch uses).
+    fn recycle(&mut self, b: Vec<u8>) {
+        if self.spare.len() < 2 * MAX_BATCH {
+            self.spare.push(b);
+        }
     }
 
     /// The coarse pass's working copy of `frame` (the frame itself when it is no larger
@@ -129,7 +149,9 @@ impl FaceCropper {
             Some((p, w, h)) => (p, w, h, true),
             None => {
                 let n = frame.width as usize * frame.height as usize * 3;
-                (frame.pixels[..n].to_vec(), frame.width, frame.height, false)
+                let mut b = self.buffer(0);
+                b.extend_from_slice(&frame.pixels[..n]);
+                (b, frame.width, frame.height, false)
             }
         };
         let k = frame.orig_width.max(frame.orig_height) as f64 / ww.max(wh) as f64;
@@ -211,6 +233,9 @@ impl FaceCropper {
                     .collect()
             });
         }
+        for im in work {
+            self.recycle(im.pixels);
+        }
         out
     }
 
@@ -248,9 +273,12 @@ impl FaceCropper {
             min_face_in(self.cfg.min_face, kv),
             self.cfg.thresholds,
             &mut self.fine,
-        )
-        .map_err(Refine::Torch)?;
-        Ok((found, view.width as f32, view.height as f32))
+        );
+        let (vw, vh) = (view.width as f32, view.height as f32);
+        if let Some((p, _, _)) = copy {
+            self.recycle(p);
+        }
+        Ok((found.map_err(Refine::Torch)?, vw, vh))
     }
 }
 
