@@ -28,11 +28,23 @@ pub fn check(cfg: &Config) -> Result<String, PipelineError> {
         cfg.encode.format, cfg.encode.quality
     );
     if let Some(fc) = &cfg.face_crop {
+        let fine = if fc.refine_size > fc.detect_size {
+            format!(
+                "then around each face on the photo (at most {} px)",
+                fc.refine_size
+            )
+        } else {
+            "fine pass off".to_string()
+        };
         let _ = writeln!(
             out,
-            "face crop: weights {} on {}",
+            "face crop: weights {} on {}, {} detect workers; faces searched on a {} px copy, {fine}; smallest face found: {} px or {:.1}% of the photo's longer side, whichever is larger",
             fc.weights.display(),
-            fc.device
+            fc.device,
+            cfg.pipeline.detect_threads,
+            fc.detect_size,
+            fc.min_face,
+            1200.0 / fc.detect_size as f64,
         );
         crate::facecrop::middle_stage(cfg)?;
     }

@@ -605,3 +605,32 @@ fn photos_without_a_fine_pass_keep_the_configured_thresholds() {
     }
     assert!(checked >= 5, "only {checked} photos of at most 1024 px");
 }
+
+#[test]
+fn check_describes_the_face_crop() {
+    let Some(w) = weights() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let run = |extra: &str, pl: &str| {
+        let cfg = config(d.path(), &w, extra, pl);
+        let r = hotpipe()
+            .args(["check", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        out.lines()
+            .find(|l| l.starts_with("face crop: "))
+            .unwrap_or_else(|| panic!("no face crop line in:\n{out}"))
+            .to_string()
+    };
+    let l = run("detect_size = 400\nmin_face = 30", "detect_threads = 3\n");
+    assert!(l.contains("on cpu, 3 detect workers"), "{l}");
+    assert!(
+        l.contains("400 px copy, then around each face on the photo (at most 2048 px)"),
+        "{l}"
+    );
+    assert!(l.contains("30 px or 3.0%"), "{l}");
+    let l = run("detect_size = 400\nrefine_size = 400", "");
+    assert!(l.contains("fine pass off"), "{l}");
+}
