@@ -634,3 +634,44 @@ fn check_describes_the_face_crop() {
     let l = run("detect_size = 400\nrefine_size = 400", "");
     assert!(l.contains("fine pass off"), "{l}");
 }
+
+#[test]
+fn frame_buffers_stay_bounded_with_several_detect_workers() {
+    let Some((w, a)) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(
+        d.path(),
+        &w,
+        "",
+        "fit_threads = 1\ndetect_threads = 2\nchannel_capacity = 2\n",
+    );
+    let cfg = Config::load(&cfg).unwrap();
+    let photo = image::imageops::resize(&a, 700, 700, image::imageops::FilterType::Triangle);
+    let mut created = Vec::new();
+    for n in [4usize, 24] {
+        let inp = d.path().join(format!("in{n}"));
+        std::fs::create_dir(&inp).unwrap();
+        for i in 0..n {
+            // Flipped every other time, so not every photo is the same.
+            let p = if i % 2 == 0 {
+                photo.clone()
+            } else {
+                image::imageops::flip_horizontal(&photo)
+            };
+            p.save(inp.join(format!("{i:03}.jpg"))).unwrap();
+        }
+        let inputs = hotpipe::process::collect_inputs(&[inp]).unwrap();
+        let s = hotpipe::process::run(
+            &cfg,
+            inputs,
+            &d.path().join(format!("out{n}")),
+            Default::default(),
+        )
+        .unwrap();
+        assert_eq!((s.done, s.failed.len()), (n, 0), "{:?}", s.failed);
+        created.push(s.frame_buffers_created);
+    }
+    // Decoders (2) + fit (1) + 3 + what the 2 detect workers hold (2 frames each on the
+    // CPU): 6x more photos allocate no more than that.
+    assert!(created[1] <= 2 + 1 + 3 + 2 * 2, "{created:?}");
+}
