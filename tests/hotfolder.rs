@@ -685,6 +685,28 @@ fn service_notify_metrics_and_health() {
     ] {
         assert!(body.contains(needle), "{needle} in\n{body}");
     }
+    // Exposition format: every sample follows its own family's TYPE line, and no family
+    // is declared twice (so no two families' samples are interleaved).
+    let mut typed: Vec<&str> = Vec::new();
+    let (_headers, metrics) = body.split_once("\r\n\r\n").expect("an HTTP response");
+    for line in metrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split_whitespace().next().unwrap();
+            assert!(!typed.contains(&name), "a second TYPE line for {name}");
+            typed.push(name);
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(f)))
+                .unwrap_or(name);
+            assert_eq!(
+                Some(&family),
+                typed.last(),
+                "`{line}` is not under its own family's TYPE line"
+            );
+        }
+    }
     let (code, body) = http_get(&addr, "/healthz");
     assert_eq!(code, 200, "{body}");
     assert_eq!(http_get(&addr, "/nope").0, 404);

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::Shared;
-use crate::pipeline::telemetry::{BUCKETS, STAGES};
+use crate::pipeline::telemetry::{BUCKETS, STAGES, StageStats};
 
 /// Bind and serve on a background thread; returns the bound address (port 0 resolved).
 pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
@@ -137,47 +137,48 @@ pub fn render(shared: &Shared) -> String {
         );
         let _ = writeln!(o, "hotpipe_stage_seconds_count{{stage=\"{st}\"}} {cum}");
     }
-    let _ = writeln!(
-        o,
-        "# HELP hotpipe_stage_items_total Items each stage finished.\n# TYPE hotpipe_stage_items_total counter"
-    );
-    for &st in &STAGES {
-        let _ = writeln!(
-            o,
-            "hotpipe_stage_items_total{{stage=\"{st}\"}} {}",
-            tel.stage(st).items.load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(
-        o,
-        "# HELP hotpipe_stage_failed_total Items each stage failed.\n# TYPE hotpipe_stage_failed_total counter"
-    );
-    for &st in &STAGES {
-        let _ = writeln!(
-            o,
-            "hotpipe_stage_failed_total{{stage=\"{st}\"}} {}",
-            tel.stage(st).failed.load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(
-        o,
-        "# HELP hotpipe_queue_depth Items waiting in each stage's input queue.\n# TYPE hotpipe_queue_depth gauge"
-    );
-    for &st in &STAGES {
-        let s = tel.stage(st);
-        if s.queue_samples.load(Ordering::Relaxed) > 0 {
-            let _ = writeln!(
-                o,
-                "hotpipe_queue_depth{{stage=\"{st}\"}} {}",
-                s.queue_now.load(Ordering::Relaxed)
-            );
-            let _ = writeln!(
-                o,
-                "hotpipe_queue_capacity{{stage=\"{st}\"}} {}",
-                s.queue_capacity.load(Ordering::Relaxed)
-            );
+    let stage_family = |o: &mut String,
+                        name: &str,
+                        help: &str,
+                        kind: &str,
+                        value: &dyn Fn(&StageStats) -> Option<u64>| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for &st in &STAGES {
+            if let Some(v) = value(tel.stage(st)) {
+                let _ = writeln!(o, "{name}{{stage=\"{st}\"}} {v}");
+            }
         }
-    }
+    };
+    stage_family(
+        &mut o,
+        "hotpipe_stage_items_total",
+        "Items each stage finished.",
+        "counter",
+        &|s| Some(s.items.load(Ordering::Relaxed)),
+    );
+    stage_family(
+        &mut o,
+        "hotpipe_stage_failed_total",
+        "Items each stage failed.",
+        "counter",
+        &|s| Some(s.failed.load(Ordering::Relaxed)),
+    );
+    // Only stages with an input queue (sampled at least once) have these two.
+    let sampled = |s: &StageStats| s.queue_samples.load(Ordering::Relaxed) > 0;
+    stage_family(
+        &mut o,
+        "hotpipe_queue_depth",
+        "Items waiting in each stage's input queue.",
+        "gauge",
+        &|s| sampled(s).then(|| s.queue_now.load(Ordering::Relaxed)),
+    );
+    stage_family(
+        &mut o,
+        "hotpipe_queue_capacity",
+        "Capacity of each stage's input queue.",
+        "gauge",
+        &|s| sampled(s).then(|| s.queue_capacity.load(Ordering::Relaxed)),
+    );
     // batch_hist[b] counts batches of 2^b to 2^(b+1)-1 rows (the last bucket: 128 and up).
     let _ = writeln!(
         o,
