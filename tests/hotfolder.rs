@@ -187,7 +187,8 @@ fn check_exactly_once(hf: &Path, inputs: &BTreeSet<String>) -> (usize, usize) {
         let (d, f) = (done.contains(i), failed.contains(i));
         assert!(d ^ f, "{i}: done {d}, failed {f}");
         if d {
-            expected_out.insert(format!("{}.jpg", i.trim_end_matches(".jpg")));
+            let stem = Path::new(i).file_stem().unwrap().to_string_lossy();
+            expected_out.insert(format!("{stem}.jpg"));
         } else {
             nfailed += 1;
             assert!(failed.contains(&format!("{i}.error.json")), "{i}: sidecar");
@@ -227,7 +228,19 @@ fn t1_crash_safety_under_repeated_sigkill() {
     };
     let started = Instant::now();
     let mut inputs = BTreeSet::new();
-    let bytes: Vec<Vec<u8>> = (0..8).map(jpeg_bytes).collect();
+    // Large PNGs (no DCT-scaled decoding to make them cheap): a round's 15 take long
+    // enough to decode that the kills land while items are in work/, which is what
+    // recovery needs to be exercised. With 64 px JPEGs a round took a few milliseconds
+    // and some runs had no kill in flight at all.
+    let bytes: Vec<Vec<u8>> = (0..8)
+        .map(|seed| {
+            let mut out = std::io::Cursor::new(Vec::new());
+            picture(1000, 800, seed)
+                .write_to(&mut out, image::ImageFormat::Png)
+                .unwrap();
+            out.into_inner()
+        })
+        .collect();
     let (mut kills, mut next) = (0, 0usize);
     // How many restarts found items in work/, and outputs already published.
     let (mut resumed, mut republished) = (0, 0);
@@ -242,7 +255,7 @@ fn t1_crash_safety_under_repeated_sigkill() {
         // kills over the backlog and its recovery).
         let batch = if next < 300 { 15 } else { 0 };
         for _ in 0..batch {
-            let name = format!("img{next:04}.jpg");
+            let name = format!("img{next:04}.png");
             deliver(&hf, &name, &bytes[next % 8]);
             inputs.insert(name);
             next += 1;
