@@ -71,18 +71,12 @@ impl HotSink {
         sidecar: Option<&[u8]>,
     ) -> std::io::Result<Vec<PathBuf>> {
         let outbox = &self.layout.outbox;
-        let mut temps = vec![write_temp(outbox, stem, bytes, true)?];
-        if let Some(text) = sidecar {
-            match write_temp(outbox, stem, text, true) {
-                Ok(t) => temps.push(t),
-                Err(e) => {
-                    let _ = std::fs::remove_file(&temps[0].0);
-                    return Err(e);
-                }
-            }
-        }
+        let mut temps = Vec::new();
         let mut placed: Vec<PathBuf> = Vec::new();
         let r = (|| {
+            for b in std::iter::once(bytes).chain(sidecar) {
+                temps.push(write_temp(outbox, stem, b, true)?);
+            }
             let _g = self.names.lock().unwrap_or_else(|p| p.into_inner());
             'names: for n in 0..100_000u32 {
                 let image = candidate_name(stem, ext, n);
@@ -120,9 +114,12 @@ impl HotSink {
                         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                             // Taken since we looked (not by us: we hold the lock): put what
                             // we placed back and try the next name.
-                            for (p, (tmp, _)) in placed.drain(..).zip(&temps) {
+                            // `placed` is cleared only once all are back, so if a
+                            // rename back fails the clean-up below still removes the rest.
+                            for (p, (tmp, _)) in placed.iter().zip(&temps) {
                                 std::fs::rename(p, tmp)?;
                             }
+                            placed.clear();
                             continue 'names;
                         }
                         Err(e) => return Err(e),
@@ -135,7 +132,8 @@ impl HotSink {
             )))
         })();
         if r.is_err() {
-            // Take back what was placed: the retry publishes the item whole.
+            // Take back what was placed and every temporary file: the retry publishes the
+            // item whole.
             for p in &placed {
                 let _ = std::fs::remove_file(p);
             }
