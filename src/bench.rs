@@ -28,6 +28,7 @@ use tch::{Device, Tensor};
 
 use crate::config::{BatchSize, Config};
 use crate::error::{PipelineError, torch_message};
+use crate::pipeline::item::Frame;
 use crate::pipeline::pool::BufPool;
 use crate::runtime::model::Model;
 use crate::runtime::to_device;
@@ -40,11 +41,6 @@ use crate::stages::read::read_input;
 pub enum BenchError {
     #[error("cannot list the inputs: {0}")]
     Inputs(String),
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("no decodable images in {0} (the first failure: {1})")]
     NoImages(PathBuf, String),
     #[error("face detection failed while benchmarking: {0}")]
@@ -252,12 +248,17 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
             Decoder::new(cfg.decode.clone(), BufPool::new(2)).with_scaling(scale_target(cfg));
         let mut fit = Fitter::new(cfg.preprocess.clone());
         for p in &paths {
-            // One file in memory at a time: a large folder must not be held whole.
-            let bytes = std::fs::read(p).map_err(|source| BenchError::Read {
-                path: p.clone(),
-                source,
-            })?;
-            match dec.decode(&bytes) {
+            // One file mapped at a time, as the read stage maps it (with its size limit).
+            let input = match read_input(p, cfg.decode.max_file_bytes) {
+                Ok(input) => input,
+                Err(e) => {
+                    if good.is_empty() {
+                        first_err = format!("{}: {e}", p.display());
+                    }
+                    continue;
+                }
+            };
+            match dec.decode(input.bytes()) {
                 Ok(frame) => {
                     reductions[dec.last_reduction().trailing_zeros() as usize] += 1;
                     if fitted.len() < 64 {
@@ -314,8 +315,8 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
     let detect = match &cfg.face_crop {
         None => None,
         Some(fc) => {
-            let mut dec = Decoder::new(cfg.decode.clone(), BufPool::new(DETECT_FRAMES + 1))
-                .with_scaling(scale_target(cfg));
+            // No DCT scaling: a middle stage needs every pixel (see `ScaleTarget::for_fit`).
+            let mut dec = Decoder::new(cfg.decode.clone(), BufPool::new(DETECT_FRAMES + 1));
             let mut frames = Vec::new();
             for p in files.iter().take(DETECT_FRAMES) {
                 if let Ok(input) = read_input(p, max_file)
@@ -340,23 +341,27 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
                 return Err(BenchError::Detect(reason));
             }
             let on_cpu = croppers[0].on_cpu();
+            let per_batch = crate::facecrop::worker_batch(fc);
             let croppers = std::sync::Mutex::new(croppers);
-            let (done, elapsed) = run_for(pl.detect_threads, frames.len(), opts.min_time, || {
+            let at_least = frames.len().div_ceil(per_batch);
+            let (done, elapsed) = run_for(pl.detect_threads, at_least, opts.min_time, || {
                 let frames = Arc::clone(&frames);
                 let mut cropper = croppers.lock().unwrap().pop().expect("one per thread");
-                let mut first = true;
+                // Batches of the size a pipeline worker takes: `i` counts batches.
                 Box::new(move |i| {
-                    if first && on_cpu {
-                        crate::runtime::cuda::set_local_threads(1);
-                    }
-                    first = false;
-                    let _ = cropper.detect(&[&frames[i % frames.len()]]);
+                    let batch: Vec<&Frame> = (0..per_batch)
+                        .map(|k| &frames[(i * per_batch + k) % frames.len()])
+                        .collect();
+                    let _ = cropper.detect(&batch);
                 })
             });
             let rate = Rate {
-                name: format!("face detect ({:?}, both passes)", fc.device),
+                name: format!(
+                    "face detect ({:?}, both passes, batch {per_batch})",
+                    fc.device
+                ),
                 threads: pl.detect_threads,
-                images: done,
+                images: done * per_batch,
                 elapsed,
             };
             Some((rate, on_cpu))

@@ -131,7 +131,7 @@ pub fn detect(
             let (rows, cols) = (level_bins(0, hs, h, hs), level_bins(0, ws, w, ws));
             buf.clear();
             for &i in &idx {
-                ints[i].sample(&rows, &cols, &mut buf);
+                ints[i].sample(rows.clone(), cols.clone(), &mut buf);
             }
             let (prob, reg) = nets.pnet.forward(&nchw(&buf, n, hs, ws, dev)?)?;
             let (ph, pw) = (prob.size()[1] as usize, prob.size()[2] as usize);
@@ -206,7 +206,6 @@ pub fn refine(
     let _guard = tch::no_grad_guard();
     let dev = nets.device;
     let t0 = std::time::Instant::now();
-    int.clear();
     let (w, h) = (view.width, view.height);
     let fmax = seeds
         .iter()
@@ -265,7 +264,7 @@ pub fn refine(
         for [r0, r1, c0, c1] in rects {
             let (rows, cols) = (level_bins(r0, r1, h, hs), level_bins(c0, c1, w, ws));
             buf.clear();
-            int.sample(&rows, &cols, &mut buf);
+            int.sample(rows, cols, &mut buf);
             let (prob, reg) = nets.pnet.forward(&nchw(&buf, 1, r1 - r0, c1 - c0, dev)?)?;
             let (ph, pw) = (prob.size()[1] as usize, prob.size()[2] as usize);
             level.extend(generate(
@@ -385,24 +384,23 @@ impl Integral {
         }
     }
 
-    /// Forget the rectangle (covers nothing).
-    pub fn clear(&mut self) {
-        (self.w, self.h) = (0, 0);
-    }
-
     fn covers(&self, x0: usize, y0: usize, w: usize, h: usize) -> bool {
         x0 >= self.x0 && y0 >= self.y0 && x0 + w <= self.x0 + self.w && y0 + h <= self.y0 + self.h
     }
 
     /// The mean of each `rows[i] x cols[j]` box of image pixels (end exclusive, inside
     /// the rectangle), normalised, appended to `out` as HWC (see [`nchw`]).
-    fn sample(&self, rows: &[(usize, usize)], cols: &[(usize, usize)], out: &mut Vec<f32>) {
+    fn sample(
+        &self,
+        rows: impl Iterator<Item = (usize, usize)>,
+        cols: impl Iterator<Item = (usize, usize)> + Clone,
+        out: &mut Vec<f32>,
+    ) {
         let stride = (self.w + 1) * 3;
-        out.reserve(rows.len() * cols.len() * 3);
         let s = &self.sums;
-        for &(ya, yb) in rows {
+        for (ya, yb) in rows {
             let (ta, tb) = ((ya - self.y0) * stride, (yb - self.y0) * stride);
-            for &(xa, xb) in cols {
+            for (xa, xb) in cols.clone() {
                 let (la, lb) = ((xa - self.x0) * 3, (xb - self.x0) * 3);
                 let count = ((yb - ya) * (xb - xa)) as f32;
                 for c in 0..3 {
@@ -431,18 +429,19 @@ fn nchw(data: &[f32], n: usize, h: usize, w: usize, dev: Device) -> Result<Tenso
 
 /// The image pixels each of level pixels `a..b` averages, for a level `ns` pixels long
 /// over `n` image pixels (PyTorch's `adaptive_avg_pool2d` bins).
-fn level_bins(a: usize, b: usize, n: usize, ns: usize) -> Vec<(usize, usize)> {
-    (a..b)
-        .map(|i| (i * n / ns, ((i + 1) * n).div_ceil(ns)))
-        .collect()
+fn level_bins(
+    a: usize,
+    b: usize,
+    n: usize,
+    ns: usize,
+) -> impl Iterator<Item = (usize, usize)> + Clone {
+    (a..b).map(move |i| (i * n / ns, ((i + 1) * n).div_ceil(ns)))
 }
 
 /// Area-average bins of `n` pixels from `start` into `size` cells (PyTorch's
 /// `adaptive_avg_pool2d`: cell `i` covers `floor(i*n/size) .. ceil((i+1)*n/size)`).
-fn bins(start: usize, n: usize, size: usize) -> Vec<(usize, usize)> {
-    (0..size)
-        .map(|i| (start + i * n / size, start + ((i + 1) * n).div_ceil(size)))
-        .collect()
+fn bins(start: usize, n: usize, size: usize) -> impl Iterator<Item = (usize, usize)> + Clone {
+    (0..size).map(move |i| (start + i * n / size, start + ((i + 1) * n).div_ceil(size)))
 }
 
 /// Stages 2 and 3 (R-Net and O-Net on crops of `views`, the images the candidates'
@@ -691,7 +690,7 @@ fn crops_for(
         let (x0, y0) = ((x - 1) as usize, (y - 1) as usize);
         let (cw, ch) = ((ex - x + 1) as usize, (ey - y + 1) as usize);
         match ints.map(|i| &i[c.img]).filter(|i| i.covers(x0, y0, cw, ch)) {
-            Some(int) => int.sample(&bins(y0, ch, size), &bins(x0, cw, size), &mut out),
+            Some(int) => int.sample(bins(y0, ch, size), bins(x0, cw, size), &mut out),
             None => area_resize(im, x0, y0, cw, ch, size, &mut scratch, &mut out),
         }
         kept.push(c);
@@ -836,7 +835,7 @@ mod tests {
             assert!(int.covers(x0, y0, cw, ch));
             let (mut a, mut b) = (Vec::new(), Vec::new());
             area_resize(&v, x0, y0, cw, ch, size, &mut Vec::new(), &mut a);
-            int.sample(&bins(y0, ch, size), &bins(x0, cw, size), &mut b);
+            int.sample(bins(y0, ch, size), bins(x0, cw, size), &mut b);
             assert_eq!(a.len(), b.len());
             for (p, q) in a.iter().zip(&b) {
                 assert!((p - q).abs() < 1e-5, "{p} {q}");

@@ -30,7 +30,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use fast_image_resize as fir;
 use serde_json::json;
 
-use crate::config::{Config, FaceCropConfig, FaceSelect, NoFacePolicy};
+use crate::config::{Config, DeviceChoice, FaceCropConfig, FaceSelect, NoFacePolicy};
 use crate::error::{ItemError, PipelineError, Stage, torch_message};
 use crate::pipeline::item::{Frame, Outcome, Region};
 use crate::pipeline::telemetry::{Telemetry, Timer};
@@ -81,6 +81,8 @@ pub struct FaceCropper {
     fine: detect::Integral,
     /// Pixel buffers of working copies, reused from photo to photo.
     spare: Vec<Vec<u8>>,
+    /// The thread last set up by [`FaceCropper::enter_thread`].
+    thread: Option<std::thread::ThreadId>,
 }
 
 impl FaceCropper {
@@ -95,12 +97,32 @@ impl FaceCropper {
             ints: Vec::new(),
             fine: detect::Integral::default(),
             spare: Vec::new(),
+            thread: None,
         })
     }
 
     /// Whether the detector runs on the CPU.
     pub fn on_cpu(&self) -> bool {
         self.nets.device == tch::Device::Cpu
+    }
+
+    /// On the CPU, make the calling thread run libtorch on one thread, once per thread.
+    /// MTCNN is many small operations (P-Net on a window, R-Net on a few dozen crops),
+    /// whose parallel regions are short and wait at each barrier for the slowest thread,
+    /// which on a busy machine is often descheduled behind a decoder; detectors on
+    /// threads of their own, one thread each, do not wait for each other (on 2 cores:
+    /// 2 workers x 1 thread 23.6 images/s, 1 x 2 about 15; BENCHMARKS.md, face crop).
+    fn enter_thread(&mut self) {
+        let me = std::thread::current().id();
+        if self.on_cpu() && self.thread != Some(me) {
+            crate::runtime::cuda::set_local_threads(1);
+            self.thread = Some(me);
+        }
+    }
+
+    /// Whether photos larger than the coarse copy get the fine pass.
+    fn fine_pass(&self) -> bool {
+        self.cfg.refine_size > self.cfg.detect_size
     }
 
     /// A copy of `frame` whose longer side is at most `limit` (None: the frame is no
@@ -157,7 +179,7 @@ impl FaceCropper {
         let k = frame.orig_width.max(frame.orig_height) as f64 / ww.max(wh) as f64;
         let t = self.cfg.thresholds;
         // Only where a fine pass follows (on a copy) is the coarse pass a proposal.
-        let thresholds = if copied && self.cfg.refine_size > self.cfg.detect_size {
+        let thresholds = if copied && self.fine_pass() {
             [t[0], t[1] - COARSE_SLACK[0], t[2] - COARSE_SLACK[1]].map(|v| v.max(0.0))
         } else {
             t
@@ -182,6 +204,7 @@ impl FaceCropper {
     /// so the box, score and landmarks are those of a full-resolution MTCNN, which is
     /// what users compare against and what the crop is cut from.
     pub fn detect(&mut self, frames: &[&Frame]) -> Vec<Result<Vec<FoundFace>, String>> {
+        self.enter_thread();
         let mut out: Vec<Result<Vec<FoundFace>, String>> = Vec::with_capacity(frames.len());
         let mut work = Vec::new();
         let mut copied = Vec::new();
@@ -200,18 +223,17 @@ impl FaceCropper {
         if work.is_empty() {
             return out;
         }
-        let fail = |e: &tch::TchError| format!("face detector failed: {}", torch_message(e));
         let coarse = match detect::detect(&self.nets, &work, &mut self.ints) {
             Ok(found) => found,
             Err(e) => {
-                let reason = fail(&e);
+                let reason = detector_failed(&e);
                 for i in slot {
                     out[i] = Err(reason.clone());
                 }
                 return out;
             }
         };
-        let fine = self.cfg.refine_size > self.cfg.detect_size;
+        let fine = self.fine_pass();
         for (k, (faces, im)) in coarse.into_iter().zip(&work).enumerate() {
             let (i, frame) = (slot[k], frames[slot[k]]);
             // No face, or the coarse copy was the photo itself: the coarse pass was the
@@ -219,10 +241,7 @@ impl FaceCropper {
             let r = if faces.is_empty() || !copied[k] || !fine {
                 Ok((faces, im.width as f32, im.height as f32))
             } else {
-                self.refine(frame, im, &faces).map_err(|e| match e {
-                    Refine::Torch(e) => fail(&e),
-                    Refine::Copy(e) => e,
-                })
+                self.refine(frame, im, &faces)
             };
             out[i] = r.map(|(faces, vw, vh)| {
                 let kx = frame.orig_width as f32 / vw;
@@ -246,10 +265,8 @@ impl FaceCropper {
         frame: &Frame,
         im: &WorkImage,
         faces: &[detect::Face],
-    ) -> Result<(Vec<detect::Face>, f32, f32), Refine> {
-        let copy = self
-            .scaled(frame, self.cfg.refine_size)
-            .map_err(Refine::Copy)?;
+    ) -> Result<(Vec<detect::Face>, f32, f32), String> {
+        let copy = self.scaled(frame, self.cfg.refine_size)?;
         let view = match &copy {
             Some((p, w, h)) => detect::View {
                 width: *w as usize,
@@ -278,14 +295,13 @@ impl FaceCropper {
         if let Some((p, _, _)) = copy {
             self.recycle(p);
         }
-        Ok((found.map_err(Refine::Torch)?, vw, vh))
+        Ok((found.map_err(|e| detector_failed(&e))?, vw, vh))
     }
 }
 
-/// Why the fine pass failed on a frame.
-enum Refine {
-    Torch(tch::TchError),
-    Copy(String),
+/// The reason a photo fails when libtorch fails in the detector (its first line).
+fn detector_failed(e: &tch::TchError) -> String {
+    format!("face detector failed: {}", torch_message(e))
 }
 
 /// `min_face` (original pixels) in the pixels of a copy `k` times smaller: P-Net cannot
@@ -361,28 +377,17 @@ pub fn sidecar(frame: &Frame, faces: usize, face: Option<&FoundFace>) -> serde_j
 /// detect_threads` workers, each with its own detector. Loads the weights now, so a
 /// missing or broken weights file fails the start, not the first photo.
 ///
-/// On the CPU each worker runs libtorch on one thread: MTCNN is many small operations
-/// (P-Net on a window, R-Net on a few dozen crops), whose parallel regions are short and
-/// wait at each barrier for the slowest thread, which on a busy machine is often
-/// descheduled behind a decoder. Workers that each own a core do not wait for each other
-/// (measured on 2 cores: see BENCHMARKS.md, face crop).
+/// On the CPU each worker runs libtorch on one thread (see [`FaceCropper::detect`]).
 pub fn middle_stage(cfg: &Config) -> Result<Option<MiddleStage>, PipelineError> {
     let Some(fc) = &cfg.face_crop else {
         return Ok(None);
     };
     let workers = cfg.pipeline.detect_threads;
+    let batch = worker_batch(fc);
     let mut runs: Vec<crate::pipeline::MiddleRun> = Vec::with_capacity(workers);
-    let mut batch = MAX_BATCH;
     for _ in 0..workers {
         let cropper = FaceCropper::new(fc)?;
-        let on_cpu = cropper.on_cpu();
-        if on_cpu {
-            batch = MAX_BATCH_CPU;
-        }
         runs.push(Box::new(move |rx, tx, out, tel| {
-            if on_cpu {
-                crate::runtime::cuda::set_local_threads(1);
-            }
             run_stage(cropper, batch, rx, tx, out, tel)
         }));
     }
@@ -390,6 +395,15 @@ pub fn middle_stage(cfg: &Config) -> Result<Option<MiddleStage>, PipelineError> 
         frames_held: workers * batch,
         runs,
     }))
+}
+
+/// Most photos one detect worker takes at a time on `fc`'s device.
+pub fn worker_batch(fc: &FaceCropConfig) -> usize {
+    if fc.device == DeviceChoice::Cpu {
+        MAX_BATCH_CPU
+    } else {
+        MAX_BATCH
+    }
 }
 
 /// The stage loop: batch what is waiting, detect, annotate or reject, forward.
