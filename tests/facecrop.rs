@@ -69,33 +69,6 @@ fn with_model(cfg: &Path, model: &Path) -> PathBuf {
     )
 }
 
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-}
-
-fn process(cfg: &Path, out: &Path, inputs: &[PathBuf]) -> Run {
-    let r = hotpipe()
-        .args(["process", "--quiet", "--config"])
-        .arg(cfg)
-        .arg("--out")
-        .arg(out)
-        .args(inputs)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&r.stdout).into_owned();
-    if r.status.code() != Some(0) && r.status.code() != Some(1) {
-        panic!(
-            "hotpipe failed: {stdout}\n{}",
-            String::from_utf8_lossy(&r.stderr)
-        );
-    }
-    Run {
-        code: r.status.code(),
-        stdout,
-    }
-}
-
 fn sidecar(out: &Path, stem: &str) -> serde_json::Value {
     let p = out.join(format!("{stem}.json"));
     serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
@@ -374,16 +347,17 @@ fn over_the_limits_fails_with_a_reason_and_weights_are_checked_at_start() {
 
     // Missing weights: the start fails, naming the file and the fix.
     let cfg = config(d.path(), &d.path().join("nowhere"), "", "");
-    let r = hotpipe()
-        .args(["process", "--quiet", "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(d.path().join("o2"))
-        .arg(d.path().join("big.png"))
-        .output()
-        .unwrap();
-    assert!(!r.status.success());
-    let err = String::from_utf8_lossy(&r.stderr);
+    let (o2, big) = (d.path().join("o2"), d.path().join("big.png"));
+    let r = cli([
+        "process".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--out".as_ref(),
+        o2.as_os_str(),
+        big.as_os_str(),
+    ]);
+    assert_eq!(r.code, Some(2), "{}", r.stdout);
+    let err = r.stderr;
     assert!(
         err.contains("pnet.pt") && err.contains("scripts/setup.sh"),
         "{err}"
@@ -543,19 +517,16 @@ fn bench_measures_the_detect_stage_and_names_the_bound() {
     restore_model(&m);
     let cfg = config(d.path(), &w, "", "detect_threads = 2\n");
     let cfg = with_model(&cfg, &m);
-    let r = hotpipe()
-        .args(["bench", "--seconds", "0", "--config"])
-        .arg(&cfg)
-        .arg(&photos)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&r.stdout);
-    assert_eq!(
-        r.status.code(),
-        Some(0),
-        "{out}\n{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    let r = cli([
+        "bench".as_ref(),
+        "--seconds".as_ref(),
+        "0".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        photos.as_os_str(),
+    ]);
+    let out = r.stdout;
+    assert_eq!(r.code, Some(0), "{out}\n{}", r.stderr);
     let rate = |prefix: &str| -> (usize, f64) {
         let line = out
             .lines()
@@ -612,13 +583,9 @@ fn check_describes_the_face_crop() {
     let d = tempfile::tempdir().unwrap();
     let run = |extra: &str, pl: &str| {
         let cfg = config(d.path(), &w, extra, pl);
-        let r = hotpipe()
-            .args(["check", "--config"])
-            .arg(&cfg)
-            .output()
-            .unwrap();
-        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        let r = cli(["check".as_ref(), "--config".as_ref(), cfg.as_os_str()]);
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        let out = r.stdout;
         out.lines()
             .find(|l| l.starts_with("face crop: "))
             .unwrap_or_else(|| panic!("no face crop line in:\n{out}"))
@@ -660,14 +627,12 @@ fn frame_buffers_stay_bounded_with_several_detect_workers() {
             };
             p.save(inp.join(format!("{i:03}.jpg"))).unwrap();
         }
-        let inputs = hotpipe::process::collect_inputs(&[inp]).unwrap();
-        let s = hotpipe::process::run(
+        let s = run_folder(
             &cfg,
-            inputs,
+            &inp,
             &d.path().join(format!("out{n}")),
             Default::default(),
-        )
-        .unwrap();
+        );
         assert_eq!((s.done, s.failed.len()), (n, 0), "{:?}", s.failed);
         created.push(s.frame_buffers_created);
     }

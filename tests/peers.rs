@@ -43,15 +43,8 @@ fn outputs_match_the_naive_python_peer() {
         "[model]\npath = \"m.pt\"\ndevice = \"cpu\"\nmax_batch = 8\n[preprocess]\nsize = 512\nfit = \"crop\"\nfilter = \"bilinear\"\n[encode]\nformat = \"jpeg\"\nquality = 90\n",
     );
     let ours = d.path().join("ours");
-    let r = hotpipe()
-        .args(["process", "--quiet", "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(&ours)
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = process(&cfg, &ours, &[data]);
+    assert!(r.code == Some(0), "{}", r.stderr);
 
     let names = names(&peer_out.join("naive"));
     assert_eq!(names.len(), 100);

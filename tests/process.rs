@@ -45,20 +45,13 @@ fn good_and_bad_files_give_exactly_the_expected_outputs_and_failures() {
 
     let cfg = config(d.path(), "m.pt", "");
     let out = d.path().join("out");
-    let r = hotpipe()
-        .args(["process", "--quiet", "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(&out)
-        .arg(&inp)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&r.stdout);
+    let r = process(&cfg, &out, &[&inp]);
+    let stdout = r.stdout;
     assert_eq!(
-        r.status.code(),
+        r.code,
         Some(1),
         "any failure gives exit 1\n{stdout}\n{}",
-        String::from_utf8_lossy(&r.stderr)
+        r.stderr
     );
     let mut expected: Vec<String> = (0..6).map(|i| format!("good{i}.png")).collect();
     expected.push("pic ü.png".into());
@@ -78,15 +71,8 @@ fn good_and_bad_files_give_exactly_the_expected_outputs_and_failures() {
         assert!(line.contains(reason), "{line}");
     }
     // Running again never overwrites: outputs get a suffix.
-    let r = hotpipe()
-        .args(["process", "--quiet", "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(&out)
-        .arg(inp.join("good0.jpg"))
-        .output()
-        .unwrap();
-    assert!(r.status.success());
+    let r = process(&cfg, &out, &[inp.join("good0.jpg")]);
+    assert!(r.code == Some(0));
     assert!(names(&out).contains(&"good0-1.png".to_string()));
 }
 
@@ -99,15 +85,8 @@ fn output_equals_the_model_applied_in_the_test() {
     write_png(&src, 150, 100, 3);
     let cfg_path = config(d.path(), "m.pt", "");
     let out = d.path().join("out");
-    let r = hotpipe()
-        .args(["process", "--quiet", "--config"])
-        .arg(&cfg_path)
-        .arg("--out")
-        .arg(&out)
-        .arg(&src)
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = process(&cfg_path, &out, &[&src]);
+    assert!(r.code == Some(0), "{}", r.stderr);
     let got = image::open(out.join("a.png")).unwrap().into_rgb8();
     assert_eq!(got.dimensions(), (64, 64));
 
@@ -153,13 +132,9 @@ fn model_breaking_the_contract_fails_at_start_up() {
     one_channel_model(&d.path().join("grey.pt"));
     write_png(&d.path().join("a.png"), 64, 64, 1);
     let cfg = config(d.path(), "grey.pt", "");
-    let r = hotpipe()
-        .args(["check", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&r.stderr);
-    assert_eq!(r.status.code(), Some(2));
+    let r = cli(["check".as_ref(), "--config".as_ref(), cfg.as_os_str()]);
+    let err = r.stderr;
+    assert_eq!(r.code, Some(2));
     assert!(
         err.contains("must return N x 3 x H' x W'") && err.contains("[2, 1, 64, 64]"),
         "{err}"
@@ -168,23 +143,20 @@ fn model_breaking_the_contract_fails_at_start_up() {
         !err.contains("frame #"),
         "no C++ backtrace for users: {err}"
     );
-    let r = hotpipe()
-        .args(["process", "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(d.path().join("o"))
-        .arg(d.path().join("a.png"))
-        .output()
-        .unwrap();
-    assert_eq!(r.status.code(), Some(2));
+    let (o, a) = (d.path().join("o"), d.path().join("a.png"));
+    let r = cli([
+        "process".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--out".as_ref(),
+        o.as_os_str(),
+        a.as_os_str(),
+    ]);
+    assert_eq!(r.code, Some(2));
     assert!(names(&d.path().join("o")).is_empty(), "nothing processed");
     let cfg = config(d.path(), "missing.pt", "");
-    let r = hotpipe()
-        .args(["check", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&r.stderr).contains("no such file"));
+    let r = cli(["check".as_ref(), "--config".as_ref(), cfg.as_os_str()]);
+    assert!(r.stderr.contains("no such file"));
 }
 
 #[test]
@@ -192,13 +164,9 @@ fn check_describes_model_and_upscaler_output_size() {
     let d = tempfile::tempdir().unwrap();
     upscale_model(&d.path().join("up.pt"));
     let cfg = config(d.path(), "up.pt", "");
-    let r = hotpipe()
-        .args(["check", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&r.stdout);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = cli(["check".as_ref(), "--config".as_ref(), cfg.as_os_str()]);
+    let out = r.stdout;
+    assert!(r.code == Some(0), "{}", r.stderr);
     assert!(
         out.contains("device: cpu")
             && out.contains("output: N x 3 x 128 x 128")
@@ -206,15 +174,8 @@ fn check_describes_model_and_upscaler_output_size() {
         "{out}"
     );
     write_jpeg(&d.path().join("a.jpg"), 200, 100, 1);
-    let r = hotpipe()
-        .args(["process", "--quiet", "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(d.path().join("o"))
-        .arg(d.path().join("a.jpg"))
-        .output()
-        .unwrap();
-    assert!(r.status.success());
+    let r = process(&cfg, &d.path().join("o"), &[d.path().join("a.jpg")]);
+    assert!(r.code == Some(0));
     assert_eq!(image::open(d.path().join("o/a.png")).unwrap().width(), 128);
 }
 
@@ -225,13 +186,9 @@ fn config_errors_name_key_and_line() {
         &d.path().join("bad.toml"),
         "[model]\npath = \"m.pt\"\ndevise = \"cpu\"\n",
     );
-    let r = hotpipe()
-        .args(["check", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&r.stderr);
-    assert_eq!(r.status.code(), Some(2));
+    let r = cli(["check".as_ref(), "--config".as_ref(), cfg.as_os_str()]);
+    let err = r.stderr;
+    assert_eq!(r.code, Some(2));
     assert!(
         err.contains("line 3") && err.contains("devise") && err.contains("device"),
         "{err}"
@@ -250,14 +207,12 @@ fn frame_buffers_do_not_grow_with_the_number_of_images() {
         for i in 0..n {
             write_jpeg(&inp.join(format!("{i:03}.jpg")), 120, 90, i as u32);
         }
-        let inputs = hotpipe::process::collect_inputs(&[inp]).unwrap();
-        let s = hotpipe::process::run(
+        let s = run_folder(
             &cfg,
-            inputs,
+            &inp,
             &d.path().join(format!("out{n}")),
             Default::default(),
-        )
-        .unwrap();
+        );
         assert_eq!(s.done, n);
         created.push(s.frame_buffers_created);
     }
@@ -281,7 +236,6 @@ fn oom_split_loses_nothing() {
     for i in 0..12 {
         write_jpeg(&inp.join(format!("{i:02}.jpg")), 100, 100, i);
     }
-    let inputs = hotpipe::process::collect_inputs(std::slice::from_ref(&inp)).unwrap();
     let opts = hotpipe::process::RunOptions {
         start: hotpipe::pipeline::StartOptions {
             inject_oom: 5,
@@ -289,10 +243,9 @@ fn oom_split_loses_nothing() {
         },
         ..Default::default()
     };
-    let s = hotpipe::process::run(&cfg, inputs.clone(), &d.path().join("oom"), opts).unwrap();
+    let s = run_folder(&cfg, &inp, &d.path().join("oom"), opts);
     assert_eq!((s.done, s.failed.len()), (12, 0));
-    let s2 =
-        hotpipe::process::run(&cfg, inputs, &d.path().join("plain"), Default::default()).unwrap();
+    let s2 = run_folder(&cfg, &inp, &d.path().join("plain"), Default::default());
     assert_eq!(s2.done, 12);
     // Split batches give the same pixels as whole ones.
     for n in names(&d.path().join("plain")) {
@@ -398,8 +351,7 @@ fn several_cpu_inference_workers_give_the_same_outputs() {
         let cfg = Config::load(&cfg_path).unwrap();
         assert_eq!(cfg.pipeline.cpu_infer_workers, workers);
         let out = d.path().join(format!("out{workers}"));
-        let inputs = hotpipe::process::collect_inputs(std::slice::from_ref(&inp)).unwrap();
-        let s = hotpipe::process::run(&cfg, inputs, &out, Default::default()).unwrap();
+        let s = run_folder(&cfg, &inp, &out, Default::default());
         assert_eq!((s.done, s.failed.len()), (12, 0));
         assert_eq!(s.info.devices.len(), workers);
         outs.push(out);

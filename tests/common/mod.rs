@@ -102,6 +102,60 @@ pub fn hotpipe() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_hotpipe"))
 }
 
+/// The library's `process::run` on every image in `dir`, into `out`; it must start.
+pub fn run_folder(
+    cfg: &hotpipe::config::Config,
+    dir: &Path,
+    out: &Path,
+    opts: hotpipe::process::RunOptions,
+) -> hotpipe::process::Summary {
+    let inputs = hotpipe::process::collect_inputs(&[dir.to_path_buf()]).unwrap();
+    hotpipe::process::run(cfg, inputs, out, opts).unwrap()
+}
+
+/// What a run of the binary gave.
+pub struct Cli {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run `hotpipe ARGS...` to its end.
+pub fn cli<I, S>(args: I) -> Cli
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let r = hotpipe().args(args).output().unwrap();
+    Cli {
+        code: r.status.code(),
+        stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
+    }
+}
+
+/// `hotpipe process --quiet --config CFG --out OUT INPUTS...`, which must have run to the
+/// end (exit 0, or 1 when some input failed): anything else panics with its stderr.
+pub fn process<P: AsRef<Path>>(cfg: &Path, out: &Path, inputs: &[P]) -> Cli {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["process".as_ref(), "--quiet".as_ref()];
+    args.extend([
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    args.extend(inputs.iter().map(|p| p.as_ref().as_os_str()));
+    let r = cli(args);
+    assert!(
+        matches!(r.code, Some(0 | 1)),
+        "hotpipe process exited with {:?}: {}\n{}",
+        r.code,
+        r.stdout,
+        r.stderr
+    );
+    r
+}
+
 /// Sorted file names in a folder.
 pub fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = match std::fs::read_dir(dir) {
