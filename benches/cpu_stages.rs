@@ -12,10 +12,10 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use fast_image_resize as fir;
 
 use hotpipe::config::{Config, DecodeConfig, EncodeConfig, Format, PreprocessConfig};
-use hotpipe::pipeline::pool::BufPool;
 use hotpipe::stages::decode::{Decoder, ScaleTarget};
 use hotpipe::stages::encode::Encoder;
 use hotpipe::stages::fit::Fitter;
+use hotpipe::vocab::pool::BufPool;
 
 /// Packed RGB8 `w x h`: the reference portrait (vendored in tests/data/bench) resized.
 fn picture(w: u32, h: u32) -> Vec<u8> {

@@ -27,15 +27,14 @@ use std::time::{Duration, Instant};
 use tch::{Device, Tensor};
 
 use crate::config::{BatchSize, Config};
-use crate::error::{PipelineError, torch_message};
-use crate::pipeline::item::Frame;
-use crate::pipeline::pool::BufPool;
 use crate::runtime::model::Model;
-use crate::runtime::to_device;
 use crate::stages::decode::{Decoder, ScaleTarget};
 use crate::stages::encode::Encoder;
 use crate::stages::fit::Fitter;
 use crate::stages::read::read_input;
+use crate::vocab::error::{PipelineError, torch_message};
+use crate::vocab::item::Frame;
+use crate::vocab::pool::BufPool;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -377,7 +376,7 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
         ),
         Some(m) => {
             tch::set_num_threads(pl.infer_threads as i32);
-            let dev = to_device(m.devices[0]);
+            let dev = m.devices[0].tch();
             let model = Model::load(m, dev, &cfg.preprocess)?;
             let batch = match m.max_batch {
                 BatchSize::Fixed(b) => b,

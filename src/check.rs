@@ -8,9 +8,9 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{BatchSize, Config};
-use crate::error::{PipelineError, torch_message};
 use crate::runtime::model::Model;
-use crate::runtime::{cuda_device_count, to_device};
+use crate::vocab::device::cuda_device_count;
+use crate::vocab::error::{PipelineError, torch_message};
 
 pub fn check(cfg: &Config) -> Result<String, PipelineError> {
     let mut out = String::new();
@@ -57,7 +57,7 @@ pub fn check(cfg: &Config) -> Result<String, PipelineError> {
         BatchSize::Auto => 8,
     };
     for &d in &m.devices {
-        let dev = to_device(d);
+        let dev = d.tch();
         let model = Model::load(m, dev, p)?;
         let _no_grad = tch::no_grad_guard();
         let x = Tensor::zeros(

@@ -7,11 +7,12 @@
 //! it is on and says what is allowed, because an operator editing a service's config
 //! should not have to read the source to fix it.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
+
+pub use crate::vocab::device::DeviceChoice;
 
 /// A config that could not be read or is not valid.
 #[derive(Debug, thiserror::Error)]
@@ -164,22 +165,6 @@ struct RawFaceCrop {
 
 // ---------------------------------------------------------------------------------------
 // Validated configuration (step two).
-
-/// Where inference runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    Cpu,
-    Cuda(usize),
-}
-
-impl fmt::Display for DeviceChoice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DeviceChoice::Cpu => write!(f, "cpu"),
-            DeviceChoice::Cuda(i) => write!(f, "cuda:{i}"),
-        }
-    }
-}
 
 /// Numeric precision of the model on its device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -526,7 +511,7 @@ impl Config {
             &text,
             &path.display().to_string(),
             &base,
-            crate::runtime::cuda_device_count(),
+            crate::vocab::device::cuda_device_count(),
         )
     }
 

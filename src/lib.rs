@@ -16,7 +16,7 @@
 pub mod bench;
 pub mod check;
 pub mod config;
-pub mod error;
+
 pub mod facecrop;
 pub mod hotfolder;
 pub mod pipeline;
@@ -24,3 +24,4 @@ pub mod process;
 pub mod runtime;
 pub mod service;
 pub mod stages;
+pub mod vocab;

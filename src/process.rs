@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::error::{ItemError, PipelineError};
-use crate::pipeline::item::Item;
-use crate::pipeline::{DirSink, Pipeline, RuntimeInfo, StartOptions};
+use crate::hotfolder::publish::DirSink;
+use crate::pipeline::{Pipeline, RuntimeInfo, StartOptions};
+use crate::vocab::error::{ItemError, PipelineError};
+use crate::vocab::item::Item;
 
 /// The result of a run.
 #[derive(Debug)]

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use common::*;
 use hotpipe::config::{Config, FaceSelect};
 use hotpipe::facecrop::{FaceCropper, FoundFace, choose};
-use hotpipe::pipeline::pool::BufPool;
 use hotpipe::stages::decode::Decoder;
+use hotpipe::vocab::pool::BufPool;
 use image::{Rgb, RgbImage};
 use tch::{CModule, Device, Kind, Tensor};
 
@@ -427,7 +427,7 @@ fn boxes_are_in_original_pixels_when_the_frame_was_decoded_smaller() {
     let frame = |orig: u32| {
         let mut px = pool.get(a.as_raw().len());
         px.copy_from_slice(a.as_raw());
-        hotpipe::pipeline::item::Frame {
+        hotpipe::vocab::item::Frame {
             pixels: px,
             width: 512,
             height: 512,

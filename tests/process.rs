@@ -92,7 +92,7 @@ fn output_equals_the_model_applied_in_the_test() {
 
     // Reference: the library's decode and fit, then the model through tch directly.
     let cfg = Config::load(&cfg_path).unwrap();
-    let mut dec = Decoder::new(cfg.decode.clone(), hotpipe::pipeline::pool::BufPool::new(2));
+    let mut dec = Decoder::new(cfg.decode.clone(), hotpipe::vocab::pool::BufPool::new(2));
     let frame = dec.decode(&std::fs::read(&src).unwrap()).unwrap();
     let mut fitted = vec![0u8; 64 * 64 * 3];
     Fitter::new(cfg.preprocess.clone())

@@ -15,9 +15,9 @@ use common::psnr;
 use std::path::Path;
 
 use hotpipe::config::Config;
-use hotpipe::pipeline::pool::BufPool;
 use hotpipe::stages::decode::{Decoder, ScaleTarget};
 use hotpipe::stages::fit::{Fitter, Rect, source_rect};
+use hotpipe::vocab::pool::BufPool;
 
 #[test]
 fn scaled_decode_keeps_psnr_against_full_decode() {

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind, TchError, Tensor};
 
 use super::nets::Nets;
-use super::nms::{Overlap, nms};
+use super::nms::{Cand, Overlap, nms};
 
 /// The pyramid's scale step (facenet-pytorch's default `factor`).
 pub const FACTOR: f64 = 0.709;
@@ -65,16 +65,6 @@ pub struct Face {
     pub score: f32,
     /// Left eye, right eye, nose, left and right mouth corner, as (x, y).
     pub landmarks: [[f32; 2]; 5],
-}
-
-/// A candidate box between stages: corners, score, and the regression of the stage
-/// that produced it (P-Net's offsets are applied after its NMS, as in facenet-pytorch).
-#[derive(Debug, Clone, Copy)]
-pub struct Cand {
-    pub b: [f32; 4],
-    pub score: f32,
-    pub reg: [f32; 4],
-    pub img: usize,
 }
 
 /// Pyramid scales for an image whose shorter side is `min_side` (facenet-pytorch:

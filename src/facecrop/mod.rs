@@ -31,11 +31,10 @@ use fast_image_resize as fir;
 use serde_json::json;
 
 use crate::config::{Config, DeviceChoice, FaceCropConfig, FaceSelect, NoFacePolicy};
-use crate::error::{ItemError, PipelineError, Stage, torch_message};
-use crate::pipeline::item::{Frame, Outcome, Region};
-use crate::pipeline::telemetry::{Telemetry, Timer};
 use crate::pipeline::{Decoded, MiddleStage};
-use crate::runtime::to_device;
+use crate::vocab::error::{ItemError, PipelineError, Stage, torch_message};
+use crate::vocab::item::{Frame, Outcome, Region};
+use crate::vocab::telemetry::{Telemetry, Timer};
 use detect::{Face, WorkImage};
 use nets::Nets;
 
@@ -88,7 +87,7 @@ pub struct FaceCropper {
 impl FaceCropper {
     /// Load the MTCNN weights on the configured device.
     pub fn new(cfg: &FaceCropConfig) -> Result<FaceCropper, PipelineError> {
-        let device = to_device(cfg.device);
+        let device = cfg.device.tch();
         let nets = Nets::load(&cfg.weights, device)?;
         Ok(FaceCropper {
             nets,

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, TchError, Tensor};
 
-use crate::error::{PipelineError, torch_message};
+use crate::vocab::error::{PipelineError, torch_message};
 
 /// Named weights of one network, on its device.
 struct Weights {
@@ -162,7 +162,7 @@ impl Nets {
                 PipelineError::FaceCrop(format!(
                     "cannot join the P-Net heads of {}: {}",
                     dir.display(),
-                    crate::error::torch_message(&e)
+                    crate::vocab::error::torch_message(&e)
                 ))
             })
         };

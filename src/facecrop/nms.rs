@@ -6,7 +6,15 @@
 //! over the smaller area, with +1) after O-Net. Candidate counts are in the hundreds, so
 //! the quadratic loop costs microseconds and a device round trip would cost more.
 
-use super::detect::Cand;
+/// A candidate box between stages: corners, score, and the regression of the stage
+/// that produced it (P-Net's offsets are applied after its NMS, as in facenet-pytorch).
+#[derive(Debug, Clone, Copy)]
+pub struct Cand {
+    pub b: [f32; 4],
+    pub score: f32,
+    pub reg: [f32; 4],
+    pub img: usize,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Overlap {

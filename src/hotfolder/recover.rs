@@ -15,8 +15,8 @@ use super::publish::TMP_SUFFIX;
 use super::sink::{complete_orphan_failing, fail_item, finish_success};
 use super::state::{self, STATE_PREFIX};
 use crate::config::OnSuccess;
-use crate::error::Stage;
 use crate::stages::read::check_file_type;
+use crate::vocab::error::Stage;
 
 /// What to do with an item of `work/` now.
 #[derive(Debug, PartialEq)]

@@ -29,9 +29,9 @@ use super::publish::{
 use super::state::{self, Failing, Output};
 use super::{Layout, split_name, utc_timestamp};
 use crate::config::OnSuccess;
-use crate::error::{ItemError, Stage};
-use crate::pipeline::Sink;
-use crate::pipeline::item::Item;
+use crate::vocab::error::{ItemError, Stage};
+use crate::vocab::item::Item;
+use crate::vocab::sink::Sink;
 
 /// The hot folder's [`Sink`]: durable, exactly-once publication.
 pub struct HotSink {

@@ -14,11 +14,6 @@
 //! Shutdown flows downstream: dropping the input sender ends the read stage, which drops
 //! its sender, and so on; each stage drains what it holds before exiting.
 
-pub mod item;
-pub mod pool;
-pub mod telemetry;
-
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -28,60 +23,18 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{BatchSize, Config};
-use crate::error::{ItemError, PipelineError, Stage};
 use crate::runtime::batcher::{Assembler, SlotMemory};
 use crate::runtime::infer::{EncodeJob, OutRing, WorkerParts, run_worker};
 use crate::runtime::model::Model;
-use crate::runtime::to_device;
 use crate::stages::decode::{Decoder, ScaleTarget};
 use crate::stages::encode::Encoder;
 use crate::stages::fit::Fitter;
 use crate::stages::read::{Input, read_input};
-use item::{Frame, Item, Outcome};
-use pool::BufPool;
-use telemetry::{Telemetry, Timer};
-
-/// Where finished images go. `publish` is called by an encode worker with the encoded
-/// bytes; it returns the paths written. The hot folder's sink also moves the input to
-/// `done/`; `process` writes into a plain directory.
-pub trait Sink: Send + Sync {
-    fn publish(&self, item: &Item, encoded: &[u8], ext: &str) -> Result<Vec<PathBuf>, ItemError>;
-}
-
-/// Writes outputs into one directory, never replacing a file (adds `-N` instead).
-pub struct DirSink {
-    pub dir: PathBuf,
-    /// fsync each file and the directory (the hot folder needs it; a one-off `process`
-    /// does not pay for it by default).
-    pub durable: bool,
-}
-
-impl Sink for DirSink {
-    fn publish(&self, item: &Item, encoded: &[u8], ext: &str) -> Result<Vec<PathBuf>, ItemError> {
-        let err = |e: std::io::Error| {
-            ItemError::new(
-                &item.path,
-                Stage::Publish,
-                format!("cannot write output in {}: {e}", self.dir.display()),
-            )
-            .transient()
-        };
-        let out =
-            crate::hotfolder::publish::write_new(&self.dir, &item.name, ext, encoded, self.durable)
-                .map_err(err)?;
-        let mut written = vec![out.clone()];
-        if let Some(sidecar) = &item.sidecar {
-            // Name the sidecar after the output actually written (x-1.jpg -> x-1.json).
-            let stem = crate::hotfolder::publish::sidecar_stem(&out);
-            let text = serde_json::to_vec_pretty(sidecar).unwrap_or_default();
-            written.push(
-                crate::hotfolder::publish::write_new(&self.dir, &stem, "json", &text, self.durable)
-                    .map_err(err)?,
-            );
-        }
-        Ok(written)
-    }
-}
+use crate::vocab::error::{ItemError, PipelineError, Stage};
+use crate::vocab::item::{Frame, Item, Outcome};
+use crate::vocab::pool::BufPool;
+use crate::vocab::sink::Sink;
+use crate::vocab::telemetry::{Telemetry, Timer};
 
 /// What the pipeline resolved at start-up (for `check`, logs and metrics).
 #[derive(Debug, Clone)]
@@ -167,7 +120,7 @@ impl Pipeline {
 
         // Models first: a bad model fails the start, not the first image.
         let mut devices: Vec<Device> = match &cfg.model {
-            Some(m) => m.devices.iter().map(|&d| to_device(d)).collect(),
+            Some(m) => m.devices.iter().map(|&d| d.tch()).collect(),
             None => vec![Device::Cpu],
         };
         // CPU inference as several workers, each a model copy with its share of the

@@ -28,12 +28,12 @@ use std::time::Instant;
 use crossbeam_channel::{SendError, Sender, bounded};
 use tch::{Device, Kind, TchError, Tensor};
 
-use crate::error::{ItemError, Stage, torch_message};
-use crate::pipeline::item::{Item, Outcome};
-use crate::pipeline::telemetry::{Telemetry, Timer};
 use crate::runtime::batcher::{Assembler, Batch};
 use crate::runtime::cuda::{self, Event, Stream};
 use crate::runtime::model::Model;
+use crate::vocab::error::{ItemError, Stage, torch_message};
+use crate::vocab::item::{Item, Outcome};
+use crate::vocab::telemetry::{Telemetry, Timer};
 
 /// A fixed set of uint8 `max_batch x H' x W' x 3` host buffers (pinned for CUDA).
 pub struct OutRing {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use tch::{CModule, Device, IValue, Kind, TchError, Tensor};
 
 use crate::config::{ModelConfig, Precision, PreprocessConfig};
-use crate::error::{PipelineError, torch_message};
+use crate::vocab::error::{PipelineError, torch_message};
 
 pub struct Model {
     module: Option<CModule>,

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::Shared;
-use crate::pipeline::telemetry::{BUCKETS, STAGES, StageStats};
+use crate::vocab::telemetry::{BUCKETS, STAGES, StageStats};
 
 /// Bind and serve on a background thread; returns the bound address (port 0 resolved).
 pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {

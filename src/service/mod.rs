@@ -33,14 +33,14 @@ use crossbeam_channel::{
 };
 
 use crate::config::{Config, ConfigError, HotfolderConfig};
-use crate::error::PipelineError;
 use crate::hotfolder::claim::{Claim, Scanner, claim};
 use crate::hotfolder::recover::{self, Begin};
 use crate::hotfolder::sink::{HotSink, fail_item};
 use crate::hotfolder::{HotfolderError, Layout, RootLock, watch};
-use crate::pipeline::item::{Item, Outcome, StartHook};
-use crate::pipeline::telemetry::Telemetry;
 use crate::pipeline::{Pipeline, StartOptions};
+use crate::vocab::error::PipelineError;
+use crate::vocab::item::{Item, Outcome, StartHook};
+use crate::vocab::telemetry::Telemetry;
 use signals::Signal;
 
 /// Why the service could not start (or had to stop).

@@ -29,9 +29,9 @@ use image::metadata::Orientation;
 use image::{ColorType, ImageDecoder, ImageFormat, ImageReader, Limits};
 
 use crate::config::{DecodeConfig, FitMode, PreprocessConfig};
-use crate::pipeline::item::Frame;
-use crate::pipeline::pool::{BufPool, PooledBuf};
 use crate::stages::fit::{Rect, source_rect};
+use crate::vocab::item::Frame;
+use crate::vocab::pool::{BufPool, PooledBuf};
 
 /// Progressive JPEGs with more scans than this are refused: each scan re-reads the whole
 /// coefficient buffer, so a crafted file with thousands of tiny scans is a cheap way to

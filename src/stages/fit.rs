@@ -12,7 +12,7 @@ use fir::images::{CroppedImageMut, Image, ImageRef};
 use fir::{FilterType, PixelType, ResizeAlg, ResizeOptions};
 
 use crate::config::{Filter, FitMode, PreprocessConfig};
-use crate::pipeline::item::{Frame, Region};
+use crate::vocab::item::{Frame, Region};
 
 /// One fit worker's state (the resizer keeps its scratch buffers between images).
 pub struct Fitter {

@@ -63,7 +63,7 @@ fn check(rc: c_int, call: &'static str) -> Result<(), CudaError> {
     tracing::debug!(call, error = %full, "CUDA shim error (full text)");
     Err(CudaError {
         call,
-        message: crate::error::first_line(&full),
+        message: crate::vocab::error::first_line(&full),
     })
 }
 

@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::error::Stage;
+use crate::vocab::error::Stage;
 
 pub const STAGES: [Stage; 7] = [
     Stage::Read,

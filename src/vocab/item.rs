@@ -8,8 +8,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::error::ItemError;
-use crate::pipeline::pool::PooledBuf;
+use crate::vocab::error::ItemError;
+use crate::vocab::pool::PooledBuf;
 
 /// A region of the source image to fit, in the coordinates of the original (not
 /// DCT-scaled) image. May extend past the image border; the outside is padded.
