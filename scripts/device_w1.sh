@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 export LD_LIBRARY_PATH="$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib"
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-[ -x ./cuda-tests ] && ./cuda-tests --nocapture 2>&1 | tail -20 | tee "$OUT/cuda-tests.txt"
+[ -x ./it-tests ] && ./it-tests cuda:: --nocapture 2>&1 | tail -20 | tee "$OUT/cuda-tests.txt"
 W=/tmp/w1; mkdir -p $W
 python3 make_data.py astronaut.png $W/D400 400 7
 python3 make_model.py $W/m.pt 48 8 >/dev/null

@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
 # Prepare .device/ for a run on the lent GPU machine (see ../shared/gpu/README.md): the
-# release binary, the CUDA test binary, the shared bench scripts and the device script.
+# release binary, the integration-test binary (for its cuda:: tests), the shared bench
+# scripts and the device script.
 # Then, from the session's device tool, one call:
 #   run(command="bash .device/device_w1.sh", carry=[".device"], timeout_s=540)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
-cargo build --release --quiet
-test_bin=$(cargo test --release --no-run --test cuda --message-format=json 2>/dev/null \
+# The test target requires the test-only fault points, and building it builds
+# target/release/hotpipe with them too: the plain build (no fault points) comes after.
+test_bin=$(cargo test --release --no-run --features fault-injection --test it \
+  --message-format=json 2>/dev/null \
   | "$HOTPIPE_PYTHON" -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m.get("executable") and "cuda" in m["target"]["name"]: print(m["executable"])' | tail -1)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"] == "it": print(m["executable"])' | tail -1)
+cargo build --release --quiet
 rm -rf .device && mkdir -p .device
 cp target/release/hotpipe .device/
-[ -n "$test_bin" ] && cp "$test_bin" .device/cuda-tests
+[ -n "$test_bin" ] && cp "$test_bin" .device/it-tests
 cp "$HOTPIPE_SHARED_BENCH"/*.py "$HOTPIPE_SHARED_BENCH"/astronaut.png .device/
 # The carry limit is 64 MiB: the release profile keeps debug info (about 120 MiB a binary).
 strip .device/hotpipe
-[ -f .device/cuda-tests ] && strip .device/cuda-tests
+[ -f .device/it-tests ] && strip .device/it-tests
 # The face-crop job on the GPU: its weights, the default config, and the Python peer's
 # pure-Python wheels (the device has torch and torchvision but no network).
 [ -f models/mtcnn/onet.pt ] || scripts/setup.sh

@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Tensor};
 
-use crate::config::{BatchSize, Config};
+use crate::config::Config;
 use crate::runtime::model::Model;
+use crate::runtime::plan::RuntimePlan;
 use crate::stages::decode::{Decoder, ScaleTarget};
 use crate::stages::encode::Encoder;
 use crate::stages::fit::Fitter;
@@ -237,16 +238,60 @@ fn scale_target(cfg: &Config) -> Option<ScaleTarget> {
 pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let paths =
         crate::process::collect_inputs(&[folder.to_path_buf()]).map_err(BenchError::Inputs)?;
-    // Keep the images that decode; the others would measure error paths.
-    let mut first_err = String::from("the folder is empty");
-    let mut reductions = [0usize; 4];
-    let mut good = Vec::new();
-    let mut fitted: Vec<Vec<u8>> = Vec::new();
-    {
+    let sample = Sample::load(cfg, folder, &paths)?;
+    let files = Arc::new(sample.files);
+    let pl = &cfg.pipeline;
+    let min = opts.min_time;
+
+    let decode_fit_on = |name: &str, threads: usize, scaled: bool| {
+        decode_fit(cfg, &files, min, name, threads, scaled)
+    };
+    let decode_fit_full = decode_fit_on("read+decode+fit (full decode)", 1, false);
+    let decode_fit_scaled = decode_fit_on("read+decode+fit (DCT-scaled JPEG)", 1, true);
+    let decode_fit_n = decode_fit_on("read+decode+fit (DCT-scaled JPEG)", pl.decode_threads, true);
+    let detect = detect(cfg, &files, folder, min)?;
+    let inferred = infer(cfg, sample.fitted, min)?;
+    let encode = encode(cfg, inferred.outputs, inferred.out_hw, min);
+    let pipeline = if opts.pipeline {
+        Some(whole_pipeline(cfg, paths)?)
+    } else {
+        None
+    };
+
+    Ok(BenchReport {
+        images: files.len(),
+        cores: crate::config::available_cores(),
+        reductions: sample.reductions,
+        decode_fit_full,
+        decode_fit_scaled,
+        decode_fit: decode_fit_n,
+        detect,
+        infer: inferred.rate,
+        encode,
+        pipeline,
+    })
+}
+
+/// The folder's images that decode (the others would measure error paths), with what
+/// the later stages start from.
+struct Sample {
+    files: Vec<PathBuf>,
+    /// Images per DCT reduction, as in [`BenchReport::reductions`].
+    reductions: [usize; 4],
+    /// Up to 64 rows fitted from the first images: the inference input.
+    fitted: Vec<Vec<u8>>,
+}
+
+impl Sample {
+    fn load(cfg: &Config, folder: &Path, paths: &[PathBuf]) -> Result<Sample, BenchError> {
+        let mut first_err = String::from("the folder is empty");
+        let mut reductions = [0usize; 4];
+        let mut good = Vec::new();
+        let mut fitted: Vec<Vec<u8>> = Vec::new();
         let mut dec =
             Decoder::new(cfg.decode.clone(), BufPool::new(2)).with_scaling(scale_target(cfg));
         let mut fit = Fitter::new(cfg.preprocess.clone());
-        for p in &paths {
+        for p in paths {
             // One file mapped at a time, as the read stage maps it (with its size limit).
             let input = match read_input(p, cfg.decode.max_file_bytes) {
                 Ok(input) => input,
@@ -272,181 +317,226 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
                 Err(_) => {}
             }
         }
+        if good.is_empty() || fitted.is_empty() {
+            return Err(BenchError::NoImages(folder.to_path_buf(), first_err));
+        }
+        Ok(Sample {
+            files: good,
+            reductions,
+            fitted,
+        })
     }
-    if good.is_empty() || fitted.is_empty() {
-        return Err(BenchError::NoImages(folder.to_path_buf(), first_err));
-    }
-    let files = Arc::new(good);
-    let n = files.len();
+}
+
+/// Read, decode and fit `files` on `threads` threads, with DCT-scaled JPEG decoding
+/// when `scaled` (and the config allows it).
+fn decode_fit(
+    cfg: &Config,
+    files: &Arc<Vec<PathBuf>>,
+    min_time: Duration,
+    name: &str,
+    threads: usize,
+    scaled: bool,
+) -> Rate {
     let max_file = cfg.decode.max_file_bytes;
+    let target = scale_target(cfg).filter(|_| scaled);
+    let (done, elapsed) = run_for(threads, files.len(), min_time, || {
+        let files = Arc::clone(files);
+        let mut dec = Decoder::new(cfg.decode.clone(), BufPool::new(2)).with_scaling(target);
+        let mut fit = Fitter::new(cfg.preprocess.clone());
+        let mut row = vec![0u8; fit.row_bytes()];
+        Box::new(move |i| {
+            let Ok(input) = read_input(&files[i % files.len()], max_file) else {
+                return;
+            };
+            if let Ok(frame) = dec.decode(input.bytes()) {
+                let _ = fit.fit(&frame, None, &mut row);
+            }
+        })
+    });
+    Rate {
+        name: name.to_string(),
+        threads: threads.max(1),
+        images: done,
+        elapsed,
+    }
+}
+
+/// The face crop's detect stage (with `[face_crop]`) on frames decoded as the pipeline
+/// decodes them, with whether it ran on the CPU.
+fn detect(
+    cfg: &Config,
+    files: &[PathBuf],
+    folder: &Path,
+    min_time: Duration,
+) -> Result<Option<(Rate, bool)>, BenchError> {
+    let Some(fc) = &cfg.face_crop else {
+        return Ok(None);
+    };
     let pl = &cfg.pipeline;
-
-    let decode_fit = |name: &str, threads: usize, scaled: bool| {
-        let files = Arc::clone(&files);
-        let target = scale_target(cfg).filter(|_| scaled);
-        let (done, elapsed) = run_for(threads, n, opts.min_time, || {
-            let files = Arc::clone(&files);
-            let mut dec = Decoder::new(cfg.decode.clone(), BufPool::new(2)).with_scaling(target);
-            let mut fit = Fitter::new(cfg.preprocess.clone());
-            let mut row = vec![0u8; fit.row_bytes()];
-            Box::new(move |i| {
-                let Ok(input) = read_input(&files[i % files.len()], max_file) else {
-                    return;
-                };
-                if let Ok(frame) = dec.decode(input.bytes()) {
-                    let _ = fit.fit(&frame, None, &mut row);
-                }
-            })
-        });
-        Rate {
-            name: name.to_string(),
-            threads: threads.max(1),
-            images: done,
-            elapsed,
-        }
-    };
-    let decode_fit_full = decode_fit("read+decode+fit (full decode)", 1, false);
-    let decode_fit_scaled = decode_fit("read+decode+fit (DCT-scaled JPEG)", 1, true);
-    let decode_fit_n = decode_fit("read+decode+fit (DCT-scaled JPEG)", pl.decode_threads, true);
-
-    // The face crop's detect stage on frames decoded as the pipeline decodes them (in
-    // full: a middle stage turns DCT scaling off), a bounded number held in memory.
-    let detect = match &cfg.face_crop {
-        None => None,
-        Some(fc) => {
-            // No DCT scaling: a middle stage needs every pixel (see `ScaleTarget::for_fit`).
-            let mut dec = Decoder::new(cfg.decode.clone(), BufPool::new(DETECT_FRAMES + 1));
-            let mut frames = Vec::new();
-            for p in files.iter().take(DETECT_FRAMES) {
-                if let Ok(input) = read_input(p, max_file)
-                    && let Ok(frame) = dec.decode(input.bytes())
-                {
-                    frames.push(frame);
-                }
-            }
-            if frames.is_empty() {
-                return Err(BenchError::NoImages(
-                    folder.to_path_buf(),
-                    "none of the first files decodes in full for the face crop".into(),
-                ));
-            }
-            let frames = Arc::new(frames);
-            let mut croppers = Vec::new();
-            for _ in 0..pl.detect_threads {
-                croppers.push(crate::facecrop::FaceCropper::new(fc)?);
-            }
-            // A detector that fails on every photo would time its error path.
-            if let Some(Err(reason)) = croppers[0].detect(&[&frames[0]]).pop() {
-                return Err(BenchError::Detect(reason));
-            }
-            let on_cpu = croppers[0].on_cpu();
-            let per_batch = crate::facecrop::worker_batch(fc);
-            let croppers = std::sync::Mutex::new(croppers);
-            let at_least = frames.len().div_ceil(per_batch);
-            let (done, elapsed) = run_for(pl.detect_threads, at_least, opts.min_time, || {
-                let frames = Arc::clone(&frames);
-                let mut cropper = croppers.lock().unwrap().pop().expect("one per thread");
-                // Batches of the size a pipeline worker takes: `i` counts batches.
-                Box::new(move |i| {
-                    let batch: Vec<&Frame> = (0..per_batch)
-                        .map(|k| &frames[(i * per_batch + k) % frames.len()])
-                        .collect();
-                    let _ = cropper.detect(&batch);
-                })
-            });
-            let rate = Rate {
-                name: format!(
-                    "face detect ({:?}, both passes, batch {per_batch})",
-                    fc.device
-                ),
-                threads: pl.detect_threads,
-                images: done * per_batch,
-                elapsed,
-            };
-            Some((rate, on_cpu))
-        }
-    };
-
-    // Inference on the first device, batches of max_batch fitted images.
-    let (infer, outputs, out_hw) = match &cfg.model {
-        None => (
-            None,
-            fitted.clone(),
-            (cfg.preprocess.height, cfg.preprocess.width),
-        ),
-        Some(m) => {
-            tch::set_num_threads(pl.infer_threads as i32);
-            let dev = m.devices[0].tch();
-            let model = Model::load(m, dev, &cfg.preprocess)?;
-            let batch = match m.max_batch {
-                BatchSize::Fixed(b) => b,
-                // The size the pipeline would run (measured from free device memory).
-                BatchSize::Auto => model.auto_batch(),
-            };
-            let (h, w) = (cfg.preprocess.height as i64, cfg.preprocess.width as i64);
-            let rows: Vec<u8> = (0..batch)
-                .flat_map(|i| fitted[i % fitted.len()].iter().copied())
+    let frames = Arc::new(detect_frames(cfg, files, folder)?);
+    // The pipeline's own detect workers, built the same way.
+    let mut croppers = crate::facecrop::workers(cfg)?;
+    // A detector that fails on every photo would time its error path.
+    if let Some(Err(reason)) = croppers[0].detect(&[&frames[0]]).pop() {
+        return Err(BenchError::Detect(reason));
+    }
+    let on_cpu = croppers[0].on_cpu();
+    let per_batch = crate::facecrop::worker_batch(fc);
+    let croppers = std::sync::Mutex::new(croppers);
+    let at_least = frames.len().div_ceil(per_batch);
+    let (done, elapsed) = run_for(pl.detect_threads, at_least, min_time, || {
+        let frames = Arc::clone(&frames);
+        let mut cropper = croppers.lock().unwrap().pop().expect("one per thread");
+        // Batches of the size a pipeline worker takes: `i` counts batches.
+        Box::new(move |i| {
+            let batch: Vec<&Frame> = (0..per_batch)
+                .map(|k| &frames[(i * per_batch + k) % frames.len()])
                 .collect();
-            let x = Tensor::from_slice(&rows)
-                .view([batch as i64, h, w, 3])
-                .to_device(dev);
-            let (oh, ow) = model.output_hw();
-            let kind = model.kind();
-            let min_time = opts.min_time;
-            // On its own thread, as in the pipeline: measured here (light model, batch 1,
-            // CPU), the same loop ran about 5x slower on the main thread, which had set
-            // up the intra-op thread count (24.7 vs 5.2 images/s); the cause is in
-            // libtorch's per-thread parallel setup and was not chased further.
-            let timed = std::thread::spawn(move || -> Result<(Tensor, usize, Duration), String> {
-                let _no_grad = tch::no_grad_guard();
-                let sync = || {
-                    if let Device::Cuda(i) = dev {
-                        tch::Cuda::synchronize(i as i64);
-                    }
-                };
-                let run = || model.forward_u8(&x).map_err(|e| torch_message(&e));
-                // Warm-up: TorchScript's profiling executor optimises the graph over the
-                // first calls, and cuDNN picks its algorithms; timing those would
-                // understate the steady state several times over.
-                let mut y = run()?;
-                for _ in 0..3 {
-                    y = run()?;
-                }
-                sync();
-                let start = Instant::now();
-                let mut images = 0;
-                while images < 3 * batch || start.elapsed() < min_time {
-                    let _ = run()?;
-                    images += batch;
-                }
-                sync();
-                Ok((y, images, start.elapsed()))
-            })
-            .join()
-            .map_err(|_| BenchError::Infer("the inference thread panicked".into()))?;
-            let (y, images, elapsed) = timed.map_err(BenchError::Infer)?;
-            let y = y.to_device(Device::Cpu);
-            let row = (oh * ow * 3) as usize;
-            let mut flat = vec![0u8; batch * row];
-            y.copy_data_u8(&mut flat, batch * row);
-            let outs = flat.chunks_exact(row).map(<[u8]>::to_vec).collect();
-            let threads = if dev == Device::Cpu {
-                pl.infer_threads
-            } else {
-                1
-            };
-            let rate = Rate {
-                name: format!("inference ({}, batch {batch}, {:?})", m.devices[0], kind),
-                threads,
-                images,
-                elapsed,
-            };
-            (Some(rate), outs, (oh as u32, ow as u32))
+            let _ = cropper.detect(&batch);
+        })
+    });
+    let rate = Rate {
+        name: format!(
+            "face detect ({:?}, both passes, batch {per_batch})",
+            fc.device
+        ),
+        threads: pl.detect_threads,
+        images: done * per_batch,
+        elapsed,
+    };
+    Ok(Some((rate, on_cpu)))
+}
+
+/// Up to [`DETECT_FRAMES`] of the first files, decoded in full: the pipeline turns DCT
+/// scaling off when a middle stage needs every pixel (see `ScaleTarget::for_fit`), and
+/// only a bounded number is held in memory.
+fn detect_frames(cfg: &Config, files: &[PathBuf], folder: &Path) -> Result<Vec<Frame>, BenchError> {
+    let mut dec = Decoder::new(cfg.decode.clone(), BufPool::new(DETECT_FRAMES + 1));
+    let mut frames = Vec::new();
+    for p in files.iter().take(DETECT_FRAMES) {
+        if let Ok(input) = read_input(p, cfg.decode.max_file_bytes)
+            && let Ok(frame) = dec.decode(input.bytes())
+        {
+            frames.push(frame);
+        }
+    }
+    if frames.is_empty() {
+        return Err(BenchError::NoImages(
+            folder.to_path_buf(),
+            "none of the first files decodes in full for the face crop".into(),
+        ));
+    }
+    Ok(frames)
+}
+
+/// What the inference measurement leaves for the encode measurement.
+struct Inferred {
+    /// `None` without a `[model]`.
+    rate: Option<Rate>,
+    /// The model's output rows (without a model: the fitted rows themselves).
+    outputs: Vec<Vec<u8>>,
+    /// The outputs' height and width.
+    out_hw: (u32, u32),
+}
+
+/// Inference on the first configured device, batches of `max_batch` fitted images.
+fn infer(cfg: &Config, fitted: Vec<Vec<u8>>, min_time: Duration) -> Result<Inferred, BenchError> {
+    let Some(m) = &cfg.model else {
+        return Ok(Inferred {
+            rate: None,
+            outputs: fitted,
+            out_hw: (cfg.preprocess.height, cfg.preprocess.width),
+        });
+    };
+    let pl = &cfg.pipeline;
+    // The pipeline's runtime plan: the same model and batch size (`max_batch = "auto"`
+    // included) that `process`, `run` and `check` use; its first worker is timed.
+    let plan = RuntimePlan::load(cfg)?;
+    let batch = plan.max_batch;
+    let model = plan.models.into_iter().next().expect("a plan has a model");
+    let dev = model.device();
+    // One copy measured with every inference thread, as before the plan existed: the
+    // rate is per copy, the report's thread column says how many threads it had.
+    tch::set_num_threads(pl.infer_threads as i32);
+    let (h, w) = (cfg.preprocess.height as i64, cfg.preprocess.width as i64);
+    let rows: Vec<u8> = (0..batch)
+        .flat_map(|i| fitted[i % fitted.len()].iter().copied())
+        .collect();
+    let x = Tensor::from_slice(&rows)
+        .view([batch as i64, h, w, 3])
+        .to_device(dev);
+    let (oh, ow) = model.output_hw();
+    let kind = model.kind();
+    // On its own thread, as in the pipeline: measured here (light model, batch 1, CPU),
+    // the same loop ran about 5x slower on the main thread, which had set up the
+    // intra-op thread count (24.7 vs 5.2 images/s); the cause is in libtorch's
+    // per-thread parallel setup and was not chased further.
+    let timed = std::thread::spawn(move || time_forward(&model, &x, dev, batch, min_time))
+        .join()
+        .map_err(|_| BenchError::Infer("the inference thread panicked".into()))?;
+    let (y, images, elapsed) = timed.map_err(BenchError::Infer)?;
+    let y = y.to_device(Device::Cpu);
+    let row = (oh * ow * 3) as usize;
+    let mut flat = vec![0u8; batch * row];
+    y.copy_data_u8(&mut flat, batch * row);
+    let threads = if dev == Device::Cpu {
+        pl.infer_threads
+    } else {
+        1
+    };
+    Ok(Inferred {
+        rate: Some(Rate {
+            name: format!("inference ({}, batch {batch}, {:?})", m.devices[0], kind),
+            threads,
+            images,
+            elapsed,
+        }),
+        outputs: flat.chunks_exact(row).map(<[u8]>::to_vec).collect(),
+        out_hw: (oh as u32, ow as u32),
+    })
+}
+
+/// The timed forward loop over batch `x` of `batch` rows: after a warm-up, for at least
+/// `min_time` and three batches. Returns the last warm-up output, the images run and the
+/// time taken.
+fn time_forward(
+    model: &Model,
+    x: &Tensor,
+    dev: Device,
+    batch: usize,
+    min_time: Duration,
+) -> Result<(Tensor, usize, Duration), String> {
+    let _no_grad = tch::no_grad_guard();
+    let sync = || {
+        if let Device::Cuda(i) = dev {
+            tch::Cuda::synchronize(i as i64);
         }
     };
+    let run = || model.forward_u8(x).map_err(|e| torch_message(&e));
+    // Warm-up: TorchScript's profiling executor optimises the graph over the first
+    // calls, and cuDNN picks its algorithms; timing those would understate the steady
+    // state several times over.
+    let mut y = run()?;
+    for _ in 0..3 {
+        y = run()?;
+    }
+    sync();
+    let start = Instant::now();
+    let mut images = 0;
+    while images < 3 * batch || start.elapsed() < min_time {
+        let _ = run()?;
+        images += batch;
+    }
+    sync();
+    Ok((y, images, start.elapsed()))
+}
 
+/// Encode `outputs` (rows of `out_hw` pixels) with `pipeline.encode_threads` threads.
+fn encode(cfg: &Config, outputs: Vec<Vec<u8>>, out_hw: (u32, u32), min_time: Duration) -> Rate {
+    let pl = &cfg.pipeline;
     let outputs = Arc::new(outputs);
-    let (done, elapsed) = run_for(pl.encode_threads, outputs.len(), opts.min_time, || {
+    let (done, elapsed) = run_for(pl.encode_threads, outputs.len(), min_time, || {
         let outputs = Arc::clone(&outputs);
         let mut enc = Encoder::new(cfg.encode.clone());
         let (oh, ow) = out_hw;
@@ -454,7 +544,7 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
             let _ = enc.encode(&outputs[i % outputs.len()], ow, oh);
         })
     });
-    let encode = Rate {
+    Rate {
         name: format!(
             "encode ({:?}, quality {})",
             cfg.encode.format, cfg.encode.quality
@@ -462,38 +552,26 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
         threads: pl.encode_threads.max(1),
         images: done,
         elapsed,
-    };
+    }
+}
 
-    let pipeline = if opts.pipeline {
-        let out = std::env::temp_dir().join(format!("hotpipe-bench-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&out);
-        let s = crate::process::run(cfg, paths.clone(), &out, Default::default());
-        let _ = std::fs::remove_dir_all(&out);
-        let s = s?;
-        Some(Rate {
-            name: "whole pipeline (process, files on disk)".to_string(),
-            threads: pl.decode_threads
-                + pl.fit_threads
-                + pl.encode_threads
-                + 1
-                + cfg.face_crop.as_ref().map_or(0, |_| pl.detect_threads),
-            images: s.done + s.failed.len(),
-            elapsed: s.elapsed,
-        })
-    } else {
-        None
-    };
-
-    Ok(BenchReport {
-        images: n,
-        cores: crate::config::available_cores(),
-        reductions,
-        decode_fit_full,
-        decode_fit_scaled,
-        decode_fit: decode_fit_n,
-        detect,
-        infer,
-        encode,
-        pipeline,
+/// `process` over `paths` into a temporary folder (removed before and after), files read
+/// from disk.
+fn whole_pipeline(cfg: &Config, paths: Vec<PathBuf>) -> Result<Rate, BenchError> {
+    let pl = &cfg.pipeline;
+    let out = std::env::temp_dir().join(format!("hotpipe-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let s = crate::process::run(cfg, paths, &out, Default::default());
+    let _ = std::fs::remove_dir_all(&out);
+    let s = s?;
+    Ok(Rate {
+        name: "whole pipeline (process, files on disk)".to_string(),
+        threads: pl.decode_threads
+            + pl.fit_threads
+            + pl.encode_threads
+            + 1
+            + cfg.face_crop.as_ref().map_or(0, |_| pl.detect_threads),
+        images: s.done + s.failed.len(),
+        elapsed: s.elapsed,
     })
 }

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{BatchSize, Config};
-use crate::runtime::model::Model;
+use crate::config::Config;
+use crate::runtime::plan::RuntimePlan;
 use crate::vocab::device::cuda_device_count;
 use crate::vocab::error::{PipelineError, torch_message};
 
@@ -46,19 +46,24 @@ pub fn check(cfg: &Config) -> Result<String, PipelineError> {
             fc.min_face,
             1200.0 / fc.detect_size as f64,
         );
-        crate::facecrop::middle_stage(cfg)?;
+        crate::facecrop::workers(cfg)?;
     }
     let Some(m) = &cfg.model else {
         let _ = writeln!(out, "model: none (fitted images are encoded as they are)");
         return Ok(out);
     };
-    let batch = match m.max_batch {
-        BatchSize::Fixed(n) => n,
-        BatchSize::Auto => 8,
-    };
-    for &d in &m.devices {
-        let dev = d.tch();
-        let model = Model::load(m, dev, p)?;
+    // The plan the pipeline would run: the same model copies and the same batch size
+    // (`max_batch = "auto"` included) as `process`, `run` and `bench`.
+    let plan = RuntimePlan::load(cfg)?;
+    let batch = plan.max_batch;
+    let mut shown = Vec::new();
+    for model in &plan.models {
+        // CPU workers are copies of one model on one device: describe it once.
+        let dev = model.device();
+        if shown.contains(&dev) {
+            continue;
+        }
+        shown.push(dev);
         let _no_grad = tch::no_grad_guard();
         let x = Tensor::zeros(
             [batch as i64, p.height as i64, p.width as i64, 3],
@@ -74,6 +79,10 @@ pub fn check(cfg: &Config) -> Result<String, PipelineError> {
         }
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let (oh, ow) = model.output_hw();
+        let d = match dev {
+            Device::Cuda(i) => format!("cuda:{i}"),
+            _ => "cpu".to_string(),
+        };
         let _ = writeln!(out, "model: {}", m.path.display());
         let _ = writeln!(out, "  device: {d}, precision {:?}", model.kind());
         let _ = writeln!(

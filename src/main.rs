@@ -106,10 +106,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         } => {
             let cfg = Config::load(&config)?;
             let inputs = hotpipe::process::collect_inputs(&inputs).map_err(anyhow::Error::msg)?;
-            let opts = hotpipe::process::RunOptions {
-                progress: !quiet,
-                ..Default::default()
-            };
+            let opts = hotpipe::process::RunOptions { progress: !quiet };
             let s = hotpipe::process::run(&cfg, inputs, &out, opts)
                 .context("pipeline failed to start")?;
             tracing::info!("stage telemetry\n{}", s.report);
@@ -119,6 +116,10 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 s.failed.len(),
                 s.elapsed.as_secs_f64(),
                 s.images_per_s()
+            );
+            println!(
+                "runtime: {} on {:?}, batch {}",
+                s.info.model, s.info.devices, s.info.max_batch
             );
             for f in &s.failed {
                 println!("failed: {}: {}: {}", f.path.display(), f.stage, f.reason);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::hotfolder::publish::DirSink;
-use crate::pipeline::{Pipeline, RuntimeInfo, StartOptions};
+use crate::pipeline::{Pipeline, RuntimeInfo};
 use crate::vocab::error::{ItemError, PipelineError};
 use crate::vocab::item::Item;
 
@@ -72,7 +72,6 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 pub struct RunOptions {
     /// Show progress (a bar on a terminal, log lines otherwise).
     pub progress: bool,
-    pub start: StartOptions,
 }
 
 /// Process `inputs` into `out_dir`.
@@ -90,11 +89,7 @@ pub fn run(
         dir: out_dir.to_path_buf(),
         durable: false,
     });
-    let mut start = opts.start;
-    if start.middle.is_none() {
-        start.middle = crate::facecrop::middle_stage(cfg)?;
-    }
-    let mut pipeline = Pipeline::start(cfg, sink, start)?;
+    let mut pipeline = Pipeline::start(cfg, sink)?;
     let total = inputs.len();
     let started = Instant::now();
     let tx = pipeline.sender();
@@ -160,7 +155,8 @@ pub fn run(
     let report = pipeline.telemetry().report();
     let info = pipeline.info().clone();
     let frame_buffers_created = pipeline.frame_buffers_created();
-    pipeline.join();
+    // A thread that died took its items with it: the run failed, whatever was counted.
+    pipeline.join()?;
     failed.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(Summary {
         done,

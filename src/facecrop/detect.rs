@@ -194,18 +194,56 @@ pub fn refine(
     int: &mut Integral,
 ) -> Result<Vec<Face>, TchError> {
     let _guard = tch::no_grad_guard();
-    let dev = nets.device;
     let t0 = std::time::Instant::now();
-    let (w, h) = (view.width, view.height);
+    let (levels, union) = fine_levels(view.width, view.height, seeds, min_face);
+    if levels.is_empty() {
+        return Ok(Vec::new());
+    }
+    int.build(
+        &view,
+        union[0],
+        union[1],
+        union[2] - union[0],
+        union[3] - union[1],
+    );
+    let per = fine_pnet(nets, &view, levels, int, thresholds[0])?;
+    let mut cands = Vec::new();
+    merge_levels(&per, &mut cands);
+    let mut faces = finish(
+        nets,
+        &[view],
+        Some(std::slice::from_ref(int)),
+        cands,
+        &[thresholds],
+        t0,
+    )?;
+    Ok(faces.pop().unwrap_or_default())
+}
+
+/// A pyramid level of the fine pass: its scale and size, and the windows of its pixels
+/// searched (`[r0, r1, c0, c1]`, from [`level_span`]; one per seed, overlapping ones
+/// merged: two faces far apart must not make the window the whole level).
+struct FineLevel {
+    scale: f64,
+    hs: usize,
+    ws: usize,
+    rects: Vec<[usize; 4]>,
+}
+
+/// The fine pass's levels for `seeds` on a `w x h` image (those with no seed big enough
+/// for their P-Net window left out), and the image rectangle `[x0, y0, x1, y1]` their
+/// windows, and the crops of R-Net and O-Net, are made of.
+fn fine_levels(
+    w: usize,
+    h: usize,
+    seeds: &[[f32; 4]],
+    min_face: f64,
+) -> (Vec<FineLevel>, [usize; 4]) {
     let fmax = seeds
         .iter()
         .map(|b| (b[2] - b[0]).max(b[3] - b[1]) as f64)
         .fold(0.0, f64::max);
-    // Per level: its scale and size, and the windows of its pixels searched (one per
-    // seed, overlapping ones merged: two faces far apart must not make the window the
-    // whole level).
     let mut levels = Vec::new();
-    // The image pixels all of them (and the crops of R-Net and O-Net) are made of.
     let pad = (FINE_PAD * fmax) as usize;
     let mut union = [usize::MAX, usize::MAX, 0, 0];
     for scale in scales(w.min(h), min_face) {
@@ -235,21 +273,37 @@ pub fn refine(
                 union[3].max(((r1 * h).div_ceil(hs) + pad).min(h)),
             ];
         }
-        levels.push((scale, hs, ws, rects));
+        levels.push(FineLevel {
+            scale,
+            hs,
+            ws,
+            rects,
+        });
     }
-    if levels.is_empty() {
-        return Ok(Vec::new());
-    }
-    int.build(
-        &view,
-        union[0],
-        union[1],
-        union[2] - union[0],
-        union[3] - union[1],
-    );
+    (levels, union)
+}
+
+/// P-Net on each window of `levels`, sampled from `int` (built over the levels' union
+/// of `view`), keeping candidates scoring at least `threshold`: each level's candidates
+/// after their NMS.
+fn fine_pnet(
+    nets: &Nets,
+    view: &View,
+    levels: Vec<FineLevel>,
+    int: &Integral,
+    threshold: f32,
+) -> Result<Vec<Cand>, TchError> {
+    let dev = nets.device;
+    let (w, h) = (view.width, view.height);
     let mut per = Vec::new();
     let mut buf = Vec::new();
-    for (scale, hs, ws, rects) in levels {
+    for FineLevel {
+        scale,
+        hs,
+        ws,
+        rects,
+    } in levels
+    {
         let mut level = Vec::new();
         for [r0, r1, c0, c1] in rects {
             let (rows, cols) = (level_bins(r0, r1, h, hs), level_bins(c0, c1, w, ws));
@@ -263,7 +317,7 @@ pub fn refine(
                 (pw, ph),
                 (c0 / 2, r0 / 2),
                 scale as f32,
-                thresholds[0],
+                threshold,
                 0,
             ));
         }
@@ -274,17 +328,7 @@ pub fn refine(
                 .map(|j| level[j]),
         );
     }
-    let mut cands = Vec::new();
-    merge_levels(&per, &mut cands);
-    let mut faces = finish(
-        nets,
-        &[view],
-        Some(std::slice::from_ref(int)),
-        cands,
-        &[thresholds],
-        t0,
-    )?;
-    Ok(faces.pop().unwrap_or_default())
+    Ok(per)
 }
 
 /// Level windows (`[r0, r1, c0, c1]`, from [`level_span`]) with every overlapping pair

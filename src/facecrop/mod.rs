@@ -23,18 +23,15 @@ pub mod detect;
 pub mod nets;
 pub mod nms;
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use fast_image_resize as fir;
 use serde_json::json;
 
 use crate::config::{Config, DeviceChoice, FaceCropConfig, FaceSelect, NoFacePolicy};
-use crate::pipeline::{Decoded, MiddleStage};
-use crate::vocab::error::{ItemError, PipelineError, Stage, torch_message};
-use crate::vocab::item::{Frame, Outcome, Region};
-use crate::vocab::telemetry::{Telemetry, Timer};
+use crate::vocab::error::{PipelineError, Stage, StageError, torch_message};
+use crate::vocab::item::{Frame, Item, Region};
+use crate::vocab::stage::StageWorker;
 use detect::{Face, WorkImage};
 use nets::Nets;
 
@@ -372,28 +369,18 @@ pub fn sidecar(frame: &Frame, faces: usize, face: Option<&FoundFace>) -> serde_j
     })
 }
 
-/// The detect stage for the pipeline, when `[face_crop]` is configured: `[pipeline]
-/// detect_threads` workers, each with its own detector. Loads the weights now, so a
+/// The detect workers for the pipeline, when `[face_crop]` is configured: `[pipeline]
+/// detect_threads` of them, each with its own detector. Loads the weights now, so a
 /// missing or broken weights file fails the start, not the first photo.
 ///
 /// On the CPU each worker runs libtorch on one thread (see [`FaceCropper::detect`]).
-pub fn middle_stage(cfg: &Config) -> Result<Option<MiddleStage>, PipelineError> {
+pub fn workers(cfg: &Config) -> Result<Vec<FaceCropper>, PipelineError> {
     let Some(fc) = &cfg.face_crop else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
-    let workers = cfg.pipeline.detect_threads;
-    let batch = worker_batch(fc);
-    let mut runs: Vec<crate::pipeline::MiddleRun> = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        let cropper = FaceCropper::new(fc)?;
-        runs.push(Box::new(move |rx, tx, out, tel| {
-            run_stage(cropper, batch, rx, tx, out, tel)
-        }));
-    }
-    Ok(Some(MiddleStage {
-        frames_held: workers * batch,
-        runs,
-    }))
+    (0..cfg.pipeline.detect_threads)
+        .map(|_| FaceCropper::new(fc))
+        .collect()
 }
 
 /// Most photos one detect worker takes at a time on `fc`'s device.
@@ -405,62 +392,60 @@ pub fn worker_batch(fc: &FaceCropConfig) -> usize {
     }
 }
 
-/// The stage loop: batch what is waiting, detect, annotate or reject, forward.
-fn run_stage(
-    mut cropper: FaceCropper,
-    max_batch: usize,
-    rx: Receiver<Decoded>,
-    tx: Sender<Decoded>,
-    out: Sender<Outcome>,
-    tel: Arc<Telemetry>,
-) {
-    let (select, policy) = (cropper.cfg.select, cropper.cfg.on_no_face);
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        let deadline = Instant::now() + BATCH_WAIT;
-        while batch.len() < max_batch {
-            match rx.recv_deadline(deadline) {
-                Ok(d) => batch.push(d),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        let t = Timer::start();
-        let frames: Vec<&Frame> = batch.iter().map(|(_, f)| f).collect();
-        let results = cropper.detect(&frames);
-        tel.record(Stage::Detect, t.elapsed(), batch.len() as u64);
-        for ((mut item, frame), r) in batch.into_iter().zip(results) {
-            let reason = match r {
-                Ok(faces) => match choose(&faces, select) {
-                    Some(face) => {
-                        item.region = Some(face.crop);
-                        item.sidecar = Some(sidecar(&frame, faces.len(), Some(face)));
-                        None
-                    }
-                    None if policy == NoFacePolicy::Pass => {
-                        item.region = None;
-                        item.sidecar = Some(sidecar(&frame, 0, None));
-                        None
-                    }
-                    None => Some(NO_FACE.to_string()),
-                },
-                Err(reason) => Some(reason),
+/// The detect stage: batch what is waiting, detect, then annotate each item (`region`,
+/// `sidecar`) or reject it.
+impl StageWorker for FaceCropper {
+    type In = Frame;
+    type Out = Frame;
+
+    fn stage(&self) -> Stage {
+        Stage::Detect
+    }
+
+    fn batching(&self) -> (usize, Duration) {
+        (worker_batch(&self.cfg), BATCH_WAIT)
+    }
+
+    fn process(&mut self, item: &mut Item, frame: Frame) -> Result<Frame, StageError> {
+        let mut out = Vec::with_capacity(1);
+        self.process_batch(std::slice::from_mut(item), &mut vec![frame], &mut out);
+        out.pop().expect("one result per item")
+    }
+
+    fn process_batch(
+        &mut self,
+        items: &mut [Item],
+        frames: &mut Vec<Frame>,
+        out: &mut Vec<Result<Frame, StageError>>,
+    ) {
+        let (select, policy) = (self.cfg.select, self.cfg.on_no_face);
+        let found = {
+            let refs: Vec<&Frame> = frames.iter().collect();
+            self.detect(&refs)
+        };
+        for ((item, frame), r) in items.iter_mut().zip(frames.drain(..)).zip(found) {
+            let faces = match r {
+                Ok(faces) => faces,
+                Err(reason) => {
+                    out.push(Err(StageError::Failed(reason)));
+                    continue;
+                }
             };
-            match reason {
-                None => {
-                    if tx.send((item, frame)).is_err() {
-                        return;
-                    }
+            match choose(&faces, select) {
+                Some(face) => {
+                    item.region = Some(face.crop);
+                    item.sidecar = Some(sidecar(&frame, faces.len(), Some(face)));
                 }
-                Some(reason) => {
-                    drop(frame);
-                    tel.failed(Stage::Detect);
-                    let err = ItemError::new(&item.path, Stage::Detect, reason);
-                    let _ = out.send(Outcome {
-                        item,
-                        result: Err(err),
-                    });
+                None if policy == NoFacePolicy::Pass => {
+                    item.region = None;
+                    item.sidecar = Some(sidecar(&frame, 0, None));
+                }
+                None => {
+                    out.push(Err(StageError::BadInput(NO_FACE.to_string())));
+                    continue;
                 }
             }
+            out.push(Ok(frame));
         }
     }
 }

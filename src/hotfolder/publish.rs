@@ -12,7 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::vocab::error::{ItemError, Stage};
+use crate::vocab::error::StageError;
 use crate::vocab::item::Item;
 use crate::vocab::sink::Sink;
 
@@ -158,6 +158,31 @@ pub fn place_noreplace(from: &Path, dir: &Path, stem: &str, ext: &str) -> std::i
     )))
 }
 
+/// Writes outputs into one directory, never replacing a file (adds `-N` instead).
+pub struct DirSink {
+    pub dir: PathBuf,
+    /// fsync each file and the directory (the hot folder needs it; a one-off `process`
+    /// does not pay for it by default).
+    pub durable: bool,
+}
+
+impl Sink for DirSink {
+    fn publish(&self, item: &Item, encoded: &[u8], ext: &str) -> Result<Vec<PathBuf>, StageError> {
+        let err = |e: std::io::Error| {
+            StageError::io(format!("cannot write output in {}", self.dir.display()), e)
+        };
+        let out = write_new(&self.dir, &item.name, ext, encoded, self.durable).map_err(err)?;
+        let mut written = vec![out.clone()];
+        if let Some(sidecar) = &item.sidecar {
+            // Name the sidecar after the output actually written (x-1.jpg -> x-1.json).
+            let stem = sidecar_stem(&out);
+            let text = serde_json::to_vec_pretty(sidecar).unwrap_or_default();
+            written.push(write_new(&self.dir, &stem, "json", &text, self.durable).map_err(err)?);
+        }
+        Ok(written)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,35 +201,5 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 2, "no temporary file left: {names:?}");
-    }
-}
-
-/// Writes outputs into one directory, never replacing a file (adds `-N` instead).
-pub struct DirSink {
-    pub dir: PathBuf,
-    /// fsync each file and the directory (the hot folder needs it; a one-off `process`
-    /// does not pay for it by default).
-    pub durable: bool,
-}
-
-impl Sink for DirSink {
-    fn publish(&self, item: &Item, encoded: &[u8], ext: &str) -> Result<Vec<PathBuf>, ItemError> {
-        let err = |e: std::io::Error| {
-            ItemError::new(
-                &item.path,
-                Stage::Publish,
-                format!("cannot write output in {}: {e}", self.dir.display()),
-            )
-            .transient()
-        };
-        let out = write_new(&self.dir, &item.name, ext, encoded, self.durable).map_err(err)?;
-        let mut written = vec![out.clone()];
-        if let Some(sidecar) = &item.sidecar {
-            // Name the sidecar after the output actually written (x-1.jpg -> x-1.json).
-            let stem = sidecar_stem(&out);
-            let text = serde_json::to_vec_pretty(sidecar).unwrap_or_default();
-            written.push(write_new(&self.dir, &stem, "json", &text, self.durable).map_err(err)?);
-        }
-        Ok(written)
     }
 }

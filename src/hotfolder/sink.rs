@@ -17,7 +17,7 @@
 //! process dies at.
 
 use std::ffi::{OsStr, OsString};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crossbeam_channel::Sender;
@@ -29,7 +29,8 @@ use super::publish::{
 use super::state::{self, Failing, Output};
 use super::{Layout, split_name, utc_timestamp};
 use crate::config::OnSuccess;
-use crate::vocab::error::{ItemError, Stage};
+use crate::vocab::error::{Stage, StageError};
+use crate::vocab::fault::{self, Fault};
 use crate::vocab::item::Item;
 use crate::vocab::sink::Sink;
 
@@ -103,9 +104,13 @@ impl HotSink {
                     })
                     .collect();
                 state::save(&self.layout.work, work_name, st, true)?;
-                if crash_mid_publish() && sidecar.is_some() {
+                if sidecar.is_some()
+                    && fault::check("publish-mid", Path::new(work_name)) == Some(Fault::Abort)
+                {
+                    // The moment a crash leaves an item half-published: image placed,
+                    // sidecar not yet.
                     rename_noreplace(&temps[0].0, &outbox.join(&files[0]))?;
-                    std::process::abort();
+                    Fault::Abort.act("publish-mid");
                 }
                 for (file, (tmp, _)) in files.iter().zip(&temps) {
                     let to = outbox.join(file);
@@ -145,21 +150,9 @@ impl HotSink {
     }
 }
 
-/// Test hook (`HOTPIPE_TEST_ABORT_MID_PUBLISH=1`): abort the process after an item's first
-/// file is renamed into `outbox/` and before its sidecar is, the moment a crash leaves an
-/// item half-published. Read once.
-fn crash_mid_publish() -> bool {
-    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FLAG.get_or_init(|| {
-        std::env::var_os("HOTPIPE_TEST_ABORT_MID_PUBLISH").is_some_and(|v| v == "1")
-    })
-}
-
 impl Sink for HotSink {
-    fn publish(&self, item: &Item, encoded: &[u8], ext: &str) -> Result<Vec<PathBuf>, ItemError> {
-        let err = |what: &str, e: std::io::Error| {
-            ItemError::new(&item.path, Stage::Publish, format!("{what}: {e}")).transient()
-        };
+    fn publish(&self, item: &Item, encoded: &[u8], ext: &str) -> Result<Vec<PathBuf>, StageError> {
+        let err = |what: &str, e: std::io::Error| StageError::io(what, e);
         let work_name = item.path.file_name().unwrap_or_default().to_os_string();
         let mut st = state::load(&self.layout.work, &work_name)
             .map_err(|e| err("cannot read the item's state in work/", e))?

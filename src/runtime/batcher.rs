@@ -19,7 +19,7 @@
 //! copy from the slot has completed.
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Raw memory of one slot. The assembler never reads or writes it; it only hands out
@@ -73,9 +73,10 @@ pub struct Assembler<M> {
     _keepalive: Box<dyn Send + Sync>,
 }
 
-/// One row of the open slot, exclusively this holder's until committed or dropped.
-pub struct RowLease<'a, M> {
-    asm: &'a Assembler<M>,
+/// One row of the open slot, exclusively this holder's until committed or dropped. It
+/// holds the assembler, so it can travel (the fit stage hands it on with its item).
+pub struct RowLease<M> {
+    asm: Arc<Assembler<M>>,
     slot: usize,
     row: usize,
     done: bool,
@@ -150,7 +151,7 @@ impl<M> Assembler<M> {
 
     /// Lease a row of the open slot, opening a free slot when needed. Blocks while every
     /// slot is sealed or in inference. Returns `None` after [`close`](Self::close).
-    pub fn lease(&self) -> Option<RowLease<'_, M>> {
+    pub fn lease(self: &Arc<Self>) -> Option<RowLease<M>> {
         let mut st = self.state.lock().expect("assembler lock");
         loop {
             if st.closed {
@@ -165,7 +166,7 @@ impl<M> Assembler<M> {
                         open.accepting = false;
                     }
                     return Some(RowLease {
-                        asm: self,
+                        asm: Arc::clone(self),
                         slot: open.slot,
                         row,
                         done: false,
@@ -279,7 +280,7 @@ impl<M> Assembler<M> {
     }
 }
 
-impl<M> RowLease<'_, M> {
+impl<M> RowLease<M> {
     /// The row's pixels (`row_bytes` long), exclusively this lease's.
     pub fn pixels(&mut self) -> &mut [u8] {
         let mem = self.asm.slots[self.slot];
@@ -297,7 +298,7 @@ impl<M> RowLease<'_, M> {
     }
 }
 
-impl<M> Drop for RowLease<'_, M> {
+impl<M> Drop for RowLease<M> {
     /// A lease dropped without commit (the fit failed) leaves a hole, so the slot can
     /// still be sealed.
     fn drop(&mut self) {
@@ -310,7 +311,6 @@ impl<M> Drop for RowLease<'_, M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Tiny deterministic PRNG so the test needs no extra crate and replays by seed.
@@ -424,7 +424,8 @@ mod tests {
 
     #[test]
     fn partial_batch_after_timeout_and_full_batch_at_max() {
-        let asm: Assembler<u32> = Assembler::with_heap(2, 4, 8, Duration::from_millis(30));
+        let asm: Arc<Assembler<u32>> =
+            Arc::new(Assembler::with_heap(2, 4, 8, Duration::from_millis(30)));
         for i in 0..4 {
             asm.lease().unwrap().commit(i);
         }

@@ -22,18 +22,21 @@
 //! after a run of clean batches). Any other model error fails the batch's items (stage
 //! `infer`) and the worker carries on.
 
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use crossbeam_channel::{SendError, Sender, bounded};
+use crossbeam_channel::{Receiver, SendError, Sender, bounded};
 use tch::{Device, Kind, TchError, Tensor};
 
 use crate::runtime::batcher::{Assembler, Batch};
 use crate::runtime::cuda::{self, Event, Stream};
 use crate::runtime::model::Model;
-use crate::vocab::error::{ItemError, Stage, torch_message};
-use crate::vocab::item::{Item, Outcome};
-use crate::vocab::telemetry::{Telemetry, Timer};
+use crate::vocab::error::{Stage, StageError, torch_message};
+use crate::vocab::fault::{self, Fault};
+use crate::vocab::item::Item;
+use crate::vocab::stage::Reporter;
+use crate::vocab::telemetry::Timer;
 
 /// A fixed set of uint8 `max_batch x H' x W' x 3` host buffers (pinned for CUDA).
 pub struct OutRing {
@@ -129,9 +132,9 @@ impl Drop for OutBatch {
     }
 }
 
-/// One fitted-and-inferred image for an encoder.
-pub struct EncodeJob {
-    pub item: Item,
+/// One fitted-and-inferred image for an encoder: row `row` of an output slot. The encode
+/// queue carries it with its item.
+pub struct Inferred {
     pub out: Arc<OutBatch>,
     pub row: usize,
 }
@@ -142,11 +145,9 @@ pub struct WorkerParts {
     /// Slot tensors matching the assembler's slot memory (shallow clones).
     pub slots: Vec<Tensor>,
     pub out_ring: Arc<OutRing>,
-    pub encode_tx: Sender<EncodeJob>,
-    pub outcome_tx: Sender<Outcome>,
-    pub telemetry: Arc<Telemetry>,
-    /// Test hook: fail the first `n` forward calls with a fake out-of-memory error.
-    pub inject_oom: usize,
+    pub encode_tx: Sender<(Item, Inferred)>,
+    /// Failed items and the stage's telemetry.
+    pub reporter: Reporter,
 }
 
 fn is_oom(e: &TchError) -> bool {
@@ -212,7 +213,8 @@ struct RunCtx<'a> {
     slot: usize,
     /// The compute stream (current on this thread) on CUDA; `None` runs synchronously.
     compute: Option<&'a Stream>,
-    inject_oom: &'a mut usize,
+    /// The batch's first item, which names the batch to fault injection (tests only).
+    fault_key: &'a Path,
     limit: &'a mut RowLimit,
 }
 
@@ -234,12 +236,12 @@ pub fn run_worker(model: Model, parts: WorkerParts) {
 
 /// One batch at a time, waiting for each step: the CPU path, and the fallback on a GPU
 /// when streams cannot be had.
-fn run_sync_worker(model: &Model, mut parts: WorkerParts) {
+fn run_sync_worker(model: &Model, parts: WorkerParts) {
     let mut limit = RowLimit::new(parts.assembler.max_batch());
     while let Some(batch) = parts.assembler.next_batch() {
         let timer = Timer::start();
         let n = batch.rows.len();
-        parts.telemetry.batch(n);
+        parts.reporter.telemetry.batch(n);
         let host = parts.slots[batch.slot].narrow(0, 0, n as i64);
         // On the CPU the model reads the slot in place; the result is copied out before
         // the slot is given back.
@@ -254,13 +256,14 @@ fn run_sync_worker(model: &Model, mut parts: WorkerParts) {
                 ring: &parts.out_ring,
                 slot,
                 compute: None,
-                inject_oom: &mut parts.inject_oom,
+                fault_key: fault_key(&batch),
                 limit: &mut limit,
             };
             run_range(&mut ctx, &x, 0, n as i64)
         })();
         parts.assembler.release(batch.slot);
         parts
+            .reporter
             .telemetry
             .record(Stage::Infer, timer.elapsed(), n as u64);
         let r = match r {
@@ -296,150 +299,251 @@ fn spawn_named(
         .map_err(|e| TchError::Torch(format!("cannot start a thread: {e}")))
 }
 
+/// The overlapped GPU loop: queues each batch on the streams and leaves the waiting to
+/// the helper threads (see the module docs); falls back to [`run_sync_worker`] when they
+/// cannot be started.
 fn run_cuda_worker(
     model: &Model,
-    mut parts: WorkerParts,
+    parts: WorkerParts,
     device: usize,
     copy_stream: Stream,
     compute: Stream,
 ) {
-    let (h, w) = model.input_hw();
-    let mut limit = RowLimit::new(parts.assembler.max_batch());
-    // Input slots go back to the fit workers as soon as their copy has read them, in a
-    // thread of their own, so a slow encoder holding up the completion of batch n never
-    // delays the refill of batch n+1's slot. Both channels are bounded by the slots they
-    // track, so the worker never queues more than there are buffers for.
-    let (rel_tx, rel_rx) = bounded::<(Event, usize)>(parts.slots.len().max(1));
-    let (tx, rx) = bounded::<InFlight>(parts.out_ring.tensors.len().max(1));
-    let releaser = {
-        let asm = Arc::clone(&parts.assembler);
-        spawn_named(format!("hp-release-{device}"), move || {
-            for (copied, slot) in rel_rx {
-                if let Err(e) = copied.wait() {
-                    tracing::error!(error = %e, "waiting for a host-to-device copy failed");
-                }
-                asm.release(slot);
-            }
-        })
+    let limit = RowLimit::new(parts.assembler.max_batch());
+    let Some(helpers) = Helpers::start(&parts, device) else {
+        return run_sync_worker(model, parts);
     };
-    let completion = {
-        let ring = Arc::clone(&parts.out_ring);
-        let tel = Arc::clone(&parts.telemetry);
-        let encode_tx = parts.encode_tx.clone();
-        let outcome_tx = parts.outcome_tx.clone();
-        spawn_named(format!("hp-complete-{device}"), move || {
-            let mut last_done = Instant::now();
-            for f in rx {
-                let result = match (f.result, f.done.wait()) {
-                    (Ok(()), Ok(())) => Ok(f.out_slot),
-                    (Err(e), _) => Err(e),
-                    (Ok(()), Err(e)) => Err(torch_err(e)),
-                };
-                if result.is_err() {
-                    ring.release(f.out_slot);
-                }
-                // Device time of this batch: from when the device could start on it
-                // (queued, or the previous batch done) to its completion.
-                let now = Instant::now();
-                let start = f.queued.max(last_done);
-                last_done = now;
-                tel.record(Stage::Infer, now - start, f.batch.rows.len() as u64);
-                dispatch_to(f.batch, result, &ring, &encode_tx, &outcome_tx, &tel);
-            }
-        })
+    let mut worker = CudaWorker {
+        model,
+        input_hw: model.input_hw(),
+        parts,
+        limit,
+        copy_stream,
+        compute,
     };
-    let (releaser, completion) = match (releaser, completion) {
-        (Ok(r), Ok(c)) => (r, c),
-        (r, c) => {
-            tracing::error!("cannot start the CUDA helper threads; running without overlap");
-            drop((rel_tx, tx));
-            for t in [r, c].into_iter().flatten() {
-                let _ = t.join();
-            }
-            return run_sync_worker(model, parts);
+    while let Some(batch) = worker.parts.assembler.next_batch() {
+        let Some(inflight) = worker.enqueue(batch, &helpers.rel_tx) else {
+            continue;
+        };
+        if let Err(SendError(f)) = helpers.tx.send(inflight) {
+            worker.fail_the_rest(f);
+            break;
         }
-    };
+    }
+    helpers.finish();
+}
 
-    while let Some(batch) = parts.assembler.next_batch() {
+/// The two CUDA helper threads and the channels that feed them.
+///
+/// Input slots go back to the fit workers as soon as their copy has read them, in a
+/// thread of their own, so a slow encoder holding up the completion of batch n never
+/// delays the refill of batch n+1's slot. Both channels are bounded by the slots they
+/// track, so the worker never queues more than there are buffers for.
+struct Helpers {
+    /// To the releaser: an input slot and the event its host-to-device copy records.
+    rel_tx: Sender<(Event, usize)>,
+    /// To the completion thread, in queue order.
+    tx: Sender<InFlight>,
+    releaser: std::thread::JoinHandle<()>,
+    completion: std::thread::JoinHandle<()>,
+}
+
+impl Helpers {
+    /// Start the releaser, then the completion thread; `None` (with both stopped again)
+    /// when either cannot be started, for the caller to run without overlap.
+    fn start(parts: &WorkerParts, device: usize) -> Option<Helpers> {
+        let (rel_tx, rel_rx) = bounded::<(Event, usize)>(parts.slots.len().max(1));
+        let (tx, rx) = bounded::<InFlight>(parts.out_ring.tensors.len().max(1));
+        let releaser = {
+            let asm = Arc::clone(&parts.assembler);
+            spawn_named(format!("hp-release-{device}"), move || {
+                for (copied, slot) in rel_rx {
+                    if let Err(e) = copied.wait() {
+                        tracing::error!(error = %e, "waiting for a host-to-device copy failed");
+                    }
+                    asm.release(slot);
+                }
+            })
+        };
+        let completion = {
+            let ring = Arc::clone(&parts.out_ring);
+            let encode_tx = parts.encode_tx.clone();
+            let reporter = parts.reporter.clone();
+            spawn_named(format!("hp-complete-{device}"), move || {
+                complete_in_order(rx, &ring, &encode_tx, &reporter)
+            })
+        };
+        match (releaser, completion) {
+            (Ok(releaser), Ok(completion)) => Some(Helpers {
+                rel_tx,
+                tx,
+                releaser,
+                completion,
+            }),
+            (r, c) => {
+                tracing::error!("cannot start the CUDA helper threads; running without overlap");
+                // The one that started runs until its channel closes.
+                drop((rel_tx, tx));
+                for t in [r, c].into_iter().flatten() {
+                    let _ = t.join();
+                }
+                None
+            }
+        }
+    }
+
+    /// Close both channels and wait for the threads: the completion thread dispatches
+    /// every batch still queued, the releaser returns every input slot.
+    fn finish(self) {
+        let Helpers {
+            rel_tx,
+            tx,
+            releaser,
+            completion,
+        } = self;
+        drop(tx);
+        drop(rel_tx);
+        let _ = completion.join();
+        let _ = releaser.join();
+    }
+}
+
+/// The completion thread: waits for each batch's done event in queue order, records its
+/// device time and hands its rows on (or fails its items).
+fn complete_in_order(
+    rx: Receiver<InFlight>,
+    ring: &Arc<OutRing>,
+    encode_tx: &Sender<(Item, Inferred)>,
+    reporter: &Reporter,
+) {
+    let mut last_done = Instant::now();
+    for f in rx {
+        let result = match (f.result, f.done.wait()) {
+            (Ok(()), Ok(())) => Ok(f.out_slot),
+            (Err(e), _) => Err(e),
+            (Ok(()), Err(e)) => Err(torch_err(e)),
+        };
+        if result.is_err() {
+            ring.release(f.out_slot);
+        }
+        // Device time of this batch: from when the device could start on it (queued, or
+        // the previous batch done) to its completion.
+        let now = Instant::now();
+        let start = f.queued.max(last_done);
+        last_done = now;
+        let rows = f.batch.rows.len() as u64;
+        reporter.telemetry.record(Stage::Infer, now - start, rows);
+        dispatch_to(f.batch, result, ring, encode_tx, reporter);
+    }
+}
+
+/// The CUDA worker's own state: what [`run_cuda_worker`] queues batches with.
+struct CudaWorker<'a> {
+    model: &'a Model,
+    input_hw: (i64, i64),
+    parts: WorkerParts,
+    limit: RowLimit,
+    copy_stream: Stream,
+    compute: Stream,
+}
+
+impl CudaWorker<'_> {
+    /// Queue `batch` on the streams without waiting for the device, and hand its input
+    /// slot to the releaser (`release`). Returns the batch for the completion thread, or
+    /// `None` when it failed before anything was queued (its items are failed here).
+    fn enqueue(
+        &mut self,
+        batch: Batch<Item>,
+        release: &Sender<(Event, usize)>,
+    ) -> Option<InFlight> {
         let queued = Instant::now();
         let n = batch.rows.len() as i64;
-        parts.telemetry.batch(batch.rows.len());
-        let host = parts.slots[batch.slot].narrow(0, 0, n);
+        self.parts.reporter.telemetry.batch(batch.rows.len());
+        let host = self.parts.slots[batch.slot].narrow(0, 0, n);
         let (mut copied, mut done) = match (Event::new(), Event::new()) {
             (Ok(c), Ok(d)) => (c, d),
             (Err(e), _) | (_, Err(e)) => {
-                parts.assembler.release(batch.slot);
-                dispatch(batch, Err(torch_err(e)), &parts);
-                continue;
+                self.parts.assembler.release(batch.slot);
+                dispatch(batch, Err(torch_err(e)), &self.parts);
+                return None;
             }
         };
-        let out_slot = parts.out_ring.acquire();
-        let result = (|| -> Result<(), TchError> {
-            // Host to device on the copy stream. The device buffer comes from libtorch's
-            // caching allocator; recording it on the compute stream keeps it from being
-            // reused while the model still reads it.
-            let dev_in = {
-                let _g = copy_stream.enter().map_err(torch_err)?;
-                let mut d = Tensor::f_empty([n, h, w, 3], (Kind::Uint8, model.device()))?;
-                cuda::copy_(&mut d, &host, true).map_err(torch_err)?;
-                d
-            };
-            copied.record(&copy_stream).map_err(torch_err)?;
-            copied.block(&compute).map_err(torch_err)?;
-            let _g = compute.enter().map_err(torch_err)?;
-            cuda::record_stream(&dev_in, &compute).map_err(torch_err)?;
-            let mut ctx = RunCtx {
-                model,
-                ring: &parts.out_ring,
-                slot: out_slot,
-                compute: Some(&compute),
-                inject_oom: &mut parts.inject_oom,
-                limit: &mut limit,
-            };
-            run_range(&mut ctx, &dev_in, 0, n)
-        })();
+        let out_slot = self.parts.out_ring.acquire();
+        let result = self.copy_and_run(&host, n, &mut copied, out_slot, fault_key(&batch));
         // Recorded after an error too, so the completion thread's wait always returns.
-        let recorded = done.record(&compute);
+        let recorded = done.record(&self.compute);
         if result.is_err() || recorded.is_err() {
             // An event that was never recorded reads as complete: let both streams drain
             // so neither slot is handed out while a copy may still touch it.
-            let _ = copy_stream.synchronize();
-            let _ = compute.synchronize();
+            let _ = self.copy_stream.synchronize();
+            let _ = self.compute.synchronize();
         }
         if let Err(e) = &recorded {
             tracing::error!(error = %e, "cannot record a completion event");
         }
         if result.is_ok() {
-            limit.batch_ok();
+            self.limit.batch_ok();
         }
-        if let Err(SendError((_, slot))) = rel_tx.send((copied, batch.slot)) {
-            parts.assembler.release(slot);
+        if let Err(SendError((_, slot))) = release.send((copied, batch.slot)) {
+            self.parts.assembler.release(slot);
         }
-        let inflight = InFlight {
+        Some(InFlight {
             batch,
             done,
             out_slot,
             result,
             queued,
+        })
+    }
+
+    /// Queue the copy of the `n` rows of `host` to the device (recording `copied` on the
+    /// copy stream), and on the compute stream, once that event is reached, the model and
+    /// the copy of its result into output slot `out_slot`.
+    fn copy_and_run(
+        &mut self,
+        host: &Tensor,
+        n: i64,
+        copied: &mut Event,
+        out_slot: usize,
+        fault_key: &Path,
+    ) -> Result<(), TchError> {
+        let (h, w) = self.input_hw;
+        // Host to device on the copy stream. The device buffer comes from libtorch's
+        // caching allocator; recording it on the compute stream keeps it from being
+        // reused while the model still reads it.
+        let dev_in = {
+            let _g = self.copy_stream.enter().map_err(torch_err)?;
+            let mut d = Tensor::f_empty([n, h, w, 3], (Kind::Uint8, self.model.device()))?;
+            cuda::copy_(&mut d, host, true).map_err(torch_err)?;
+            d
         };
-        if let Err(SendError(f)) = tx.send(inflight) {
-            // The completion thread is gone (it panicked): finish this batch here and fail
-            // what is left rather than leave the fit workers waiting for slots.
-            let _ = compute.synchronize();
-            parts.out_ring.release(f.out_slot);
-            let gone = || TchError::Torch("the CUDA completion thread stopped".into());
-            dispatch(f.batch, Err(gone()), &parts);
-            while let Some(b) = parts.assembler.next_batch() {
-                parts.assembler.release(b.slot);
-                dispatch(b, Err(gone()), &parts);
-            }
-            break;
+        copied.record(&self.copy_stream).map_err(torch_err)?;
+        copied.block(&self.compute).map_err(torch_err)?;
+        let _g = self.compute.enter().map_err(torch_err)?;
+        cuda::record_stream(&dev_in, &self.compute).map_err(torch_err)?;
+        let mut ctx = RunCtx {
+            model: self.model,
+            ring: &self.parts.out_ring,
+            slot: out_slot,
+            compute: Some(&self.compute),
+            fault_key,
+            limit: &mut self.limit,
+        };
+        run_range(&mut ctx, &dev_in, 0, n)
+    }
+
+    /// The completion thread is gone (it panicked): finish batch `f` here and fail what
+    /// is left rather than leave the fit workers waiting for slots.
+    fn fail_the_rest(&mut self, f: InFlight) {
+        let _ = self.compute.synchronize();
+        self.parts.out_ring.release(f.out_slot);
+        let gone = || TchError::Torch("the CUDA completion thread stopped".into());
+        dispatch(f.batch, Err(gone()), &self.parts);
+        while let Some(b) = self.parts.assembler.next_batch() {
+            self.parts.assembler.release(b.slot);
+            dispatch(b, Err(gone()), &self.parts);
         }
     }
-    drop(tx);
-    drop(rel_tx);
-    let _ = completion.join();
-    let _ = releaser.join();
 }
 
 /// Run the model on rows `start..start+len` of `x` and write the result into the same
@@ -458,8 +562,8 @@ fn run_range(ctx: &mut RunCtx<'_>, x: &Tensor, start: i64, len: i64) -> Result<(
         return Ok(());
     }
     let part = x.f_narrow(0, start, len)?;
-    let result = if *ctx.inject_oom > 0 && len > 1 {
-        *ctx.inject_oom -= 1;
+    let injected = len > 1 && fault::check("infer", ctx.fault_key) == Some(Fault::Oom);
+    let result = if injected {
         Err(TchError::Torch(
             "CUDA out of memory (injected for a test)".to_string(),
         ))
@@ -500,9 +604,18 @@ fn dispatch(batch: Batch<Item>, result: Result<usize, TchError>, parts: &WorkerP
         result,
         &parts.out_ring,
         &parts.encode_tx,
-        &parts.outcome_tx,
-        &parts.telemetry,
+        &parts.reporter,
     )
+}
+
+/// The path fault injection knows a batch by: its first item's.
+fn fault_key(batch: &Batch<Item>) -> &Path {
+    batch
+        .rows
+        .iter()
+        .flatten()
+        .next()
+        .map_or(Path::new(""), |i| i.path.as_path())
 }
 
 /// Hand a finished batch's rows to the encoders, or report its items as failed.
@@ -510,9 +623,8 @@ fn dispatch_to(
     batch: Batch<Item>,
     result: Result<usize, TchError>,
     ring: &Arc<OutRing>,
-    encode_tx: &Sender<EncodeJob>,
-    outcome_tx: &Sender<Outcome>,
-    telemetry: &Telemetry,
+    encode_tx: &Sender<(Item, Inferred)>,
+    reporter: &Reporter,
 ) {
     match result {
         Ok(slot) => {
@@ -522,12 +634,11 @@ fn dispatch_to(
             });
             for (row, meta) in batch.rows.into_iter().enumerate() {
                 if let Some(item) = meta {
-                    let job = EncodeJob {
-                        item,
+                    let job = Inferred {
                         out: Arc::clone(&out),
                         row,
                     };
-                    if encode_tx.send(job).is_err() {
+                    if encode_tx.send((item, job)).is_err() {
                         return; // encoders gone: the pipeline is shutting down
                     }
                 }
@@ -536,14 +647,16 @@ fn dispatch_to(
         Err(e) => {
             let reason = torch_message(&e);
             tracing::error!(rows = batch.rows.len(), error = %reason, "inference failed for a batch");
+            // Out of memory even for one image is transient (the device may have memory
+            // later); any other model error is a property of the input or the model.
+            let message = format!("model failed: {reason}");
+            let err = if is_oom(&e) {
+                StageError::DeviceOom(message)
+            } else {
+                StageError::Failed(message)
+            };
             for item in batch.rows.into_iter().flatten() {
-                telemetry.failed(Stage::Infer);
-                let err =
-                    ItemError::new(&item.path, Stage::Infer, format!("model failed: {reason}"));
-                let _ = outcome_tx.send(Outcome {
-                    item,
-                    result: Err(err),
-                });
+                reporter.fail(item, Stage::Infer, &err);
             }
         }
     }
@@ -580,6 +693,7 @@ mod tests {
         assert_eq!(l.max, 16, "grows back to the configured batch, not past it");
     }
 
+    #[cfg(feature = "fault-injection")]
     #[test]
     fn oom_chunks_later_batches_at_the_learned_size() {
         let _g = tch::no_grad_guard();
@@ -596,14 +710,16 @@ mod tests {
             .remainder(251)
             .to_kind(Kind::Uint8)
             .view([8, 8, 8, 3]);
-        let mut inject = 1;
+        // Rules keyed on this test's own path, so no other test's batch is hit.
+        let key = std::path::Path::new("/unit-test/oom-chunks/0.jpg");
+        fault::arm("infer:oom:1:/unit-test/oom-chunks/");
         let mut limit = RowLimit::new(8);
         let mut ctx = RunCtx {
             model: &model,
             ring: &ring,
             slot: 0,
             compute: None,
-            inject_oom: &mut inject,
+            fault_key: key,
             limit: &mut limit,
         };
         run_range(&mut ctx, &x, 0, 8).unwrap();
@@ -614,7 +730,7 @@ mod tests {
         );
         // The next batch of 8 must run as chunks of 4: an error on its first forward
         // call then halves 4 (to 2); had the batch run whole, halving 8 would leave 4.
-        *ctx.inject_oom = 1;
+        fault::arm("infer:oom:1:/unit-test/oom-chunks/");
         let _ = ring.tensors[0].shallow_clone().fill_(0);
         run_range(&mut ctx, &x, 0, 8).unwrap();
         assert_eq!(ctx.limit.max, 2);

@@ -3,9 +3,13 @@
 //! - [`model`]: the TorchScript contract, loading, normalisation on the device;
 //! - [`batcher`]: the ring of batch slots fit workers write into (dynamic batching);
 //! - [`infer`]: the inference worker, one thread per device, and the output ring the
-//!   encoders read from.
+//!   encoders read from;
+//! - [`plan`]: the runtime plan (model copies, devices, threads, batch size) every
+//!   command resolves the same way;
+//! - [`cuda`]: the C++ shim for streams, events and per-thread thread counts.
 
 pub mod batcher;
 pub mod cuda;
 pub mod infer;
 pub mod model;
+pub mod plan;

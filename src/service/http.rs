@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::Shared;
-use crate::vocab::telemetry::{BUCKETS, STAGES, StageStats};
+use crate::vocab::telemetry::{BUCKETS, STAGES, StageStats, Telemetry};
 
 /// Bind and serve on a background thread; returns the bound address (port 0 resolved).
 pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAddr> {
@@ -64,53 +64,68 @@ pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAdd
 /// telemetry.
 pub fn render(shared: &Shared) -> String {
     let mut o = String::new();
-    let c = |o: &mut String, name: &str, help: &str, kind: &str, v: u64| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-    };
-    c(
-        &mut o,
+    daemon_series(&mut o, shared);
+    let tel = shared.telemetry();
+    stage_seconds(&mut o, &tel);
+    stage_series(&mut o, &tel);
+    batch_size(&mut o, &tel);
+    device_memory(&mut o, &shared.cuda_devices());
+    o
+}
+
+/// One metric family of a single unlabelled sample.
+fn single(o: &mut String, name: &str, help: &str, kind: &str, v: u64) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+}
+
+/// The daemon's own file counters, items in flight and health.
+fn daemon_series(o: &mut String, shared: &Shared) {
+    single(
+        o,
         "hotpipe_files_claimed_total",
         "Files claimed from inbox/.",
         "counter",
         shared.claimed.load(Ordering::Relaxed),
     );
-    c(
-        &mut o,
+    single(
+        o,
         "hotpipe_files_done_total",
         "Files whose output was published.",
         "counter",
         shared.done.load(Ordering::Relaxed),
     );
-    c(
-        &mut o,
+    single(
+        o,
         "hotpipe_files_failed_total",
         "Files moved to failed/.",
         "counter",
         shared.failed.load(Ordering::Relaxed),
     );
-    c(
-        &mut o,
+    single(
+        o,
         "hotpipe_files_retried_total",
         "Transient failures left in work/ for a retry.",
         "counter",
         shared.retried.load(Ordering::Relaxed),
     );
-    c(
-        &mut o,
+    single(
+        o,
         "hotpipe_items_in_flight",
         "Items handed to the pipeline and not finished.",
         "gauge",
         shared.in_flight.load(Ordering::Relaxed).max(0) as u64,
     );
-    c(
-        &mut o,
+    single(
+        o,
         "hotpipe_healthy",
         "1 when progressing or idle, 0 when a stage is stuck.",
         "gauge",
         u64::from(shared.health().is_ok()),
     );
+}
 
-    let tel = shared.telemetry();
+/// The per-stage busy-time histogram (cumulative buckets, as Prometheus wants them).
+fn stage_seconds(o: &mut String, tel: &Telemetry) {
     let _ = writeln!(
         o,
         "# HELP hotpipe_stage_seconds Busy time per item (or batch) in each stage.\n# TYPE hotpipe_stage_seconds histogram"
@@ -137,48 +152,65 @@ pub fn render(shared: &Shared) -> String {
         );
         let _ = writeln!(o, "hotpipe_stage_seconds_count{{stage=\"{st}\"}} {cum}");
     }
-    let stage_family = |o: &mut String,
-                        name: &str,
-                        help: &str,
-                        kind: &str,
-                        value: &dyn Fn(&StageStats) -> Option<u64>| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for &st in &STAGES {
-            if let Some(v) = value(tel.stage(st)) {
-                let _ = writeln!(o, "{name}{{stage=\"{st}\"}} {v}");
-            }
+}
+
+/// One family with a sample per stage; stages for which `value` is `None` are left out.
+fn stage_family(
+    o: &mut String,
+    tel: &Telemetry,
+    name: &str,
+    help: &str,
+    kind: &str,
+    value: impl Fn(&StageStats) -> Option<u64>,
+) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for &st in &STAGES {
+        if let Some(v) = value(tel.stage(st)) {
+            let _ = writeln!(o, "{name}{{stage=\"{st}\"}} {v}");
         }
-    };
+    }
+}
+
+/// Items finished and failed per stage, and the stages' input queues.
+fn stage_series(o: &mut String, tel: &Telemetry) {
     stage_family(
-        &mut o,
+        o,
+        tel,
         "hotpipe_stage_items_total",
         "Items each stage finished.",
         "counter",
-        &|s| Some(s.items.load(Ordering::Relaxed)),
+        |s| Some(s.items.load(Ordering::Relaxed)),
     );
     stage_family(
-        &mut o,
+        o,
+        tel,
         "hotpipe_stage_failed_total",
         "Items each stage failed.",
         "counter",
-        &|s| Some(s.failed.load(Ordering::Relaxed)),
+        |s| Some(s.failed.load(Ordering::Relaxed)),
     );
     // Only stages with an input queue (sampled at least once) have these two.
     let sampled = |s: &StageStats| s.queue_samples.load(Ordering::Relaxed) > 0;
     stage_family(
-        &mut o,
+        o,
+        tel,
         "hotpipe_queue_depth",
         "Items waiting in each stage's input queue.",
         "gauge",
-        &|s| sampled(s).then(|| s.queue_now.load(Ordering::Relaxed)),
+        |s| sampled(s).then(|| s.queue_now.load(Ordering::Relaxed)),
     );
     stage_family(
-        &mut o,
+        o,
+        tel,
         "hotpipe_queue_capacity",
         "Capacity of each stage's input queue.",
         "gauge",
-        &|s| sampled(s).then(|| s.queue_capacity.load(Ordering::Relaxed)),
+        |s| sampled(s).then(|| s.queue_capacity.load(Ordering::Relaxed)),
     );
+}
+
+/// The histogram of rows per inference batch.
+fn batch_size(o: &mut String, tel: &Telemetry) {
     // batch_hist[b] counts batches of 2^b to 2^(b+1)-1 rows (the last bucket: 128 and up).
     let _ = writeln!(
         o,
@@ -205,27 +237,29 @@ pub fn render(shared: &Shared) -> String {
         "hotpipe_batch_size_count {}",
         tel.batches.load(Ordering::Relaxed)
     );
-    // Device memory of the CUDA devices the pipeline runs on, from libtorch's allocator
-    // (free and total as the driver reports them). A CPU pipeline has no series here.
-    let devices = shared.cuda_devices();
-    if !devices.is_empty() {
-        let _ = writeln!(
-            o,
-            "# HELP hotpipe_device_memory_bytes Device memory, free and total."
-        );
-        let _ = writeln!(o, "# TYPE hotpipe_device_memory_bytes gauge");
-        for i in devices {
-            if let Ok((free, total)) = crate::runtime::cuda::mem_info(i) {
-                let _ = writeln!(
-                    o,
-                    "hotpipe_device_memory_bytes{{device=\"cuda:{i}\",kind=\"free\"}} {free}"
-                );
-                let _ = writeln!(
-                    o,
-                    "hotpipe_device_memory_bytes{{device=\"cuda:{i}\",kind=\"total\"}} {total}"
-                );
-            }
+}
+
+/// Device memory of the CUDA devices the pipeline runs on, from libtorch's allocator
+/// (free and total as the driver reports them). A CPU pipeline has no series here.
+fn device_memory(o: &mut String, devices: &[usize]) {
+    if devices.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "# HELP hotpipe_device_memory_bytes Device memory, free and total."
+    );
+    let _ = writeln!(o, "# TYPE hotpipe_device_memory_bytes gauge");
+    for &i in devices {
+        if let Ok((free, total)) = crate::runtime::cuda::mem_info(i) {
+            let _ = writeln!(
+                o,
+                "hotpipe_device_memory_bytes{{device=\"cuda:{i}\",kind=\"free\"}} {free}"
+            );
+            let _ = writeln!(
+                o,
+                "hotpipe_device_memory_bytes{{device=\"cuda:{i}\",kind=\"total\"}} {total}"
+            );
         }
     }
-    o
 }

@@ -37,7 +37,7 @@ use crate::hotfolder::claim::{Claim, Scanner, claim};
 use crate::hotfolder::recover::{self, Begin};
 use crate::hotfolder::sink::{HotSink, fail_item};
 use crate::hotfolder::{HotfolderError, Layout, RootLock, watch};
-use crate::pipeline::{Pipeline, StartOptions};
+use crate::pipeline::Pipeline;
 use crate::vocab::error::PipelineError;
 use crate::vocab::item::{Item, Outcome, StartHook};
 use crate::vocab::telemetry::Telemetry;
@@ -184,11 +184,7 @@ impl Session {
         }
         let (finish_tx, finish_rx) = unbounded::<OsString>();
         let sink = Arc::new(HotSink::new(layout.clone(), hf.on_success, finish_tx));
-        let start = StartOptions {
-            middle: crate::facecrop::middle_stage(cfg)?,
-            ..Default::default()
-        };
-        let mut pipeline = Pipeline::start(cfg, sink, start)?;
+        let mut pipeline = Pipeline::start(cfg, sink)?;
         *shared.telemetry.lock().unwrap_or_else(|p| p.into_inner()) =
             Arc::clone(pipeline.telemetry());
         *shared
@@ -281,8 +277,9 @@ impl Session {
     }
 
     /// Stop claiming and let in-flight items finish until `deadline` (None: no limit).
-    /// True when everything drained (the pipeline's threads are joined).
-    fn drain(mut self, shared: &Shared, deadline: Option<Instant>) -> bool {
+    /// True when everything drained (the pipeline's threads are joined); Err when a
+    /// pipeline thread had died.
+    fn drain(mut self, shared: &Shared, deadline: Option<Instant>) -> Result<bool, ServiceError> {
         self.stop_tx.take();
         if let Some(h) = self.claimer.take() {
             let _ = h.join();
@@ -304,12 +301,12 @@ impl Session {
                         in_flight = shared.in_flight.load(Ordering::Relaxed),
                         "grace period over; unfinished items stay in work/ for the next start"
                     );
-                    return false;
+                    return Ok(false);
                 }
             }
         }
-        self.pipeline.join();
-        true
+        self.pipeline.join()?;
+        Ok(true)
     }
 }
 
@@ -503,6 +500,7 @@ pub fn run(config_path: &Path, signals: Receiver<Signal>) -> Result<(), ServiceE
     loop {
         let outcomes = session.outcomes.clone();
         let ready = session.ready.clone();
+        let deaths = session.pipeline.deaths().clone();
         select! {
             recv(ready) -> r => {
                 session.ready = crossbeam_channel::never();
@@ -522,12 +520,17 @@ pub fn run(config_path: &Path, signals: Receiver<Signal>) -> Result<(), ServiceE
                 Ok(o) => session.handle(o, &shared),
                 Err(_) => return Err(ServiceError::PipelineDied),
             },
+            // A thread that died holds items that will never have an outcome: stop with
+            // the error (systemd restarts the service; the items are resumed from work/).
+            recv(deaths) -> e => if let Ok(e) = e {
+                return Err(ServiceError::Pipeline(e));
+            },
             recv(signals) -> s => match s {
                 Ok(Signal::Terminate) | Err(_) => {
                     notifier.send("STOPPING=1\nSTATUS=finishing items in flight");
                     let grace = Duration::from_secs(session.hf.shutdown_grace_s);
                     tracing::info!(grace_s = grace.as_secs(), "stopping: no new claims, finishing items in flight");
-                    let drained = session.drain(&shared, Some(Instant::now() + grace));
+                    let drained = session.drain(&shared, Some(Instant::now() + grace))?;
                     tracing::info!(drained, done = shared.done.load(Ordering::Relaxed), failed = shared.failed.load(Ordering::Relaxed), "stopped");
                     return Ok(());
                 }
@@ -565,7 +568,7 @@ fn reload(
     }
     notifier.send("RELOADING=1\nSTATUS=reloading the config");
     let old = session.cfg.clone();
-    session.drain(shared, None);
+    session.drain(shared, None)?;
     let next = match Session::start(&new, shared) {
         Ok(s) => {
             tracing::info!(config = %path.display(), "config reloaded");

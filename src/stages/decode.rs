@@ -30,8 +30,11 @@ use image::{ColorType, ImageDecoder, ImageFormat, ImageReader, Limits};
 
 use crate::config::{DecodeConfig, FitMode, PreprocessConfig};
 use crate::stages::fit::{Rect, source_rect};
-use crate::vocab::item::Frame;
+use crate::stages::read::Input;
+use crate::vocab::error::{Stage, StageError};
+use crate::vocab::item::{Frame, Item};
 use crate::vocab::pool::{BufPool, PooledBuf};
+use crate::vocab::stage::StageWorker;
 
 /// Progressive JPEGs with more scans than this are refused: each scan re-reads the whole
 /// coefficient buffer, so a crafted file with thousands of tiny scans is a cheap way to
@@ -138,30 +141,32 @@ impl Decoder {
     }
 
     /// The header's size against the limits, before anything is allocated.
-    fn check_size(&self, w: u32, h: u32, bytes_per_px: u64) -> Result<(), String> {
+    fn check_size(&self, w: u32, h: u32, bytes_per_px: u64) -> Result<(), StageError> {
         if w > self.cfg.max_width || h > self.cfg.max_height {
-            return Err(format!(
+            return Err(StageError::OverLimit(format!(
                 "image is {w} x {h}, over the limit of {} x {} (decode.max_width, decode.max_height)",
                 self.cfg.max_width, self.cfg.max_height
-            ));
+            )));
         }
         if w == 0 || h == 0 {
-            return Err(format!("image has no pixels ({w} x {h})"));
+            return Err(StageError::BadInput(format!(
+                "image has no pixels ({w} x {h})"
+            )));
         }
         let need = w as u64 * h as u64 * bytes_per_px;
         if need > self.cfg.max_alloc_bytes {
-            return Err(format!(
+            return Err(StageError::OverLimit(format!(
                 "decoding would take {} MiB, over the limit of {} MiB (decode.max_alloc_mib)",
                 need >> 20,
                 self.cfg.max_alloc_bytes >> 20
-            ));
+            )));
         }
         Ok(())
     }
 
     /// Decode `data`. The error is a reason for the user ("not an image", "over the
     /// limits", "truncated").
-    pub fn decode(&mut self, data: &[u8]) -> Result<Frame, String> {
+    pub fn decode(&mut self, data: &[u8]) -> Result<Frame, StageError> {
         self.last_reduction = 1;
         if data.starts_with(&[0xFF, 0xD8, 0xFF]) && self.tj.is_some() {
             match self.decode_turbo(data) {
@@ -172,9 +177,11 @@ impl Decoder {
                 // such as stray bytes between markers, which cameras write) gets a second
                 // chance with the more lenient zune-jpeg; its error is reported only if
                 // that fails too.
-                Err(reason) if reason.starts_with("invalid JPEG") => {
+                Err(StageError::BadInput(reason)) if reason.starts_with("invalid JPEG") => {
                     self.last_reduction = 1;
-                    return self.decode_image(data).map_err(|_| reason);
+                    return self
+                        .decode_image(data)
+                        .map_err(|_| StageError::BadInput(reason));
                 }
                 Err(reason) => return Err(reason),
             }
@@ -184,7 +191,7 @@ impl Decoder {
 
     /// JPEG through libjpeg-turbo. `Ok(None)`: a JPEG it cannot turn into RGB (CMYK,
     /// YCCK), for the `image` path.
-    fn decode_turbo(&mut self, data: &[u8]) -> Result<Option<Frame>, String> {
+    fn decode_turbo(&mut self, data: &[u8]) -> Result<Option<Frame>, StageError> {
         let Some(tj) = self.tj.as_mut() else {
             return Ok(None);
         };
@@ -196,8 +203,8 @@ impl Decoder {
             return Ok(None);
         }
         let (w, h) = (
-            u32::try_from(header.width).map_err(|_| "image too large".to_string())?,
-            u32::try_from(header.height).map_err(|_| "image too large".to_string())?,
+            u32::try_from(header.width).map_err(|_| too_large())?,
+            u32::try_from(header.height).map_err(|_| too_large())?,
         );
         // A full-size RGB frame bounds the output; a progressive file also holds every
         // DCT coefficient (2 bytes per sample, up to 3 samples per pixel) while decoding,
@@ -255,18 +262,22 @@ impl Decoder {
     }
 
     /// Everything else through the `image` crate, under `image::Limits`.
-    fn decode_image(&mut self, data: &[u8]) -> Result<Frame, String> {
+    fn decode_image(&mut self, data: &[u8]) -> Result<Frame, StageError> {
         let reader = ImageReader::new(Cursor::new(data))
             .with_guessed_format()
-            .map_err(|e| format!("cannot read: {e}"))?;
+            .map_err(|e| StageError::io("cannot read", e))?;
         let format = match reader.format() {
             Some(f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP)) => f,
             Some(f) => {
-                return Err(format!(
+                return Err(StageError::Unsupported(format!(
                     "{f:?} images are not supported (JPEG, PNG, WebP are)"
+                )));
+            }
+            None => {
+                return Err(StageError::BadInput(
+                    "not a recognised image (JPEG, PNG or WebP expected)".to_string(),
                 ));
             }
-            None => return Err("not a recognised image (JPEG, PNG or WebP expected)".to_string()),
         };
         let mut reader = reader;
         reader.limits(self.limits());
@@ -280,8 +291,7 @@ impl Decoder {
         if color == ColorType::Rgb8 {
             dec.read_image(&mut out).map_err(|e| describe(format, e))?;
         } else {
-            let total =
-                usize::try_from(dec.total_bytes()).map_err(|_| "image too large".to_string())?;
+            let total = usize::try_from(dec.total_bytes()).map_err(|_| too_large())?;
             self.scratch.resize(total, 0);
             dec.read_image(&mut self.scratch)
                 .map_err(|e| describe(format, e))?;
@@ -298,19 +308,53 @@ impl Decoder {
     }
 }
 
+/// The decode stage: each item's mapped bytes to a frame. The item's start hook runs
+/// first: the hot folder counts an attempt only once a file is really being worked on.
+impl StageWorker for Decoder {
+    type In = Input;
+    type Out = Frame;
+
+    fn stage(&self) -> Stage {
+        Stage::Decode
+    }
+
+    fn process(&mut self, item: &mut Item, input: Input) -> Result<Frame, StageError> {
+        if let Some(hook) = item.on_start.take() {
+            (hook.0)();
+        }
+        let r = self.decode(input.bytes());
+        let truncated = input.truncated();
+        drop(input);
+        // A file shrunk under the mapping reads as zeros past its end: whatever the
+        // decoder made of that, the truth is that the file was truncated.
+        match r {
+            _ if truncated => Err(StageError::BadInput(
+                "file was truncated while being read".into(),
+            )),
+            r => r,
+        }
+    }
+}
+
 /// libjpeg-turbo's message, phrased for the user. Its warnings (a truncated file, corrupt
 /// data) are errors here: the pipeline would rather fail an item than feed a half-grey
 /// image to the model.
-fn jpeg_error(e: &turbojpeg::Error) -> String {
+fn jpeg_error(e: &turbojpeg::Error) -> StageError {
     let msg = match e {
         turbojpeg::Error::TurboJpegError(m) => m.clone(),
         other => other.to_string(),
     };
-    if msg.contains("Premature end") || msg.contains("premature end") {
-        "truncated JPEG file".to_string()
-    } else {
-        format!("invalid JPEG data: {msg}")
-    }
+    StageError::BadInput(
+        if msg.contains("Premature end") || msg.contains("premature end") {
+            "truncated JPEG file".to_string()
+        } else {
+            format!("invalid JPEG data: {msg}")
+        },
+    )
+}
+
+fn too_large() -> StageError {
+    StageError::OverLimit("image too large".to_string())
 }
 
 fn swaps_axes(o: Orientation) -> bool {
@@ -369,22 +413,24 @@ fn format_name(f: ImageFormat) -> &'static str {
     }
 }
 
-fn describe(format: ImageFormat, e: image::ImageError) -> String {
+fn describe(format: ImageFormat, e: image::ImageError) -> StageError {
     let format = format_name(format);
     use image::ImageError as E;
     match e {
-        E::Limits(l) => format!("over the decode limits: {l}"),
+        E::Limits(l) => StageError::OverLimit(format!("over the decode limits: {l}")),
         E::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
-            format!("truncated {format} file")
+            StageError::BadInput(format!("truncated {format} file"))
         }
-        other => format!("invalid {format} data: {other}"),
+        // The message stays the one users have always read; only the class is finer.
+        e @ E::Unsupported(_) => StageError::Unsupported(format!("invalid {format} data: {e}")),
+        other => StageError::BadInput(format!("invalid {format} data: {other}")),
     }
 }
 
 /// Convert decoder output of another colour type to packed RGB8. Alpha is composited on
 /// white: transparent product shots and logos are drawn on white far more often than on
 /// black, and a model never sees the checkerboard a viewer would show.
-fn to_rgb8(color: ColorType, src: &[u8], dst: &mut PooledBuf) -> Result<(), String> {
+fn to_rgb8(color: ColorType, src: &[u8], dst: &mut PooledBuf) -> Result<(), StageError> {
     let px = dst.len() / 3;
     let over_white = |c: u16, a: u16| ((c * a + 255 * (255 - a) + 127) / 255) as u8;
     match color {
@@ -427,7 +473,11 @@ fn to_rgb8(color: ColorType, src: &[u8], dst: &mut PooledBuf) -> Result<(), Stri
                 d[2] = over_white(b >> 8, a8);
             }
         }
-        other => return Err(format!("colour type {other:?} is not supported")),
+        other => {
+            return Err(StageError::Unsupported(format!(
+                "colour type {other:?} is not supported"
+            )));
+        }
     }
     Ok(())
 }
@@ -518,6 +568,7 @@ mod tests {
         assert!(
             d.decode(b"hello world, not an image")
                 .unwrap_err()
+                .to_string()
                 .contains("not a recognised image")
         );
         let good = png(
@@ -527,11 +578,18 @@ mod tests {
             &vec![9; 64 * 64 * 3],
         );
         let e = d.decode(&good[..good.len() / 2]).unwrap_err();
-        assert!(e.contains("PNG"), "{e}");
+        assert!(
+            matches!(&e, StageError::BadInput(m) if m.contains("PNG")),
+            "{e}"
+        );
         let mut small = cfg();
         small.max_width = 32;
         let mut d = Decoder::new(small, BufPool::new(2));
-        assert!(d.decode(&good).unwrap_err().contains("over the"));
+        let e = d.decode(&good).unwrap_err();
+        assert!(
+            matches!(&e, StageError::OverLimit(m) if m.contains("over the")),
+            "{e}"
+        );
     }
 
     /// A JPEG of `w x h` RGB pixels, by libjpeg-turbo at quality 95.
@@ -719,15 +777,25 @@ mod tests {
         let jpeg = jpeg_rgb(&halves(64, 64), 64, 64);
         let mut d = Decoder::new(cfg(), BufPool::new(8));
         let e = d.decode(&jpeg[..jpeg.len() / 2]).unwrap_err();
-        assert!(e.contains("JPEG"), "{e}");
+        assert!(
+            matches!(&e, StageError::BadInput(m) if m.contains("JPEG")),
+            "{e}"
+        );
         let e = d.decode(&jpeg[..40]).unwrap_err();
-        assert!(e.contains("JPEG"), "{e}");
+        assert!(
+            matches!(&e, StageError::BadInput(m) if m.contains("JPEG")),
+            "{e}"
+        );
         // A header over the limits is refused before any pixel buffer is allocated.
         let mut small = cfg();
         small.max_width = 32;
         let pool = BufPool::new(2);
         let mut d = Decoder::new(small, Arc::clone(&pool));
-        assert!(d.decode(&jpeg).unwrap_err().contains("over the limit"));
+        let e = d.decode(&jpeg).unwrap_err();
+        assert!(
+            matches!(&e, StageError::OverLimit(m) if m.contains("over the limit")),
+            "{e}"
+        );
         assert_eq!(pool.created(), 0);
     }
 

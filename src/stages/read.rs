@@ -13,6 +13,10 @@ use std::path::Path;
 
 use memmap2::Mmap;
 
+use crate::vocab::error::{Stage, StageError};
+use crate::vocab::item::Item;
+use crate::vocab::stage::StageWorker;
+
 pub mod guard;
 
 /// An input file's bytes, mapped.
@@ -41,38 +45,64 @@ impl Drop for Input {
     }
 }
 
-/// Open and map `path`. Errors are reasons for `failed/` (or the summary).
-pub fn read_input(path: &Path, max_bytes: u64) -> Result<Input, String> {
+/// The read stage: open and map each item's file, within `[decode] max_file_mib`.
+pub struct Reader {
+    pub max_bytes: u64,
+}
+
+impl StageWorker for Reader {
+    type In = ();
+    type Out = Input;
+
+    fn stage(&self) -> Stage {
+        Stage::Read
+    }
+
+    fn process(&mut self, item: &mut Item, _: ()) -> Result<Input, StageError> {
+        read_input(&item.path, self.max_bytes)
+    }
+}
+
+/// Open and map `path`. Errors are reasons for `failed/` (or the summary), classed so
+/// that a passing shortage (descriptors, memory, an I/O error) is retried, not blamed on
+/// the file.
+pub fn read_input(path: &Path, max_bytes: u64) -> Result<Input, StageError> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => "is a symbolic link (not followed)".to_string(),
-            Some(libc::ENOENT) => "disappeared before it could be read".to_string(),
-            _ => format!("cannot open: {e}"),
+            Some(libc::ELOOP) => {
+                StageError::Unsupported("is a symbolic link (not followed)".to_string())
+            }
+            Some(libc::ENOENT) => {
+                StageError::BadInput("disappeared before it could be read".to_string())
+            }
+            _ => StageError::io("cannot open", e),
         })?;
-    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
-    check_file_type(&meta)?;
+    let meta = file
+        .metadata()
+        .map_err(|e| StageError::io("cannot stat", e))?;
+    check_file_type(&meta).map_err(StageError::Unsupported)?;
     let len = meta.len();
     if len == 0 {
-        return Err("empty file".to_string());
+        return Err(StageError::BadInput("empty file".to_string()));
     }
     if len > max_bytes {
-        return Err(format!(
+        return Err(StageError::OverLimit(format!(
             "file is {} MiB, over the limit of {} MiB (decode.max_file_mib)",
             len >> 20,
             max_bytes >> 20
-        ));
+        )));
     }
     map(&file)
 }
 
-fn map(file: &File) -> Result<Input, String> {
+fn map(file: &File) -> Result<Input, StageError> {
     // SAFETY: the mapping is read-only and private to this process; the one way another
     // process can invalidate it (truncation) is handled by the SIGBUS guard registered
     // before any byte is read.
-    let map = unsafe { Mmap::map(file) }.map_err(|e| format!("cannot map: {e}"))?;
+    let map = unsafe { Mmap::map(file) }.map_err(|e| StageError::io("cannot map", e))?;
     let _ = map.advise(memmap2::Advice::Sequential);
     let guard = guard::register(map.as_ptr(), map.len());
     Ok(Input {
@@ -122,22 +152,30 @@ mod tests {
         assert_eq!(read_input(&f, 1 << 20).unwrap().bytes(), b"hello");
         let e = dir.path().join("e.bin");
         std::fs::write(&e, b"").unwrap();
-        assert_eq!(read_input(&e, 1 << 20).err().unwrap(), "empty file");
+        assert_eq!(
+            read_input(&e, 1 << 20).err().unwrap().to_string(),
+            "empty file"
+        );
         let l = dir.path().join("l.bin");
         std::os::unix::fs::symlink(&f, &l).unwrap();
         assert!(
             read_input(&l, 1 << 20)
                 .err()
                 .unwrap()
+                .to_string()
                 .contains("symbolic link")
         );
         assert!(
             read_input(dir.path(), 1 << 20)
                 .err()
                 .unwrap()
+                .to_string()
                 .contains("directory")
         );
-        assert!(read_input(&f, 2).err().unwrap().contains("over the limit"));
+        assert!(matches!(
+            read_input(&f, 2).err().unwrap(),
+            StageError::OverLimit(m) if m.contains("over the limit")
+        ));
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! Error types shared by the pipeline: per-item errors (report, continue) and the
 //! critical errors that stop a run.
 //!
-//! The split follows watchexec: an [`ItemError`] belongs to one input file and one stage;
-//! the pipeline reports it (summary, `failed/` sidecar) and goes on with the next file. A
+//! The split follows watchexec: a stage returns a [`StageError`], classed by who is to
+//! blame (the file, a limit, the format, the operating system, the device, a bug); the
+//! stage runner turns it into an [`ItemError`] for one input file and one stage, which
+//! the pipeline reports (summary, `failed/` sidecar) before going on with the next file.
+//! [`StageError::is_transient`] is the one rule for what a retry may fix. A
 //! [`PipelineError`] means the pipeline itself cannot work (model will not load, a thread
 //! died); it stops the run.
 
@@ -43,6 +46,96 @@ impl fmt::Display for Stage {
     }
 }
 
+/// Why a stage could not process one item, classed by who is to blame. The message is
+/// what users read (in the summary, the log and the `failed/` sidecar), so it says what
+/// is wrong with the file in its own words; the file and stage are added by [`ItemError`].
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// The file is not a valid image of its kind (corrupt, truncated, not an image), or
+    /// holds nothing to work on (no face).
+    #[error("{0}")]
+    BadInput(String),
+    /// The file is over a configured limit (bytes, pixels, memory to decode it).
+    #[error("{0}")]
+    OverLimit(String),
+    /// A valid file of a format or kind hotpipe does not handle.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The operating system failed a read or write; `source` keeps the errno.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    /// The device ran out of memory even for a batch of one.
+    #[error("{0}")]
+    DeviceOom(String),
+    /// The stage's own machinery (the model, the detector, an encoder, the resizer)
+    /// failed on this item for another reason.
+    #[error("{0}")]
+    Failed(String),
+    /// A bug: a panic or a broken invariant inside a stage.
+    #[error("internal error in {stage}: {message}")]
+    Internal { stage: Stage, message: String },
+}
+
+/// Input errors that say nothing about the file: the process or the machine is short of
+/// descriptors, memory or disk, or the device hiccupped. The same read may well work later.
+const TRANSIENT_ERRNOS: [i32; 6] = [
+    libc::EMFILE,
+    libc::ENFILE,
+    libc::EIO,
+    libc::ENOSPC,
+    libc::EAGAIN,
+    libc::ENOMEM,
+];
+
+impl StageError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> StageError {
+        StageError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The one rule for transient versus permanent: whether a later attempt at the same
+    /// file, unchanged, may succeed. The hot folder leaves transient failures in `work/`
+    /// for `retry_s` without using up `max_attempts`; permanent ones go to `failed/`.
+    ///
+    /// - A device out of memory is transient (the next attempt may find memory free).
+    /// - Writing outputs (`publish`): every I/O error is, because each is a property of
+    ///   the outbox (full, read-only, gone), which the operator fixes, never of the file.
+    /// - Reading inputs: only the errnos in [`TRANSIENT_ERRNOS`]; a file that vanished,
+    ///   is a symlink, or cannot be opened for permission is the file's own state.
+    /// - Everything else is a property of the file or a bug, and retrying would fail again.
+    pub fn is_transient(&self, stage: Stage) -> bool {
+        match self {
+            StageError::DeviceOom(_) => true,
+            StageError::Io { source, .. } => {
+                stage == Stage::Publish
+                    || source.kind() == std::io::ErrorKind::OutOfMemory
+                    || source
+                        .raw_os_error()
+                        .is_some_and(|n| TRANSIENT_ERRNOS.contains(&n))
+            }
+            _ => false,
+        }
+    }
+
+    /// A short name of the class, for sidecars and metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StageError::BadInput(_) => "bad_input",
+            StageError::OverLimit(_) => "over_limit",
+            StageError::Unsupported(_) => "unsupported",
+            StageError::Io { .. } => "io",
+            StageError::DeviceOom(_) => "device_oom",
+            StageError::Failed(_) => "failed",
+            StageError::Internal { .. } => "internal",
+        }
+    }
+}
+
 /// Why one input could not be processed. Carries the file and the stage, so a message
 /// stands on its own in a log line or a `failed/` sidecar.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -57,6 +150,17 @@ pub struct ItemError {
 }
 
 impl ItemError {
+    /// The outcome of a stage's error for one file; [`StageError::is_transient`] decides
+    /// whether it is retried.
+    pub fn from_stage(path: impl Into<PathBuf>, stage: Stage, e: &StageError) -> Self {
+        ItemError {
+            path: path.into(),
+            stage,
+            reason: e.to_string(),
+            transient: e.is_transient(stage),
+        }
+    }
+
     pub fn new(path: impl Into<PathBuf>, stage: Stage, reason: impl Into<String>) -> Self {
         ItemError {
             path: path.into(),
@@ -64,11 +168,6 @@ impl ItemError {
             reason: reason.into(),
             transient: false,
         }
-    }
-
-    pub fn transient(mut self) -> Self {
-        self.transient = true;
-        self
     }
 }
 
@@ -83,6 +182,8 @@ pub enum PipelineError {
     FaceCrop(String),
     #[error("{stage} stage: {message}")]
     Stage { stage: Stage, message: String },
+    #[error("thread {thread} died: {message}")]
+    ThreadDied { thread: String, message: String },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -130,6 +231,34 @@ fn first_line_only(full: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_rule_for_transient() {
+        let io = |n| StageError::io("cannot open", std::io::Error::from_raw_os_error(n));
+        for n in TRANSIENT_ERRNOS {
+            assert!(io(n).is_transient(Stage::Read), "errno {n}");
+        }
+        for n in [libc::ENOENT, libc::EACCES, libc::ELOOP, libc::EISDIR] {
+            assert!(!io(n).is_transient(Stage::Read), "errno {n} on input");
+            assert!(io(n).is_transient(Stage::Publish), "errno {n} on output");
+        }
+        assert!(StageError::DeviceOom("out of memory".into()).is_transient(Stage::Infer));
+        for e in [
+            StageError::BadInput("not an image".into()),
+            StageError::OverLimit("too large".into()),
+            StageError::Unsupported("gif".into()),
+            StageError::Failed("model failed: shape".into()),
+            StageError::Internal {
+                stage: Stage::Decode,
+                message: "boom".into(),
+            },
+        ] {
+            assert!(!e.is_transient(Stage::Decode), "{e}");
+        }
+        let e = ItemError::from_stage("/w/x.jpg", Stage::Read, &io(libc::EIO));
+        assert!(e.transient);
+        assert_eq!(e.reason, "cannot open: Input/output error (os error 5)");
+    }
 
     #[test]
     fn first_line_drops_backtrace() {

@@ -2,8 +2,6 @@
 //! included), real faults. Numbered as in issue 3. Images are tiny and there is no model
 //! (identity), so every test is bounded by the folder protocol, not by compute.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::os::unix::net::UnixDatagram;
@@ -12,7 +10,7 @@ use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// A running daemon with its stderr collected.
 struct Daemon {
@@ -738,7 +736,7 @@ fn service_notify_metrics_and_health() {
 /// The shipped pipeline.toml configures the hot folder relative to its own folder.
 #[test]
 fn shipped_config_has_a_hotfolder() {
-    let text = include_str!("../pipeline.toml");
+    let text = include_str!("../../pipeline.toml");
     let c =
         hotpipe::config::Config::from_toml(text, "pipeline.toml", Path::new("/srv/hp"), 0).unwrap();
     let h = c.hotfolder.unwrap();
@@ -815,7 +813,7 @@ fn crash_between_image_and_sidecar_loses_no_sidecar() {
             image::ImageFormat::Jpeg,
         )
         .unwrap();
-    let mut daemon = Daemon::start(&cfg, &[("HOTPIPE_TEST_ABORT_MID_PUBLISH", "1")]);
+    let mut daemon = Daemon::start(&cfg, &[("HOTPIPE_FAULTS", "publish-mid:abort::")]);
     daemon.expect_log("hot folder ready", Duration::from_secs(30));
     deliver(&hf, "astro.jpg", &portrait);
     assert!(
@@ -915,4 +913,87 @@ fn idle_daemon_uses_no_cpu_with_any_watcher() {
             );
         }
     }
+}
+
+/// Twenty inputs delivered to a daemon; every file in `done/` and nothing in `failed/`.
+fn deliver_twenty(hf: &Path) -> BTreeSet<String> {
+    (0..20)
+        .map(|i| {
+            let name = format!("x{i:02}.jpg");
+            deliver(hf, &name, &jpeg_bytes(i));
+            name
+        })
+        .collect()
+}
+
+/// A passing I/O error while reading one input (EIO, injected once) is transient: the file
+/// stays in `work/`, is retried after `retry_s` and published; nothing goes to `failed/`.
+/// Before typed errors every read error was permanent and a good file was quarantined.
+#[test]
+fn transient_read_error_is_retried_not_failed() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "settle_ms = 0\n", "");
+    let hf = d.path().join("hf");
+    let daemon = Daemon::start(&cfg, &[("HOTPIPE_FAULTS", "read:eio:1:x07.jpg")]);
+    daemon.expect_log("hot folder ready", Duration::from_secs(30));
+    let inputs = deliver_twenty(&hf);
+    assert!(
+        wait_until(Duration::from_secs(60), || count(&hf.join("done")) == 20),
+        "{}",
+        daemon.log()
+    );
+    daemon.expect_log("transient failure", Duration::from_secs(1));
+    assert!(daemon.log().contains("x07.jpg"), "{}", daemon.log());
+    let addr = daemon.metrics_addr();
+    let (_, metrics) = http_get(&addr, "/metrics");
+    assert!(
+        metrics.contains("hotpipe_files_retried_total 1"),
+        "{metrics}"
+    );
+    assert_eq!(daemon.stop().0, Some(0));
+    assert_eq!(check_exactly_once(&hf, &inputs), (20, 0));
+}
+
+/// A panic while decoding one input of 20 fails that input with the stage and the panic
+/// in its reason; the daemon stays up and goes on processing (the worker thread survives).
+#[test]
+fn panic_in_decode_fails_one_item_and_the_daemon_goes_on() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "settle_ms = 0\n", "");
+    let hf = d.path().join("hf");
+    let mut daemon = Daemon::start(&cfg, &[("HOTPIPE_FAULTS", "decode:panic::x03.jpg")]);
+    daemon.expect_log("hot folder ready", Duration::from_secs(30));
+    let mut inputs = deliver_twenty(&hf);
+    assert!(
+        wait_until(Duration::from_secs(60), || count(&hf.join("done")) == 19
+            && count(&hf.join("failed")) == 2),
+        "{}",
+        daemon.log()
+    );
+    let reason: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(hf.join("failed/x03.jpg.error.json")).unwrap())
+            .unwrap();
+    assert_eq!(reason["stage"], "decode", "{reason}");
+    assert_eq!(
+        reason["reason"], "internal error in decode: injected panic at decode",
+        "{reason}"
+    );
+    // The panic is logged with where it happened (and a backtrace).
+    daemon.expect_log("injected panic at decode", Duration::from_secs(1));
+    assert!(
+        daemon.log().contains("src/vocab/fault.rs"),
+        "{}",
+        daemon.log()
+    );
+    // Still up, still working: later files go through the same decode workers.
+    assert!(daemon.alive());
+    deliver(&hf, "late.jpg", &jpeg_bytes(30));
+    inputs.insert("late.jpg".into());
+    assert!(
+        wait_until(Duration::from_secs(30), || count(&hf.join("done")) == 20),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.stop().0, Some(0));
+    assert_eq!(check_exactly_once(&hf, &inputs), (20, 1));
 }

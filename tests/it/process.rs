@@ -1,10 +1,8 @@
 //! `hotpipe process` end to end: real images, real TorchScript models, the real binary.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use hotpipe::config::Config;
 use hotpipe::stages::decode::Decoder;
 use hotpipe::stages::fit::Fitter;
@@ -236,14 +234,10 @@ fn oom_split_loses_nothing() {
     for i in 0..12 {
         write_jpeg(&inp.join(format!("{i:02}.jpg")), 100, 100, i);
     }
-    let opts = hotpipe::process::RunOptions {
-        start: hotpipe::pipeline::StartOptions {
-            inject_oom: 5,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let s = run_folder(&cfg, &inp, &d.path().join("oom"), opts);
+    // Five forward calls of this test's batches fail with an injected out-of-memory
+    // error (the rule matches this test's temp dir only).
+    hotpipe::vocab::fault::arm(&format!("infer:oom:5:{}", inp.display()));
+    let s = run_folder(&cfg, &inp, &d.path().join("oom"), Default::default());
     assert_eq!((s.done, s.failed.len()), (12, 0));
     let s2 = run_folder(&cfg, &inp, &d.path().join("plain"), Default::default());
     assert_eq!(s2.done, 12);
@@ -361,4 +355,90 @@ fn several_cpu_inference_workers_give_the_same_outputs() {
         let b = std::fs::read(outs[1].join(format!("x{i:02}.png"))).unwrap();
         assert!(a == b, "x{i:02}.png differs between 1 and 3 workers");
     }
+}
+
+/// A panic while decoding one input of 20 in `hotpipe process`: 19 outputs, one failure
+/// naming the stage and the panic, exit status 1, and no hang (the run ends by itself).
+#[test]
+fn panic_in_decode_fails_one_item_in_process() {
+    let d = tempfile::tempdir().unwrap();
+    restore_model(&d.path().join("m.pt"));
+    let cfg = config(d.path(), "m.pt", "");
+    let inp = d.path().join("in");
+    std::fs::create_dir(&inp).unwrap();
+    for i in 0..20 {
+        write_jpeg(&inp.join(format!("p{i:02}.jpg")), 70, 60, i);
+    }
+    let out = d.path().join("out");
+    let r = hotpipe()
+        .args(["process", "--quiet", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out)
+        .arg(&inp)
+        .env("HOTPIPE_FAULTS", "decode:panic::p07.jpg")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert_eq!(r.status.code(), Some(1), "{stdout}");
+    assert_eq!(names(&out).len(), 19, "{stdout}");
+    assert!(!out.join("p07.png").exists());
+    assert!(stdout.contains("done 19, failed 1"), "{stdout}");
+    let failed: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("failed:"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{stdout}");
+    assert!(
+        failed[0].ends_with("p07.jpg: decode: internal error in decode: injected panic at decode"),
+        "{stdout}"
+    );
+}
+
+/// `check`, `bench` and `process` resolve `max_batch = "auto"` through the one runtime
+/// plan, so they report the same batch size (on the CPU: 8, the plan's rule there).
+#[test]
+fn auto_batch_is_the_same_in_check_bench_and_process() {
+    let d = tempfile::tempdir().unwrap();
+    restore_model(&d.path().join("m.pt"));
+    let cfg = write(
+        &d.path().join("p.toml"),
+        "[model]\npath = \"m.pt\"\ndevice = \"cpu\"\nmax_batch = \"auto\"\n\n[preprocess]\nsize = 64\n\n[encode]\nformat = \"png\"\n",
+    );
+    let inp = d.path().join("in");
+    std::fs::create_dir(&inp).unwrap();
+    for i in 0..3 {
+        write_jpeg(&inp.join(format!("a{i}.jpg")), 80, 80, i);
+    }
+    let batch_after = |text: &str, key: &str| -> usize {
+        let i = text
+            .find(key)
+            .unwrap_or_else(|| panic!("no `{key}` in\n{text}"))
+            + key.len();
+        text[i..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let check = cli(["check".as_ref(), "--config".as_ref(), cfg.as_os_str()]);
+    assert_eq!(check.code, Some(0), "{}", check.stderr);
+    let bench = cli([
+        "bench".as_ref(),
+        "--config".as_ref(),
+        cfg.as_os_str(),
+        "--seconds".as_ref(),
+        "0".as_ref(),
+        "--stages-only".as_ref(),
+        inp.as_os_str(),
+    ]);
+    assert_eq!(bench.code, Some(0), "{}", bench.stderr);
+    let process = process(&cfg, &d.path().join("out"), &[&inp]);
+    let sizes = [
+        batch_after(&check.stdout, "batch: "),
+        batch_after(&bench.stdout, "batch "),
+        batch_after(&process.stdout, "batch "),
+    ];
+    assert_eq!(sizes, [8, 8, 8], "check, bench, process");
 }

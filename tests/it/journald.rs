@@ -3,9 +3,7 @@
 //! back with journalctl. Where journald is not installed, or none runs and the test is not
 //! root, it skips with the reason (and fails under scripts/test.sh's HOTPIPE_TEST_STRICT=1).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::path::Path;
 use std::time::Duration;
 

@@ -4,11 +4,9 @@
 //!
 //! A test skips, saying why, only when the weights or the portrait are absent.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use hotpipe::config::{Config, FaceSelect};
 use hotpipe::facecrop::{FaceCropper, FoundFace, choose};
 use hotpipe::stages::decode::Decoder;

@@ -1,9 +1,7 @@
 //! GPU data path: pinned double buffers and the copy/compute streams. Needs CUDA; on a
 //! machine without it each test prints why it skipped (CI is CPU-only).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use hotpipe::config::Config;
 
 fn cuda() -> bool {
@@ -39,14 +37,12 @@ fn gpu_streams_match_cpu_outputs() {
     let inputs = hotpipe::process::collect_inputs(&[inp]).unwrap();
     let run = |c: &Config, name: &str, inject_oom: usize| {
         let out = d.path().join(name);
-        let opts = hotpipe::process::RunOptions {
-            start: hotpipe::pipeline::StartOptions {
-                inject_oom,
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let s = hotpipe::process::run(c, inputs.clone(), &out, opts).unwrap();
+        if inject_oom > 0 {
+            // Only this test's inputs (its temp dir) match the rule.
+            let dir = inputs[0].parent().unwrap().display().to_string();
+            hotpipe::vocab::fault::arm(&format!("infer:oom:{inject_oom}:{dir}"));
+        }
+        let s = hotpipe::process::run(c, inputs.clone(), &out, Default::default()).unwrap();
         assert_eq!((s.done, s.failed.len()), (37, 0), "{name}");
         out
     };

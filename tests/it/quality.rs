@@ -8,9 +8,7 @@
 //! and at least 40 dB on average over the images that were decoded at a reduced scale (the
 //! others differ only by the two decoders' rounding, and would inflate an average).
 
-mod common;
-
-use common::psnr;
+use crate::common::{self, psnr};
 
 use std::path::Path;
 

@@ -7,9 +7,7 @@
 //! venv's Python (`HOTPIPE_PYTHON`, set by scripts/env.sh); under scripts/test.sh a missing
 //! one fails the test.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn outputs_match_the_naive_python_peer() {

@@ -1,6 +1,6 @@
 //! Fixtures shared by the integration tests: real images, real TorchScript models traced
-//! with tch, config files, all built in temp dirs in code.
-#![allow(dead_code)]
+//! with tch, config files, all built in temp dirs in code. (No `allow(dead_code)`: in the
+//! one test binary every helper has a user, and one that loses its last is flagged.)
 
 use std::path::{Path, PathBuf};
 
@@ -32,8 +32,20 @@ pub fn write_png(path: &Path, w: u32, h: u32, seed: u32) {
         .unwrap();
 }
 
+/// libtorch's random generator is one per process, and all the integration tests share
+/// a process: the model fixtures below hold this while they draw from it, so that
+/// `restore_model`'s `manual_seed(1)` and the weights drawn after it are not interleaved
+/// with another test's draws (its weights are the same in every run).
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn torch_rng() -> std::sync::MutexGuard<'static, ()> {
+    // A test that panicked while holding it left nothing half-done that matters here.
+    TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Trace and save a small residual conv net: x + 0.1 * tanh(conv(x)), clamped to [0, 1].
 pub fn restore_model(path: &Path) {
+    let _rng = torch_rng();
     let mut vs = nn::VarStore::new(Device::Cpu);
     tch::manual_seed(1);
     let conv = nn::conv2d(
@@ -63,6 +75,7 @@ pub fn restore_model(path: &Path) {
 
 /// A model that breaks the contract: returns one channel.
 pub fn one_channel_model(path: &Path) {
+    let _rng = torch_rng();
     let mut f = |xs: &[Tensor]| vec![xs[0].mean_dim(Some([1i64].as_slice()), true, Kind::Float)];
     let m = CModule::create_by_tracing(
         "Grey",
@@ -76,6 +89,7 @@ pub fn one_channel_model(path: &Path) {
 
 /// A 2x nearest upscaler (output size differs from input).
 pub fn upscale_model(path: &Path) {
+    let _rng = torch_rng();
     let mut f = |xs: &[Tensor]| {
         vec![
             xs[0]
@@ -323,6 +337,7 @@ pub fn png_header(w: u32, h: u32) -> Vec<u8> {
 /// A deliberately slow model (two 9x9 convolutions through 32 channels): seconds per
 /// image at 1536 px on a CPU, to make a stage look stuck.
 pub fn slow_model(path: &Path) {
+    let _rng = torch_rng();
     let mut vs = nn::VarStore::new(Device::Cpu);
     let cfg = nn::ConvConfig {
         padding: 4,

@@ -1,0 +1,133 @@
+//! The stage workers that join a stage to the runtime, so neither has to know the other:
+//! the fit stage writes into a leased row of the batch slots, the encode stage reads a
+//! row of the inference output ring and hands the bytes to the sink.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::runtime::batcher::{Assembler, RowLease};
+use crate::runtime::infer::Inferred;
+use crate::stages::encode::Encoder;
+use crate::stages::fit::Fitter;
+use crate::vocab::error::{Stage, StageError};
+use crate::vocab::item::{Frame, Item, Outcome};
+use crate::vocab::pool::{BufPool, PooledBuf};
+use crate::vocab::sink::Sink;
+use crate::vocab::stage::{Reporter, StageWorker};
+use crate::vocab::telemetry::Timer;
+
+use super::runner::{Closed, Emit};
+
+/// Fit: resize each frame straight into a row of the open batch slot.
+pub struct FitWorker {
+    pub fitter: Fitter,
+    pub assembler: Arc<Assembler<Item>>,
+}
+
+impl StageWorker for FitWorker {
+    type In = Frame;
+    type Out = RowLease<Item>;
+
+    fn stage(&self) -> Stage {
+        Stage::Fit
+    }
+
+    fn process(&mut self, item: &mut Item, frame: Frame) -> Result<RowLease<Item>, StageError> {
+        let mut lease = self.assembler.lease().ok_or_else(|| StageError::Internal {
+            stage: Stage::Fit,
+            message: "the batch slots were closed while fitting".into(),
+        })?;
+        // A failed fit drops the lease, which leaves a hole the batch is sealed with.
+        self.fitter
+            .fit(&frame, item.region, lease.pixels())
+            .map_err(StageError::Failed)?;
+        Ok(lease)
+    }
+}
+
+/// Commits fitted rows with their items. The last fit worker to finish closes the
+/// assembler (every clone shares one [`CloseOnDrop`]), which lets inference drain.
+#[derive(Clone)]
+pub struct Commit {
+    _close: Arc<CloseOnDrop>,
+}
+
+pub struct CloseOnDrop(Arc<Assembler<Item>>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+impl Commit {
+    pub fn new(assembler: Arc<Assembler<Item>>) -> Commit {
+        Commit {
+            _close: Arc::new(CloseOnDrop(assembler)),
+        }
+    }
+}
+
+impl Emit<RowLease<Item>> for Commit {
+    fn emit(&mut self, item: Item, lease: RowLease<Item>) -> Result<(), Closed> {
+        lease.commit(item);
+        Ok(())
+    }
+}
+
+/// Encode: one inferred row to the configured format. The bytes go out in a pooled
+/// buffer, so steady state allocates nothing.
+pub struct EncodeWorker {
+    pub encoder: Encoder,
+    pub pool: Arc<BufPool>,
+}
+
+impl StageWorker for EncodeWorker {
+    type In = Inferred;
+    type Out = PooledBuf;
+
+    fn stage(&self) -> Stage {
+        Stage::Encode
+    }
+
+    fn process(&mut self, _item: &mut Item, job: Inferred) -> Result<PooledBuf, StageError> {
+        let bytes = self
+            .encoder
+            .encode(job.out.row(job.row), job.out.width(), job.out.height())
+            .map_err(StageError::Failed)?;
+        let mut buf = self.pool.get(bytes.len());
+        buf.copy_from_slice(bytes);
+        // `job` drops here, returning its output slot before the (slower) publish.
+        Ok(buf)
+    }
+}
+
+/// Publish: hand encoded bytes to the sink on the encode worker's own thread (publishing
+/// blocks on file I/O, which the encode threads absorb) and report the outcome.
+#[derive(Clone)]
+pub struct Publish {
+    pub sink: Arc<dyn Sink>,
+    pub ext: &'static str,
+    pub reporter: Reporter,
+}
+
+impl Emit<PooledBuf> for Publish {
+    fn emit(&mut self, item: Item, bytes: PooledBuf) -> Result<(), Closed> {
+        let t = Timer::start();
+        let published: Result<Vec<PathBuf>, StageError> =
+            self.sink.publish(&item, &bytes, self.ext);
+        drop(bytes);
+        let tel = &self.reporter.telemetry;
+        tel.record(Stage::Publish, t.elapsed(), 1);
+        match published {
+            Ok(paths) => {
+                let _ = self.reporter.outcomes.send(Outcome {
+                    item,
+                    result: Ok(paths),
+                });
+            }
+            Err(e) => self.reporter.fail(item, Stage::Publish, &e),
+        }
+        Ok(())
+    }
+}
