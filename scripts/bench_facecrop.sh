@@ -3,6 +3,8 @@
 # Python peer ../shared/bench/mtcnn_peer.py (facenet-pytorch's MTCNN, one image at a time,
 # 512 px crops with a 64 px margin), same data, same run, alternating, median of ROUNDS.
 #   scripts/bench_facecrop.sh [N] [ROUNDS] [DEVICE]     (default: 100 3 cpu)
+# HOTPIPE_BASELINE=/path/to/an/older/hotpipe also runs that binary in every round,
+# alternating, for before/after figures of a change.
 # Both figures exclude start-up (loading, warm-up): the peer times its loop after one
 # warm-up image; hotpipe's is its summary's wall time from the first image fed to the
 # last outcome (the script also prints hotpipe's whole-process wall time).
@@ -23,8 +25,19 @@ cfg="$WORK/bench.toml"
 sed "s/^device = \"auto\"/device = \"$DEVICE\"/" pipeline.toml > "$cfg"
 sed -i "s|^weights = \"models/mtcnn\"|weights = \"$PWD/models/mtcnn\"|" "$cfg"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1-3 /proc/loadavg)"
-hp=(); peer=(); hrss=(); prss=()
+hp=(); peer=(); hrss=(); prss=(); base=()
+# One timed `hotpipe process` run of binary $1: prints images/s.
+hp_rate() {
+  rm -rf "$WORK/hp_out"
+  local line
+  line=$(HOTPIPE_LOG=error "$1" process --quiet --config "$cfg" --out "$WORK/hp_out" "$WORK/data" | grep -E '^done ' || true)
+  echo "$line" | awk -v n="$N" '{ for (i = 1; i <= NF; i++) if ($(i+1) == "s,") print n / $i }'
+}
 for r in $(seq "$ROUNDS"); do
+  if [ -n "${HOTPIPE_BASELINE:-}" ]; then
+    base+=("$(hp_rate "$HOTPIPE_BASELINE")")
+    echo "round $r baseline: images/s ${base[-1]}"
+  fi
   rm -rf "$WORK/hp_out"
   t0=$(date +%s.%N)
   # Run through Python only to read the child's peak RSS (wait4's rusage), as the peer
@@ -51,6 +64,10 @@ done
 median() { printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 hm=$(median "${hp[@]}")
 echo "hotpipe images/s: ${hp[*]} -> median $hm"
+if [ -n "${HOTPIPE_BASELINE:-}" ]; then
+  bm=$(median "${base[@]}")
+  echo "baseline images/s: ${base[*]} -> median $bm; hotpipe / baseline: $(awk -v a="$hm" -v b="$bm" 'BEGIN { printf "%.3f", a / b }')"
+fi
 if [ "$PEER_OK" = 1 ]; then
   pm=$(median "${peer[@]}")
   echo "peer images/s:    ${peer[*]} -> median $pm"

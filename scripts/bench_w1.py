@@ -39,6 +39,10 @@ quality = 90
 """)
 
 peers = ["model_only", "naive", "seed", "dataloader", "decode_only"]
+# HOTPIPE_BASELINE=/path/to/an/older/hotpipe runs that binary too, alternating with this
+# one in every round (before/after figures for a change, same data, same run).
+baseline = os.environ.get("HOTPIPE_BASELINE")
+ours = ["hotpipe"] + (["baseline"] if baseline else [])
 if device.startswith("cuda"):
     peers += ["gpu_codec", "model_only_fp16", "model_only_bf16"]
 
@@ -53,12 +57,12 @@ def run(cmd):
         raise SystemExit(f"{cmd[0]} failed ({p.returncode}): {err[-2000:]}")
     return out, wall, ru.ru_maxrss / 1024
 
-results = {k: [] for k in ["hotpipe"] + peers}
+results = {k: [] for k in ours + peers}
 for r in range(rounds):
-    for who in ["hotpipe"] + peers:
+    for who in ours + peers:
         out_dir = os.path.join(work, f"out_{who}_{r}")
         subprocess.run(["rm", "-rf", out_dir])
-        if who == "hotpipe":
+        if who in ours:
             # A child process of its own so its RSS is measured alone: run through a
             # tiny wrapper that reports the grandchild's peak RSS.
             cmd = [py, "-c", (
@@ -67,7 +71,8 @@ for r in range(rounds):
                 "print(p.stdout);print(p.stderr[-3000:],file=sys.stderr);"
                 "print('rss_mib=%.0f'%(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024));"
                 "sys.exit(p.returncode if p.returncode!=1 else 0)"),
-                hotpipe, "process", "--quiet", "--config", cfg, "--out", out_dir, data]
+                baseline if who == "baseline" else hotpipe,
+                "process", "--quiet", "--config", cfg, "--out", out_dir, data]
             out, wall, _ = run(cmd)
             m = re.search(r"done (\d+), failed (\d+), ([\d.]+) s, ([\d.]+) images/s", out)
             rss = float(re.search(r"rss_mib=(\d+)", out).group(1))
@@ -97,9 +102,11 @@ best_peer = max((k for k in peers if k not in ("model_only", "decode_only") and 
 print(f"\nmodel {c} {l}, device {device}, batch {batch}, workers {workers}, {n_images} images, {rounds} rounds (median)\n")
 print("| contender | images/s (median) | runs | peak RSS MiB | hotpipe / this |")
 print("| --- | ---: | --- | ---: | ---: |")
-for k in ["hotpipe"] + peers:
+for k in ours + peers:
     runs = ", ".join(f"{x['images_per_s']:.1f}" for x in results[k])
     print(f"| {k} | {med[k]:.1f} | {runs} | {rss[k]:.0f} | {med['hotpipe'] / med[k]:.2f}x |")
 print(f"\nbest full-pipeline peer: {best_peer}; hotpipe / best = {med['hotpipe'] / med[best_peer]:.2f}x; "
       f"hotpipe / model_only = {med['hotpipe'] / med['model_only']:.2f}x; "
       f"hotpipe RSS / naive RSS = {rss['hotpipe'] / rss['naive']:.2f}")
+if baseline:
+    print(f"hotpipe / baseline ({baseline}) = {med['hotpipe'] / med['baseline']:.3f}x")

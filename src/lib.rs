@@ -1,22 +1,21 @@
 //! hotpipe: a folder in, a GPU image model, a folder out.
 //!
-//! The crate is the library behind the `hotpipe` binary. Its module tree is the pipeline:
+//! The crate is the library behind the `hotpipe` binary. Its layers, lowest first; each
+//! imports only from the layers below it, so data and dependencies flow one way:
 //!
-//! - [`config`]: `pipeline.toml`, raw and validated;
-//! - [`pipeline`]: wiring, items, buffer pools, telemetry;
-//! - [`stages`]: read, decode, fit, encode (each a function of one item plus its state);
-//! - [`runtime`]: the model, batching, the inference worker (tch, with [`facecrop`]);
-//! - [`facecrop`]: the built-in F2P face crop, MTCNN on tch, as a stage between decode
-//!   and fit;
-//! - [`hotfolder`]: publishing files (and the daemon's folder protocol);
-//! - [`service`]: `hotpipe run`: signals, systemd notify, metrics and health;
-//! - [`process`]: the one-shot `hotpipe process` run with progress and a summary;
-//! - [`bench`]: `hotpipe bench`, each stage's speed alone and the whole pipeline's.
+//! - [`vocab`]: the leaf vocabulary (items, frames, pools, telemetry, stage names and
+//!   errors, the stage trait, devices, the sink trait, test-only fault points); imports
+//!   nothing else from the crate;
+//! - [`config`]: `pipeline.toml`, raw and validated, one module per section;
+//! - [`stages`], [`facecrop`], [`runtime`]: the stage types (read, decode, detect, fit,
+//!   encode) and the model runtime (runtime plan, batch slots, inference workers);
+//! - [`pipeline`]: the plan of stages and queues, run by one stage runner;
+//! - [`hotfolder`], [`service`], [`process`], [`check`], [`bench`]: the folder protocol,
+//!   `hotpipe run`, and the one-shot commands.
 
 pub mod bench;
 pub mod check;
 pub mod config;
-
 pub mod facecrop;
 pub mod hotfolder;
 pub mod pipeline;

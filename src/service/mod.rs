@@ -21,6 +21,7 @@ pub mod http;
 pub mod signals;
 pub mod systemd;
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -78,6 +79,10 @@ pub struct Shared {
     /// The CUDA devices the running pipeline uses: /metrics reports their memory only,
     /// never touching (and creating a context on) a GPU the config does not use.
     cuda_devices: Mutex<Vec<usize>>,
+    /// Items whose attempt has been counted (decoding began) and that have no outcome
+    /// yet: what a stop past the grace period takes back, since a graceful stop is no
+    /// item's fault.
+    counted_items: Mutex<HashSet<OsString>>,
 }
 
 impl Shared {
@@ -93,7 +98,12 @@ impl Shared {
             stuck_s: AtomicU64::new(stuck_s),
             telemetry: Mutex::new(Arc::new(Telemetry::default())),
             cuda_devices: Mutex::new(Vec::new()),
+            counted_items: Mutex::new(HashSet::new()),
         }
+    }
+
+    fn counted_items(&self) -> std::sync::MutexGuard<'_, HashSet<OsString>> {
+        self.counted_items.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn touch(&self) {
@@ -250,6 +260,7 @@ impl Session {
         shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         shared.touch();
         let name = o.item.path.file_name().unwrap_or_default().to_os_string();
+        let counted = shared.counted_items().remove(&name);
         match o.result {
             Ok(paths) => {
                 shared.done.fetch_add(1, Ordering::Relaxed);
@@ -258,7 +269,11 @@ impl Session {
             Err(e) if e.transient => {
                 shared.retried.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(file = %e.path.display(), stage = %e.stage, reason = %e.reason, retry_s = self.hf.retry_s, "transient failure; the file stays in work/ and is retried");
-                recover::uncount(&self.layout, &name);
+                // Take the attempt back only if one was counted (decoding began); a read
+                // that failed before it counted nothing.
+                if counted {
+                    recover::uncount(&self.layout, &name);
+                }
                 let due = Instant::now() + Duration::from_secs(self.hf.retry_s);
                 let _ = self.retry_tx.send((name, due));
             }
@@ -342,8 +357,10 @@ impl Claimer {
                 self.next_id += 1;
                 item.attempts = attempts;
                 let (layout, counted) = (self.layout.clone(), name.clone());
+                let shared = Arc::clone(&self.shared);
                 item.on_start = Some(StartHook(Box::new(move || {
-                    recover::count(&layout, &counted)
+                    recover::count(&layout, &counted);
+                    shared.counted_items().insert(counted);
                 })));
                 self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
                 self.shared.touch();
@@ -530,8 +547,20 @@ pub fn run(config_path: &Path, signals: Receiver<Signal>) -> Result<(), ServiceE
                     notifier.send("STOPPING=1\nSTATUS=finishing items in flight");
                     let grace = Duration::from_secs(session.hf.shutdown_grace_s);
                     tracing::info!(grace_s = grace.as_secs(), "stopping: no new claims, finishing items in flight");
+                    let session_layout = session.layout.clone();
                     let drained = session.drain(&shared, Some(Instant::now() + grace))?;
-                    tracing::info!(drained, done = shared.done.load(Ordering::Relaxed), failed = shared.failed.load(Ordering::Relaxed), "stopped");
+                    let (done, failed) = (shared.done.load(Ordering::Relaxed), shared.failed.load(Ordering::Relaxed));
+                    if !drained {
+                        // A graceful stop is no item's fault: take back the attempts of the
+                        // items it interrupts, or three stops would quarantine them.
+                        for name in shared.counted_items().drain() {
+                            recover::uncount(&session_layout, &name);
+                        }
+                        let left = shared.in_flight.load(Ordering::Relaxed);
+                        tracing::info!(left_in_work = left, done, failed, "stopped past the grace period: {left} item(s) stay in work/ and are resumed by the next start");
+                        exit_now(0);
+                    }
+                    tracing::info!(drained, done, failed, "stopped");
                     return Ok(());
                 }
                 Ok(Signal::Reload) => session = reload(session, config_path, &shared, &notifier)?,
@@ -546,6 +575,17 @@ pub fn run(config_path: &Path, signals: Receiver<Signal>) -> Result<(), ServiceE
             },
         }
     }
+}
+
+/// End the process at once, without exit handlers. Past the grace period pipeline threads
+/// may still be inside libtorch, and the C++ static destructors that `exit` runs would
+/// tear libtorch down under them (the process died by SIGSEGV at `systemctl stop`).
+/// Nothing needs flushing: every on-disk step is crash-safe, and log lines are written
+/// unbuffered (stderr) or sent at once (journald).
+fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` has no preconditions and never returns; it skips only user-space
+    // clean-up, which is the point.
+    unsafe { libc::_exit(code) }
 }
 
 /// SIGHUP: a valid config replaces the running one (drain, then start with it); an
