@@ -1,6 +1,7 @@
 //! The `hotpipe` binary: parses the command line, sets up logging, calls the library.
 //! `anyhow` lives here and nowhere else.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -78,8 +79,12 @@ fn init_logging() {
             .init();
         return;
     }
+    // Colour only for a person at a terminal (and not with NO_COLOR): escape codes in a
+    // log file or a pipe are noise, and a reader of a file should see only text.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
 }

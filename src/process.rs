@@ -127,7 +127,7 @@ pub fn run(
                 outputs.extend(paths);
             }
             Err(e) => {
-                tracing::warn!(file = %e.path.display(), stage = %e.stage, reason = %e.reason, "failed");
+                tracing::warn!(file = ?e.path, stage = %e.stage, reason = %e.reason, "failed");
                 failed.push(e);
             }
         }

@@ -141,7 +141,7 @@ pub fn count(layout: &Layout, name: &OsStr) {
         .unwrap_or_default();
     st.attempts += 1;
     if let Err(e) = state::save(&layout.work, name, &st, false) {
-        tracing::warn!(file = %name.to_string_lossy(), error = %e, "cannot record an attempt");
+        tracing::warn!(file = ?name, error = %e, "cannot record an attempt");
     }
 }
 

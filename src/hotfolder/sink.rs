@@ -180,7 +180,7 @@ impl Sink for HotSink {
         sync_dir(&self.layout.outbox).map_err(|e| err("cannot sync outbox/", e))?;
         // Published: from here on the item must never be processed again, whatever fails.
         if let Err(e) = finish_success(&self.layout, &work_name, self.on_success) {
-            tracing::error!(file = %item.path.display(), error = %e, "output published but the input could not be moved on; will retry the move");
+            tracing::error!(file = ?item.path, error = %e, "output published but the input could not be moved on; will retry the move");
             let _ = self.finish_later.send(work_name);
         }
         Ok(written)

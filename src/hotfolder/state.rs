@@ -79,7 +79,7 @@ pub fn load_path(p: &Path) -> std::io::Result<Option<ItemState>> {
         Ok(b) => match serde_json::from_slice(&b) {
             Ok(s) => Ok(Some(s)),
             Err(e) => {
-                tracing::warn!(file = %p.display(), error = %e, "unreadable item state ignored");
+                tracing::warn!(file = ?p, error = %e, "unreadable item state ignored");
                 Ok(None)
             }
         },

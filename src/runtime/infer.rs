@@ -150,6 +150,8 @@ pub struct WorkerParts {
     pub reporter: Reporter,
 }
 
+/// The one place that recognises a device out of memory: libtorch reports it only in
+/// the message ("CUDA out of memory. Tried to allocate ...").
 fn is_oom(e: &TchError) -> bool {
     e.to_string().contains("out of memory")
 }

@@ -264,11 +264,11 @@ impl Session {
         match o.result {
             Ok(paths) => {
                 shared.done.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(file = %o.item.path.display(), output = %paths.first().map(|p| p.display().to_string()).unwrap_or_default(), ms = o.item.started.elapsed().as_millis() as u64, "done");
+                tracing::info!(file = ?o.item.path, output = ?paths.first(), ms = o.item.started.elapsed().as_millis() as u64, "done");
             }
             Err(e) if e.transient => {
                 shared.retried.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(file = %e.path.display(), stage = %e.stage, reason = %e.reason, retry_s = self.hf.retry_s, "transient failure; the file stays in work/ and is retried");
+                tracing::warn!(file = ?e.path, stage = %e.stage, reason = %e.reason, retry_s = self.hf.retry_s, "transient failure; the file stays in work/ and is retried");
                 // Take the attempt back only if one was counted (decoding began); a read
                 // that failed before it counted nothing.
                 if counted {
@@ -280,10 +280,10 @@ impl Session {
             Err(e) => match fail_item(&self.layout, &name, &e.reason, e.stage, o.item.attempts) {
                 Ok(to) => {
                     shared.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(file = %e.path.display(), stage = %e.stage, reason = %e.reason, moved_to = %to.display(), "failed");
+                    tracing::warn!(file = ?e.path, stage = %e.stage, reason = %e.reason, moved_to = ?to, "failed");
                 }
                 Err(err) => {
-                    tracing::error!(file = %e.path.display(), error = %err, "cannot move to failed/; will retry");
+                    tracing::error!(file = ?e.path, error = %err, "cannot move to failed/; will retry");
                     let due = Instant::now() + Duration::from_secs(self.hf.retry_s);
                     let _ = self.retry_tx.send((name, due));
                 }
@@ -380,17 +380,17 @@ impl Claimer {
             }
             Ok(Begin::Finished) => {
                 self.shared.done.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(file = %name.to_string_lossy(), "output was already published; moved on");
+                tracing::info!(file = ?name, "output was already published; moved on");
                 true
             }
             Ok(Begin::Failed(reason)) => {
                 self.shared.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(file = %name.to_string_lossy(), stage = "claim", %reason, "failed");
+                tracing::warn!(file = ?name, stage = "claim", %reason, "failed");
                 true
             }
             Ok(Begin::Gone) => true,
             Err(e) => {
-                tracing::error!(file = %name.to_string_lossy(), error = %e, retry_s = self.hf.retry_s, "cannot start an attempt; will retry");
+                tracing::error!(file = ?name, error = %e, retry_s = self.hf.retry_s, "cannot start an attempt; will retry");
                 retries.push((name, Instant::now() + Duration::from_secs(self.hf.retry_s)));
                 true
             }
@@ -444,7 +444,7 @@ impl Claimer {
                                         next_rescan.min(Instant::now() + Duration::from_secs(1));
                                 }
                                 Err(e) => {
-                                    tracing::error!(file = %name.to_string_lossy(), error = %e, "cannot claim")
+                                    tracing::error!(file = ?name, error = %e, "cannot claim")
                                 }
                             }
                             if self.stopped() {

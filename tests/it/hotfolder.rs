@@ -27,8 +27,13 @@ impl Daemon {
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        // An empty value removes the variable (e.g. NO_COLOR, set above for every test).
         for (k, v) in env {
-            cmd.env(k, v);
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
         }
         let mut child = cmd.spawn().unwrap();
         let mut err = child.stderr.take().unwrap();
@@ -1052,4 +1057,35 @@ fn sigterm_past_the_grace_exits_cleanly() {
         }
     }
     assert_eq!(count(&hf.join("failed")), 0);
+}
+
+/// A producer's file name is logged escaped: a newline or an escape code in a name can
+/// neither forge a log line nor colour the terminal, and a log that is not a terminal
+/// gets no colour codes at all.
+#[test]
+fn names_are_escaped_in_the_log() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "settle_ms = 0\n", "");
+    let hf = d.path().join("hf");
+    // No NO_COLOR: stderr is a pipe, and that alone must keep colour codes out.
+    let daemon = Daemon::start(&cfg, &[("NO_COLOR", "")]);
+    daemon.expect_log("hot folder ready", Duration::from_secs(30));
+    let forged =
+        "evil.jpg\n2026-12-01T00:00:00.000000Z  INFO hotpipe::service: done file=FORGED.jpg";
+    deliver(&hf, forged, &jpeg_bytes(1));
+    deliver(&hf, "red\u{1b}[31m.jpg", &jpeg_bytes(2));
+    assert!(
+        wait_until(Duration::from_secs(30), || count(&hf.join("done")) == 2),
+        "{}",
+        daemon.log()
+    );
+    daemon.expect_log("evil.jpg\\n2026-12-01", Duration::from_secs(5));
+    let log = daemon.log();
+    assert!(
+        !log.lines().any(|l| l.starts_with("2026-12-01T00:00:00")),
+        "a forged line:\n{log}"
+    );
+    assert!(!log.contains('\u{1b}'), "a raw escape code:\n{log}");
+    assert!(log.contains("red\\u{1b}[31m.jpg"), "{log}");
+    assert_eq!(daemon.stop().0, Some(0));
 }

@@ -45,12 +45,6 @@ pub struct CudaError {
     pub message: String,
 }
 
-impl CudaError {
-    pub fn is_oom(&self) -> bool {
-        self.message.contains("out of memory")
-    }
-}
-
 fn check(rc: c_int, call: &'static str) -> Result<(), CudaError> {
     if rc == 0 {
         return Ok(());
