@@ -16,8 +16,15 @@ use crate::vocab::error::StageError;
 use crate::vocab::item::Item;
 use crate::vocab::sink::Sink;
 
-/// Suffix of temporary files; anything ending in it is a leftover of an interrupted write.
+/// Suffix of temporary files; with a leading `.` (see [`is_temp_name`]) a name ending in
+/// it is a leftover of an interrupted write.
 pub const TMP_SUFFIX: &str = ".hotpipe-tmp";
+
+/// Whether `name` is one of hotpipe's temporary files. Producers' names never start with
+/// `.` (the inbox ignores those), so a producer's `x.hotpipe-tmp` is never taken for one.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(TMP_SUFFIX)
+}
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 
 use super::Layout;
-use super::publish::TMP_SUFFIX;
+use super::publish::is_temp_name;
 use super::sink::{complete_orphan_failing, fail_item, finish_success};
 use super::state::{self, STATE_PREFIX};
 use crate::config::OnSuccess;
@@ -39,7 +39,7 @@ pub fn startup(layout: &Layout) -> std::io::Result<Vec<OsString>> {
             let e = e?;
             let n = e.file_name();
             let s = n.to_string_lossy();
-            if s.starts_with('.') && s.ends_with(TMP_SUFFIX) {
+            if is_temp_name(&s) {
                 let _ = std::fs::remove_file(e.path());
             }
         }

@@ -23,7 +23,7 @@ use std::sync::Mutex;
 use crossbeam_channel::Sender;
 
 use super::publish::{
-    TMP_SUFFIX, candidate_name, place_noreplace, rename_noreplace, sidecar_stem, sync_dir,
+    candidate_name, is_temp_name, place_noreplace, rename_noreplace, sidecar_stem, sync_dir,
     write_replace, write_temp,
 };
 use super::state::{self, Failing, Output};
@@ -240,6 +240,33 @@ fn write_sidecar(layout: &Layout, f: &Failing, original: &str) -> std::io::Resul
     )
 }
 
+/// The longest name an item gets in `failed/`: room for `.error.json` and for the
+/// temporary name its sidecar is written under, within the usual 255-byte name limit (a
+/// longer one failed to quarantine and was retried forever).
+const MAX_FAILED_NAME: usize = 200;
+
+/// Stem and extension for an item's name in `failed/`, the stem cut (and marked with `~`)
+/// so that any `<stem>-<n>.<ext>` stays within [`MAX_FAILED_NAME`]. An extension too long
+/// to be one is left in the stem.
+fn failed_stem(name: &OsStr) -> (String, String) {
+    let (mut stem, mut ext) = split_name(name);
+    if ext.len() > 16 {
+        stem = format!("{stem}.{ext}");
+        ext.clear();
+    }
+    // "-100000" and the dot before the extension.
+    let budget = MAX_FAILED_NAME - ext.len() - 8;
+    if stem.len() > budget {
+        let mut end = budget - 1;
+        while !stem.is_char_boundary(end) {
+            end -= 1;
+        }
+        stem.truncate(end);
+        stem.push('~');
+    }
+    (stem, ext)
+}
+
 /// Quarantine the item `name` of `work/`: record the name it gets in `failed/`, write
 /// `<that name>.error.json`, move the item (whatever it is: a symlink is moved, never
 /// followed), fsync. Safe to call again after a crash at any point.
@@ -257,16 +284,17 @@ pub fn fail_item(
         let f = match &st.failing {
             Some(f) => f.clone(),
             None => {
-                let (stem, ext) = split_name(name);
-                // The exact name first (split_name does not round-trip every name, e.g.
-                // "x."), then the usual suffixes.
+                let (stem, ext) = failed_stem(name);
+                let exact = name.to_string_lossy().into_owned();
+                // The exact name first when it fits (split_name does not round-trip every
+                // name, e.g. "x."), then the usual suffixes.
                 let as_name = (0..100_000u32)
-                    .map(|n| match n {
-                        0 => name.to_string_lossy().into_owned(),
-                        n => candidate_name(&stem, &ext, n),
+                    .filter_map(|n| match n {
+                        0 => (exact.len() <= MAX_FAILED_NAME).then(|| exact.clone()),
+                        n => Some(candidate_name(&stem, &ext, n)),
                     })
                     .find(|c| {
-                        !c.ends_with(TMP_SUFFIX)
+                        !is_temp_name(c)
                             && std::fs::symlink_metadata(layout.failed.join(c)).is_err()
                             && std::fs::symlink_metadata(
                                 layout.failed.join(format!("{c}.error.json")),

@@ -1089,3 +1089,78 @@ fn names_are_escaped_in_the_log() {
     assert!(log.contains("red\\u{1b}[31m.jpg"), "{log}");
     assert_eq!(daemon.stop().0, Some(0));
 }
+
+/// Every claimed file ends in `done/` or `failed/` with a reason, whatever its name: a
+/// producer's `x.hotpipe-tmp` is not one of hotpipe's temporary files, and a name too
+/// long for `<name>.error.json` gets a shorter one in `failed/` (both were retried every
+/// `retry_s` forever, an ERROR line each time).
+#[test]
+fn odd_names_all_end_in_failed_with_reasons() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "settle_ms = 0\n", "");
+    let hf = d.path().join("hf");
+    let daemon = Daemon::start(&cfg, &[]);
+    daemon.expect_log("hot folder ready", Duration::from_secs(30));
+    let mut names_in: Vec<String> = (0..20).map(|i| format!("n{i}.hotpipe-tmp")).collect();
+    for len in [223, 240, 250, 255] {
+        let mut n = format!("long{len}-");
+        while n.len() + 2 <= len - 4 {
+            n.push('é');
+        }
+        while n.len() < len - 4 {
+            n.push('x');
+        }
+        n.push_str(".jpg");
+        names_in.push(n);
+    }
+    names_in.push("no-extension-at-all".into());
+    names_in.push("x.".into());
+    for (i, n) in names_in.iter().enumerate() {
+        assert!(n.len() <= 255, "{}", n.len());
+        // Written under a short hidden name: `.<name>.part` would not fit in 255 bytes.
+        let tmp = hf.join("inbox").join(format!(".w{i}.part"));
+        std::fs::write(&tmp, b"not an image at all").unwrap();
+        std::fs::rename(&tmp, hf.join("inbox").join(n)).unwrap();
+    }
+    let want = names_in.len();
+    let reasons = || {
+        names(&hf.join("failed"))
+            .into_iter()
+            .filter(|n| n.ends_with(".error.json"))
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || reasons() == want),
+        "{} of {want} with reasons:\n{:?}\n{}",
+        reasons(),
+        names(&hf.join("failed")),
+        daemon.log()
+    );
+    assert_eq!(count(&hf.join("failed")), 2 * want);
+    assert_eq!(names(&hf.join("work")), Vec::<String>::new());
+    assert_eq!(count(&hf.join("inbox")), 0);
+    for n in names(&hf.join("failed")) {
+        assert!(n.len() <= 255, "{n}");
+        if let Some(item) = n.strip_suffix(".error.json") {
+            let text = std::fs::read_to_string(hf.join("failed").join(&n)).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert!(
+                v["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("not a recognised image"),
+                "{text}"
+            );
+            assert!(
+                hf.join("failed").join(item).is_file(),
+                "{item} beside its reason"
+            );
+            assert!(
+                names_in.contains(&v["file"].as_str().unwrap().to_string()),
+                "{text}"
+            );
+        }
+    }
+    assert!(!daemon.log().contains("ERROR"), "{}", daemon.log());
+    assert_eq!(daemon.stop().0, Some(0));
+}
