@@ -172,12 +172,12 @@ impl Decoder {
             match self.decode_turbo(data) {
                 Ok(Some(frame)) => return Ok(frame),
                 Ok(None) => {}
-                // A truncated file or one over the limits fails here. Anything else
-                // libjpeg-turbo calls corrupt (it also refuses files with mere warnings,
-                // such as stray bytes between markers, which cameras write) gets a second
-                // chance with the more lenient zune-jpeg; its error is reported only if
-                // that fails too.
-                Err(StageError::BadInput(reason)) if reason.starts_with("invalid JPEG") => {
+                // libjpeg-turbo decides. It refuses files with mere warnings too; the one
+                // warning cameras are known to cause (stray bytes between markers, before
+                // the data they delimit) gets a second chance with the more lenient
+                // zune-jpeg. Every other corruption fails: zune-jpeg accepts a damaged
+                // scan and fills the rest grey, and a grey image must not reach outbox/.
+                Err(StageError::BadInput(reason)) if reason.contains("extraneous bytes") => {
                     self.last_reduction = 1;
                     return self
                         .decode_image(data)
@@ -770,6 +770,35 @@ mod tests {
             "white: {:?}",
             px(&f, 30, 8)
         );
+    }
+
+    #[test]
+    fn a_corrupt_scan_fails_but_stray_bytes_between_markers_pass() {
+        let jpeg = jpeg_rgb(&halves(256, 256), 256, 256);
+        let mut d = Decoder::new(cfg(), BufPool::new(8));
+        // Bytes overwritten in the middle of the entropy-coded scan (no 0xFF, so no
+        // marker is forged): libjpeg-turbo refuses it; the lenient decoder would not.
+        let mut bad = jpeg.clone();
+        let mid = bad.len() / 2;
+        for (i, b) in bad[mid..mid + 200].iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(37) % 0xF0;
+        }
+        // Not `unwrap_err`: a wrong Ok would print megabytes of pixels.
+        let Err(e) = d.decode(&bad) else {
+            panic!("a corrupt scan decoded");
+        };
+        assert!(
+            matches!(&e, StageError::BadInput(m) if m.contains("JPEG")),
+            "{e}"
+        );
+        // Stray bytes before the end-of-image marker, as some cameras write: decoded.
+        let mut stray = jpeg.clone();
+        let eoi = stray.len() - 2;
+        stray.splice(eoi..eoi, [0x00, 0x11, 0x22]);
+        let f = d
+            .decode(&stray)
+            .expect("stray bytes between markers still decode");
+        assert_eq!((f.width, f.height), (256, 256));
     }
 
     #[test]
