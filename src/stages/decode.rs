@@ -169,7 +169,14 @@ impl Decoder {
     pub fn decode(&mut self, data: &[u8]) -> Result<Frame, StageError> {
         self.last_reduction = 1;
         if data.starts_with(&[0xFF, 0xD8, 0xFF]) && self.tj.is_some() {
-            match self.decode_turbo(data) {
+            let r = self.decode_turbo(data);
+            if r.is_err() {
+                // A failed call can leave libjpeg-turbo's handle in a state that fails the
+                // next file too (seen: a valid JPEG right after a truncated one read as
+                // "integer value width overflowed"): the next file gets a fresh handle.
+                self.tj = turbojpeg::Decompressor::new().ok();
+            }
+            match r {
                 Ok(Some(frame)) => return Ok(frame),
                 Ok(None) => {}
                 // libjpeg-turbo decides. It refuses files with mere warnings too; the one
@@ -770,6 +777,19 @@ mod tests {
             "white: {:?}",
             px(&f, 30, 8)
         );
+    }
+
+    #[test]
+    fn a_failed_jpeg_does_not_fail_the_next_one() {
+        let jpeg = jpeg_rgb(&halves(64, 64), 64, 64);
+        let mut d = Decoder::new(cfg(), BufPool::new(8));
+        for _ in 0..3 {
+            assert!(d.decode(&jpeg[..jpeg.len() / 3]).is_err());
+            let Ok(f) = d.decode(&jpeg) else {
+                panic!("a valid JPEG after a truncated one failed");
+            };
+            assert_eq!((f.width, f.height), (64, 64));
+        }
     }
 
     #[test]
