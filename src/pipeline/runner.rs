@@ -135,10 +135,6 @@ impl Topology {
         Ok(())
     }
 
-    pub fn reporter(&self) -> &Reporter {
-        &self.reporter
-    }
-
     /// The threads, for the pipeline to join.
     pub fn into_threads(self) -> Vec<JoinHandle<()>> {
         self.threads

@@ -28,8 +28,6 @@ pub struct RuntimeInfo {
 pub struct RuntimePlan {
     /// One per inference worker, in worker order.
     pub models: Vec<Model>,
-    /// Intra-op threads each CPU worker's libtorch uses.
-    pub intra_op_threads: usize,
     pub max_batch: usize,
 }
 
@@ -68,11 +66,7 @@ impl RuntimePlan {
                 .unwrap_or(DEFAULT_BATCH),
             None => DEFAULT_BATCH,
         };
-        Ok(RuntimePlan {
-            models,
-            intra_op_threads,
-            max_batch,
-        })
+        Ok(RuntimePlan { models, max_batch })
     }
 
     pub fn info(&self) -> RuntimeInfo {

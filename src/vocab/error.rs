@@ -180,8 +180,6 @@ pub enum PipelineError {
     Device { device: String, message: String },
     #[error("face crop: {0}")]
     FaceCrop(String),
-    #[error("{stage} stage: {message}")]
-    Stage { stage: Stage, message: String },
     #[error("thread {thread} died: {message}")]
     ThreadDied { thread: String, message: String },
     #[error("{context}: {source}")]
