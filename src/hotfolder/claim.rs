@@ -5,7 +5,9 @@
 //! when first seen (a file present at start-up, or delivered by rename after being
 //! written elsewhere, is claimed at once) or its size and mtime stayed the same across
 //! that long (a producer writing in chunks keeps moving its mtime, so it is never read
-//! early). Names starting with `.` or ending in `.part`, `.tmp`, `.crdownload` are
+//! early), and, with inotify, its writer has closed it ([`super::watch::Writers`]: a
+//! writer that pauses longer than `settle_ms` would otherwise lose its file). Names
+//! starting with `.` or ending in `.part`, `.tmp`, `.crdownload` are
 //! ignored until renamed. Entries that are not regular files are "ready" at once: they
 //! are claimed (a rename moves a symlink itself and never opens a FIFO) and quarantined
 //! by [`super::recover::begin`].
@@ -16,6 +18,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::Layout;
 use super::publish::rename_noreplace;
+use super::state;
+use super::watch::Writers;
+use crate::vocab::item::{Item, SourceStat};
 
 /// Names a producer is still writing, by the usual conventions.
 pub fn ignored(name: &OsStr) -> bool {
@@ -34,6 +39,7 @@ struct Seen {
 pub struct Scanner {
     settle: Duration,
     pending: HashMap<OsString, Seen>,
+    writers: Option<Writers>,
 }
 
 /// The outcome of a claim.
@@ -47,10 +53,12 @@ pub enum Claim {
 }
 
 impl Scanner {
-    pub fn new(settle: Duration) -> Scanner {
+    /// `writers`: the inbox's open writers, when the watcher can tell (inotify).
+    pub fn new(settle: Duration, writers: Option<Writers>) -> Scanner {
         Scanner {
             settle,
             pending: HashMap::new(),
+            writers,
         }
     }
 
@@ -97,7 +105,15 @@ impl Scanner {
                     false
                 }
             };
-            if old_enough || stable {
+            if self
+                .writers
+                .as_ref()
+                .is_some_and(|w| w.is_open(&name, seen.size))
+            {
+                // Settled or not, it is not finished: look again a settle time after now
+                // (its writer's close also nudges a scan).
+                present.insert(name, seen);
+            } else if old_enough || stable {
                 present.remove(&name);
                 ready.push(name);
             }
@@ -116,6 +132,24 @@ pub fn claim(layout: &Layout, name: &OsStr) -> std::io::Result<Claim> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(Claim::Busy),
         Err(e) => Err(e),
     }
+}
+
+/// True when the item's file in `work/` is no longer what the read stage read (its
+/// writer was still writing when it was claimed): its result must not be trusted.
+pub fn changed_since_read(item: &Item) -> bool {
+    match (&item.source, std::fs::symlink_metadata(&item.path)) {
+        (Some(seen), Ok(now)) => *seen != SourceStat::of(&now),
+        _ => false,
+    }
+}
+
+/// Put `work/name` back into the inbox to settle again (a file that changed after its
+/// claim), dropping its state. `AlreadyExists`: a new file of that name arrived meanwhile;
+/// the caller retries later.
+pub fn unclaim(layout: &Layout, name: &OsStr) -> std::io::Result<()> {
+    rename_noreplace(&layout.work.join(name), &layout.inbox.join(name))?;
+    state::remove(&layout.work, name);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -141,7 +175,7 @@ mod tests {
         let f = std::fs::File::options().write(true).open(&old).unwrap();
         f.set_modified(SystemTime::now() - Duration::from_secs(60))
             .unwrap();
-        let mut s = Scanner::new(Duration::from_millis(300));
+        let mut s = Scanner::new(Duration::from_millis(300), None);
         assert_eq!(s.scan(&l).unwrap(), vec![OsString::from("old.jpg")]);
         assert_eq!(claim(&l, OsStr::new("old.jpg")).unwrap(), Claim::Claimed);
         assert!(s.next_check().is_some());

@@ -7,7 +7,7 @@
 //! ```
 //! - [`watch`]: notify watcher (or polling, or none) that only nudges a scan;
 //! - [`claim`]: the inbox scan, readiness (settle) and the claim by rename;
-//! - [`state`]: the durable per-item journal in `work/` (attempts, outputs being published);
+//! - [`state`]: the durable per-item journal in `work/` (crashes blamed, outputs being published);
 //! - [`sink`]: publication into `outbox/`, the final move to `done/`, quarantine in `failed/`;
 //! - [`recover`]: what start-up (and every retry) does with an item found in `work/`;
 //! - [`publish`]: atomic, never-replacing file writes.
@@ -130,6 +130,17 @@ impl Layout {
             return Err(HotfolderError::Locked(self.root.clone()));
         }
         Ok(RootLock(f))
+    }
+}
+
+impl Layout {
+    /// How many items are in `work/` (its hidden files, the journal, are not items).
+    pub fn items_in_work(&self) -> std::io::Result<usize> {
+        let mut n = 0;
+        for e in std::fs::read_dir(&self.work)? {
+            n += usize::from(!e?.file_name().to_string_lossy().starts_with('.'));
+        }
+        Ok(n)
     }
 }
 

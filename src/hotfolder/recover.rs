@@ -1,14 +1,31 @@
-//! Items found in `work/`: start-up recovery, and the decision made before every
-//! attempt (a fresh claim, a retry after a transient error, or a leftover of a crash all
-//! go through [`begin`]).
+//! Items found in `work/`: start-up recovery, crash attribution, and the decision made
+//! before every attempt (a fresh claim, a retry after a transient error, or a leftover of
+//! a crash all go through [`begin`]).
 //!
 //! An item in `work/` is in one of three situations, told apart by its state file:
 //! its output is published (only the move to `done/` is missing), it was being
-//! quarantined (finish that), or anything else (process it again, counting the attempt
-//! durably first so a file that crashes hotpipe is quarantined after `max_attempts`).
+//! quarantined (finish that), or anything else (process it again).
+//!
+//! ## Who is blamed for a crash
+//! A crash counts against an item only when the crash record of the run that died
+//! ([`crate::vocab::crash`], written by hotpipe's fatal-signal handler) names it alone:
+//! - the items the crashing thread was working on are the culprits; when that thread held
+//!   none (a crash in a libtorch worker thread, say), the items every thread held are;
+//! - exactly one culprit: its crash count goes up (durably, before anything else runs);
+//! - several (a batch in the model): none is counted; each becomes a *suspect*;
+//! - a culprit is a suspect too, and suspects run one at a time, alone in the pipeline,
+//!   before anything else resumes, so a crash during one names that one.
+//!
+//! So a file that crashes hotpipe whenever it is processed is quarantined after
+//! `max_attempts` crashes (one more if it first crashed inside a batch), and the daemon
+//! does not crash-loop; a file that only waited in a queue, or was on another thread, is
+//! never blamed. A stop hotpipe cannot catch (SIGKILL, the OOM killer, a power cut)
+//! leaves no record and blames no one: the byte budget for frames, not a retry limit, is
+//! what keeps an input from exhausting memory. A graceful stop blames no one either.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
+use std::fs::File;
 
 use super::Layout;
 use super::publish::is_temp_name;
@@ -16,13 +33,22 @@ use super::sink::{complete_orphan_failing, fail_item, finish_success};
 use super::state::{self, STATE_PREFIX};
 use crate::config::OnSuccess;
 use crate::stages::read::check_file_type;
+use crate::vocab::crash;
 use crate::vocab::error::Stage;
+
+/// The crash record's name in `work/` (hidden: never taken for an input).
+pub const CRASH_RECORD: &str = ".hp-crash";
+
+/// Room kept for a crash record: written into preallocated blocks, so the record is
+/// still written when the disk is full (what makes a full disk crash-prone is no excuse
+/// to forget who crashed).
+const CRASH_RECORD_BYTES: i64 = 64 << 10;
 
 /// What to do with an item of `work/` now.
 #[derive(Debug, PartialEq)]
 pub enum Begin {
-    /// Process it: this is attempt number `n`.
-    Process(u32),
+    /// Process it.
+    Process,
     /// Its output was already published; it has now been moved on.
     Finished,
     /// It has been moved to `failed/` (the reason is in the sidecar).
@@ -31,9 +57,150 @@ pub enum Begin {
     Gone,
 }
 
+/// The items start-up found in `work/`.
+#[derive(Debug, Default, PartialEq)]
+pub struct Recovered {
+    /// Suspects of a crash: each runs alone, before anything else (sorted by name).
+    pub isolate: Vec<OsString>,
+    /// The rest, to resume at full concurrency (sorted by name).
+    pub resume: Vec<OsString>,
+}
+
+impl Recovered {
+    pub fn len(&self) -> usize {
+        self.isolate.len() + self.resume.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A crash record, parsed (see [`crate::vocab::crash`] for the format).
+#[derive(Debug, Default, PartialEq)]
+struct CrashRecord {
+    signal: i32,
+    /// (key, thread) held by the thread that crashed.
+    culprits: Vec<(u64, String)>,
+    /// (key, thread) held by the other threads.
+    others: Vec<(u64, String)>,
+}
+
+impl CrashRecord {
+    /// `None` for an empty record (the run did not crash).
+    fn parse(bytes: &[u8]) -> Option<CrashRecord> {
+        let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+        let text = String::from_utf8_lossy(&bytes[..end]);
+        let mut rec = CrashRecord::default();
+        let mut seen = false;
+        for line in text.lines() {
+            let mut w = line.split(' ');
+            match (w.next(), w.next(), w.next()) {
+                (Some("signal"), Some(n), _) => {
+                    rec.signal = n.parse().unwrap_or(0);
+                    seen = true;
+                }
+                (Some(tag @ ("c" | "o")), Some(k), thread) => {
+                    let Ok(k) = u64::from_str_radix(k, 16) else {
+                        continue;
+                    };
+                    let entry = (k, thread.unwrap_or("").to_string());
+                    if tag == "c" {
+                        rec.culprits.push(entry);
+                    } else {
+                        rec.others.push(entry);
+                    }
+                }
+                _ => {}
+            }
+        }
+        seen.then_some(rec)
+    }
+
+    /// The items the crash is laid at (see the module docs), each once.
+    fn blamed(&self) -> Vec<(u64, String)> {
+        let from = if self.culprits.is_empty() {
+            &self.others
+        } else {
+            &self.culprits
+        };
+        let mut seen = HashSet::new();
+        from.iter()
+            .filter(|(k, _)| seen.insert(*k))
+            .cloned()
+            .collect()
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGSEGV => "SIGSEGV".into(),
+        libc::SIGBUS => "SIGBUS".into(),
+        libc::SIGILL => "SIGILL".into(),
+        libc::SIGFPE => "SIGFPE".into(),
+        libc::SIGABRT => "SIGABRT".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+/// Apply the last run's crash record to the states of the items it names (`items`: the
+/// names in `work/`). The record itself is emptied later, by [`arm_crash_record`], once
+/// these saves are done.
+fn apply_crash_record(layout: &Layout, items: &[OsString]) -> std::io::Result<()> {
+    let bytes = match std::fs::read(layout.work.join(CRASH_RECORD)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let Some(rec) = CrashRecord::parse(&bytes) else {
+        return Ok(());
+    };
+    let by_key: HashMap<u64, &OsString> = items.iter().map(|n| (crash::key(n), n)).collect();
+    let blamed = rec.blamed();
+    let alone = blamed.len() == 1;
+    let signal = signal_name(rec.signal);
+    for (k, thread) in &blamed {
+        let Some(name) = by_key.get(k) else {
+            continue; // finished before the crash
+        };
+        let mut st = state::load(&layout.work, name)?.unwrap_or_default();
+        st.name = name.to_string_lossy().into_owned();
+        st.suspect = true;
+        if alone {
+            st.crashes += 1;
+            st.last_crash = Some(format!("{signal} in {thread}"));
+        }
+        if let Err(e) = state::save(&layout.work, name, &st, true) {
+            // Not fatal (the daemon must start on a full disk too), but never silent.
+            tracing::error!(file = ?name, %signal, error = %e, "cannot record that the last run crashed on this file; it is not counted");
+            continue;
+        }
+        tracing::warn!(file = ?name, %signal, thread = %thread, counted = alone, crashes = st.crashes, "the last run crashed while working on this file; it runs alone next");
+    }
+    if blamed.is_empty() {
+        tracing::warn!(%signal, "the last run crashed while no file was being worked on");
+    }
+    Ok(())
+}
+
+/// Empty the crash record (after [`startup`] applied it) and preallocate its room; the
+/// file to hand to [`crash::record_to`].
+pub fn arm_crash_record(layout: &Layout) -> std::io::Result<File> {
+    let f = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(layout.work.join(CRASH_RECORD))?;
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: posix_fallocate on a descriptor we own. It may be unsupported (some
+    // filesystems); the record is then written on demand, which only fails on a full disk.
+    let _ = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, CRASH_RECORD_BYTES) };
+    Ok(f)
+}
+
 /// Start-up: remove temporary leftovers of interrupted writes, finish or drop state files
-/// whose item is gone, and return the items to resume (sorted by name).
-pub fn startup(layout: &Layout) -> std::io::Result<Vec<OsString>> {
+/// whose item is gone, apply the last run's crash record, and return the items to resume.
+pub fn startup(layout: &Layout) -> std::io::Result<Recovered> {
     for dir in [&layout.outbox, &layout.failed, &layout.done, &layout.work] {
         for e in std::fs::read_dir(dir)? {
             let e = e?;
@@ -67,7 +234,17 @@ pub fn startup(layout: &Layout) -> std::io::Result<Vec<OsString>> {
         let _ = std::fs::remove_file(&p);
     }
     items.sort();
-    Ok(items)
+    apply_crash_record(layout, &items)?;
+    let mut out = Recovered::default();
+    for n in items {
+        let suspect = matches!(state::load(&layout.work, &n), Ok(Some(st)) if st.suspect);
+        if suspect {
+            out.isolate.push(n);
+        } else {
+            out.resume.push(n);
+        }
+    }
+    Ok(out)
 }
 
 /// Decide about the item `name` in `work/` and record the decision durably.
@@ -82,7 +259,7 @@ pub fn begin(
     st.name = name.to_string_lossy().into_owned();
     if let Some(f) = &st.failing {
         let reason = f.reason.clone();
-        fail_item(layout, name, &reason, Stage::Claim, st.attempts)?;
+        fail_item(layout, name, &reason, Stage::Claim)?;
         return Ok(Begin::Failed(reason));
     }
     let meta = match std::fs::symlink_metadata(&path) {
@@ -112,51 +289,24 @@ pub fn begin(
         }
     }
     if let Err(reason) = check_file_type(&meta) {
-        fail_item(layout, name, &reason, Stage::Claim, st.attempts)?;
+        fail_item(layout, name, &reason, Stage::Claim)?;
         return Ok(Begin::Failed(reason));
     }
-    if st.attempts >= max_attempts {
+    if st.crashes >= max_attempts {
         let reason = format!(
-            "gave up after {} attempts that did not finish (hotpipe stopped during each; \
-             possibly a file that crashes it)",
-            st.attempts
+            "hotpipe crashed {} times while working on this file (last: {}); quarantined so \
+             that it cannot crash-loop the service (hotfolder.max_attempts = {max_attempts})",
+            st.crashes,
+            st.last_crash.as_deref().unwrap_or("unknown")
         );
-        fail_item(layout, name, &reason, Stage::Claim, st.attempts)?;
+        fail_item(layout, name, &reason, Stage::Claim)?;
         return Ok(Begin::Failed(reason));
     }
     if !st.outputs.is_empty() {
         st.outputs.clear();
         state::save(&layout.work, name, &st, false)?;
     }
-    // Counted by `count` when decoding starts, not here: an item that only waited in a
-    // queue when the process died did not cause the crash.
-    Ok(Begin::Process(st.attempts + 1))
-}
-
-/// Count an attempt as started (called when the decode stage picks the item up).
-pub fn count(layout: &Layout, name: &OsStr) {
-    let mut st = state::load(&layout.work, name)
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    st.attempts += 1;
-    if let Err(e) = state::save(&layout.work, name, &st, false) {
-        tracing::warn!(file = ?name, error = %e, "cannot record an attempt");
-    }
-}
-
-/// Take back an attempt that did not really happen (a transient error, or an item that
-/// was never handed to the pipeline), so waiting for a full disk does not use up
-/// `max_attempts`.
-pub fn uncount(layout: &Layout, name: &OsStr) {
-    if let Ok(Some(mut st)) = state::load(&layout.work, name)
-        && st.attempts > 0
-    {
-        st.attempts -= 1;
-        // Outputs stay recorded: a half-published attempt (image out, sidecar failed)
-        // must be taken back by the next `begin`, not duplicated.
-        let _ = state::save(&layout.work, name, &st, false);
-    }
+    Ok(Begin::Process)
 }
 
 #[cfg(test)]
@@ -170,25 +320,103 @@ mod tests {
         (d, l)
     }
 
+    fn record(l: &Layout, lines: &[String]) {
+        let mut text = String::from("signal 6\n");
+        for line in lines {
+            text.push_str(line);
+            text.push('\n');
+        }
+        // As the handler leaves it: the record, then the preallocated rest as NULs.
+        let mut bytes = text.into_bytes();
+        bytes.resize(4096, 0);
+        std::fs::write(l.work.join(CRASH_RECORD), bytes).unwrap();
+    }
+
+    fn key(n: &str) -> String {
+        format!("{:016x}", crash::key(OsStr::new(n)))
+    }
+
+    fn crashes(l: &Layout, n: &str) -> u32 {
+        state::load(&l.work, OsStr::new(n))
+            .unwrap()
+            .map_or(0, |s| s.crashes)
+    }
+
     #[test]
-    fn attempts_are_counted_and_capped() {
+    fn only_a_crash_that_names_an_item_alone_counts() {
+        let (_d, l) = layout();
+        for n in ["a.jpg", "b.jpg", "c.jpg", "d.jpg"] {
+            std::fs::write(l.work.join(n), b"data").unwrap();
+        }
+        // No record (a SIGKILL): nobody is blamed, nothing is isolated.
+        let r = startup(&l).unwrap();
+        assert!(r.isolate.is_empty() && r.resume.len() == 4, "{r:?}");
+        // The decoder holding a.jpg crashed while b.jpg was on another thread.
+        record(
+            &l,
+            &[
+                format!("c {} hp-decode-0", key("a.jpg")),
+                format!("o {} hp-decode-1", key("b.jpg")),
+            ],
+        );
+        let r = startup(&l).unwrap();
+        assert_eq!(r.isolate, vec![OsString::from("a.jpg")]);
+        assert_eq!((crashes(&l, "a.jpg"), crashes(&l, "b.jpg")), (1, 0));
+        // The record is applied once: arming empties it.
+        drop(arm_crash_record(&l).unwrap());
+        startup(&l).unwrap();
+        assert_eq!(crashes(&l, "a.jpg"), 1);
+        // A batch crashed in the model: c.jpg and d.jpg are suspects, neither is counted.
+        record(
+            &l,
+            &[
+                format!("c {} hp-infer-0", key("c.jpg")),
+                format!("c {} hp-infer-0", key("d.jpg")),
+            ],
+        );
+        let r = startup(&l).unwrap();
+        assert_eq!(
+            r.isolate,
+            vec![OsString::from("a.jpg"), "c.jpg".into(), "d.jpg".into()]
+        );
+        assert_eq!(r.resume, vec![OsString::from("b.jpg")]);
+        assert_eq!((crashes(&l, "c.jpg"), crashes(&l, "d.jpg")), (0, 0));
+        // A crash on a thread that held nothing, with one item held elsewhere: that one.
+        record(&l, &[format!("o {} hp-infer-0", key("d.jpg"))]);
+        startup(&l).unwrap();
+        assert_eq!(crashes(&l, "d.jpg"), 1);
+    }
+
+    #[test]
+    fn an_item_that_crashes_max_attempts_times_is_quarantined() {
         let (_d, l) = layout();
         let n = OsStr::new("x.jpg");
         std::fs::write(l.work.join(n), b"data").unwrap();
-        assert_eq!(begin(&l, n, 2, OnSuccess::Move).unwrap(), Begin::Process(1));
-        // Not started (the process died while it waited in a queue): not counted.
-        assert_eq!(begin(&l, n, 2, OnSuccess::Move).unwrap(), Begin::Process(1));
-        count(&l, n);
-        assert_eq!(begin(&l, n, 2, OnSuccess::Move).unwrap(), Begin::Process(2));
-        count(&l, n);
+        record(&l, &[format!("c {} hp-decode-0", key("x.jpg"))]);
+        startup(&l).unwrap();
+        assert_eq!(begin(&l, n, 2, OnSuccess::Move).unwrap(), Begin::Process);
+        record(&l, &[format!("c {} hp-decode-0", key("x.jpg"))]);
+        startup(&l).unwrap();
         assert!(matches!(
             begin(&l, n, 2, OnSuccess::Move).unwrap(),
             Begin::Failed(_)
         ));
         assert!(l.failed.join("x.jpg").is_file());
         let side = std::fs::read_to_string(l.failed.join("x.jpg.error.json")).unwrap();
-        assert!(side.contains("gave up after 2 attempts"), "{side}");
-        assert_eq!(std::fs::read_dir(&l.work).unwrap().count(), 0);
+        assert!(side.contains("hotpipe crashed 2 times"), "{side}");
+        assert!(side.contains("SIGABRT in hp-decode-0"), "{side}");
+        assert!(side.contains("\"crashes\": 2"), "{side}");
+        assert_eq!(names_in(&l.work), Vec::<String>::new());
+    }
+
+    fn names_in(dir: &std::path::Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != CRASH_RECORD)
+            .collect();
+        v.sort();
+        v
     }
 
     #[test]
@@ -196,24 +424,23 @@ mod tests {
         let (_d, l) = layout();
         let n = OsStr::new("y.jpg");
         std::fs::write(l.work.join(n), b"data").unwrap();
-        assert_eq!(begin(&l, n, 3, OnSuccess::Move).unwrap(), Begin::Process(1));
-        count(&l, n); // decoding started
+        assert_eq!(begin(&l, n, 3, OnSuccess::Move).unwrap(), Begin::Process);
         // Simulate a crash right after the output's rename.
         std::fs::write(l.outbox.join("y.jpg"), b"out").unwrap();
         use std::os::unix::fs::MetadataExt;
         let ino = std::fs::metadata(l.outbox.join("y.jpg")).unwrap().ino();
-        let mut st = state::load(&l.work, n).unwrap().unwrap();
+        let mut st = state::load(&l.work, n).unwrap().unwrap_or_default();
         st.outputs.push(state::Output {
             file: "y.jpg".into(),
             ino,
         });
         state::save(&l.work, n, &st, true).unwrap();
         std::fs::write(l.outbox.join(".y.1.2.hotpipe-tmp"), b"partial").unwrap();
-        assert_eq!(startup(&l).unwrap(), vec![OsString::from("y.jpg")]);
+        assert_eq!(startup(&l).unwrap().resume, vec![OsString::from("y.jpg")]);
         assert_eq!(begin(&l, n, 3, OnSuccess::Move).unwrap(), Begin::Finished);
         assert!(l.done.join("y.jpg").is_file());
         assert_eq!(std::fs::read_dir(&l.outbox).unwrap().count(), 1);
-        assert_eq!(std::fs::read_dir(&l.work).unwrap().count(), 0);
+        assert_eq!(names_in(&l.work), Vec::<String>::new());
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::sync::Mutex;
 
 use crossbeam_channel::Sender;
 
+use super::claim::changed_since_read;
 use super::publish::{
     candidate_name, is_temp_name, place_noreplace, rename_noreplace, sidecar_stem, sync_dir,
     write_replace, write_temp,
@@ -152,6 +153,12 @@ impl HotSink {
 
 impl Sink for HotSink {
     fn publish(&self, item: &Item, encoded: &[u8], ext: &str) -> Result<Vec<PathBuf>, StageError> {
+        if changed_since_read(item) {
+            // The service puts it back into the inbox when it sees this outcome.
+            return Err(StageError::BadInput(
+                "the file changed after it was claimed (its writer was not finished)".into(),
+            ));
+        }
         let err = |what: &str, e: std::io::Error| StageError::io(what, e);
         let work_name = item.path.file_name().unwrap_or_default().to_os_string();
         let mut st = state::load(&self.layout.work, &work_name)
@@ -218,7 +225,8 @@ struct Sidecar<'a> {
     file: &'a str,
     reason: &'a str,
     stage: &'a str,
-    attempts: u32,
+    /// Crashes of hotpipe blamed on the file (0 unless it was quarantined for crashing).
+    crashes: u32,
     time: &'a str,
 }
 
@@ -227,7 +235,7 @@ fn write_sidecar(layout: &Layout, f: &Failing, original: &str) -> std::io::Resul
         file: original,
         reason: &f.reason,
         stage: &f.stage,
-        attempts: f.attempts,
+        crashes: f.crashes,
         time: &f.time,
     })
     .map_err(std::io::Error::other)?;
@@ -275,7 +283,6 @@ pub fn fail_item(
     name: &OsStr,
     reason: &str,
     stage: Stage,
-    attempts: u32,
 ) -> std::io::Result<PathBuf> {
     let mut st = state::load(&layout.work, name)?.unwrap_or_default();
     st.name = name.to_string_lossy().into_owned();
@@ -310,7 +317,7 @@ pub fn fail_item(
                     as_name,
                     reason: reason.to_string(),
                     stage: stage.as_str().to_string(),
-                    attempts,
+                    crashes: st.crashes,
                     time: utc_timestamp(now),
                 };
                 st.failing = Some(f.clone());

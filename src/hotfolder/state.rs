@@ -2,20 +2,21 @@
 //! hash of the item's name (`.hp-state-<hash>.json`, hidden so it is never mistaken for
 //! an input).
 //!
-//! It holds what a crash must not forget: how many attempts were started (so a file that
-//! kills the process is quarantined after `max_attempts` instead of crash-looping the
-//! service), which outputs an attempt is publishing (file name and inode, recorded
+//! It holds what a crash must not forget: how many crashes of the process were blamed on
+//! the item (so a file that kills the process is quarantined after `max_attempts` instead
+//! of crash-looping the service; see [`super::recover`] for who is blamed), which outputs an attempt is publishing (file name and inode, recorded
 //! *before* the rename that makes each visible, so recovery can tell "published" from
 //! "not yet" and never publishes twice), and the name an item is being quarantined
 //! under. Every save is write-temp then rename (atomic); the saves a power cut must not lose
 //! also fsync the file and `work/` (see [`save`]).
 
 use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::vocab::crash;
 
 /// Prefix of state files in `work/`.
 pub const STATE_PREFIX: &str = ".hp-state-";
@@ -36,7 +37,9 @@ pub struct Failing {
     pub as_name: String,
     pub reason: String,
     pub stage: String,
-    pub attempts: u32,
+    /// Crashes blamed on the item (the sidecar's `crashes`).
+    #[serde(alias = "attempts")]
+    pub crashes: u32,
     pub time: String,
 }
 
@@ -44,8 +47,17 @@ pub struct Failing {
 pub struct ItemState {
     /// The item's name in `work/` (lossy for names that are not UTF-8; for people).
     pub name: String,
-    /// Attempts started (counted before each one begins).
-    pub attempts: u32,
+    /// Crashes of hotpipe blamed on this item (a crash record named it alone). Read from
+    /// `attempts` too, the name of an older, coarser count.
+    #[serde(default, alias = "attempts")]
+    pub crashes: u32,
+    /// Named in a crash record: its next attempt runs alone, so that a crash during it
+    /// names this item only.
+    #[serde(default)]
+    pub suspect: bool,
+    /// The last crash blamed on it, for the quarantine reason (`SIGABRT in hp-decode-0`).
+    #[serde(default)]
+    pub last_crash: Option<String>,
     /// Outputs of the current attempt, in publication order.
     #[serde(default)]
     pub outputs: Vec<Output>,
@@ -53,18 +65,10 @@ pub struct ItemState {
     pub failing: Option<Failing>,
 }
 
-fn fnv(bytes: &[u8]) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
-/// The state file of the item called `name` in `work`.
+/// The state file of the item called `name` in `work` (named by the item's crash-record
+/// key, so a record's keys are also state file names).
 pub fn path(work: &Path, name: &OsStr) -> PathBuf {
-    work.join(format!("{STATE_PREFIX}{:016x}.json", fnv(name.as_bytes())))
+    work.join(format!("{STATE_PREFIX}{:016x}.json", crash::key(name)))
 }
 
 /// Read an item's state; `None` when it has none (or it is unreadable: a state file is
@@ -125,7 +129,9 @@ mod tests {
         assert!(load(d.path(), name).unwrap().is_none());
         let st = ItemState {
             name: "a".into(),
-            attempts: 2,
+            crashes: 2,
+            suspect: true,
+            last_crash: Some("SIGABRT in hp-decode-0".into()),
             outputs: vec![Output {
                 file: "a.jpg".into(),
                 ino: 7,

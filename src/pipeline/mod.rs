@@ -205,11 +205,34 @@ impl Pipeline {
 /// Decoded frames are the pipeline's largest buffers (a 2048 px photo is 12 MiB), so the
 /// pool, not the channel, bounds how many exist: one per decoder and fit worker, one for
 /// an EXIF rotation in progress, a few queued for fit, and what the detect stage batches.
-/// A full pool blocks decoders, which is the intended back-pressure.
+/// And it bounds their bytes (`decode.frame_budget_mib`), since the input decides a
+/// frame's size. A full pool blocks decoders, which is the intended back-pressure.
+///
+/// Progress with one item needs only that item's own request: a decoder takes all its
+/// buffers at once and waits holding none, detect and fit only return frames, and the
+/// encode pool below is a separate one. So any budget works, however small; a decode
+/// larger than it fails at once (`OverLimit`) instead of waiting.
 fn frame_pool<W: StageWorker>(cfg: &Config, detectors: &[W]) -> Arc<BufPool> {
     let pl = &cfg.pipeline;
     let held: usize = detectors.iter().map(|d| d.batching().0).sum();
-    BufPool::new(pl.decode_threads + pl.fit_threads + 3 + held)
+    let budget = cfg.decode.frame_budget_bytes;
+    // Debug, not info: the default log stays what it was (events and files); it shows
+    // with HOTPIPE_LOG=info,hotpipe::pipeline=debug.
+    match cfg.decode.frame_budget_from_memory {
+        Some(m) => tracing::debug!(
+            "frame budget {} MiB, derived from the {} MiB this process may use: a quarter, within 256 to 4096 MiB (decode.frame_budget_mib sets it)",
+            budget >> 20,
+            m >> 20
+        ),
+        None => tracing::debug!(
+            "frame budget {} MiB (decode.frame_budget_mib)",
+            budget >> 20
+        ),
+    }
+    BufPool::with_budget(
+        pl.decode_threads + pl.fit_threads + 3 + held,
+        usize::try_from(budget).unwrap_or(usize::MAX),
+    )
 }
 
 /// JPEGs may be decoded at a DCT-reduced scale that still covers the fit; not with a

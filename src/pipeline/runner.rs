@@ -7,7 +7,8 @@
 //! transient rule, [`StageError::is_transient`]), and catches panics: a panic while
 //! processing fails that item (or that batch) with `internal error in <stage>: <message>`,
 //! logged with its backtrace by the panic hook installed here, and the worker goes on with
-//! the next item. A thread that dies anyway (a panic outside `process`) is reported on the
+//! the next item. While a worker processes, its items are *held* ([`crash::hold`]): a
+//! crash of the whole process then names them, and only them. A thread that dies anyway (a panic outside `process`) is reported on the
 //! pipeline's failure channel: a pipeline error, never silence.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
+use crate::vocab::crash;
 use crate::vocab::error::{PipelineError, Stage, StageError};
 use crate::vocab::fault::{self, Fault};
 use crate::vocab::item::Item;
@@ -165,6 +167,8 @@ where
         }
         let t = Timer::start();
         let r = catch_unwind(AssertUnwindSafe(|| {
+            // A crash of the process from here on is laid at these items (vocab::crash).
+            let _held = crash::hold(items.iter().map(|i| i.path.as_path()));
             if let Some(f) = act {
                 f.act(stage.as_str());
             }

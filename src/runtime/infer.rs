@@ -32,6 +32,7 @@ use tch::{Device, Kind, TchError, Tensor};
 use crate::runtime::batcher::{Assembler, Batch};
 use crate::runtime::cuda::{self, Event, Stream};
 use crate::runtime::model::Model;
+use crate::vocab::crash;
 use crate::vocab::error::{Stage, StageError, torch_message};
 use crate::vocab::fault::{self, Fault};
 use crate::vocab::item::Item;
@@ -248,6 +249,7 @@ fn run_sync_worker(model: &Model, parts: WorkerParts) {
         // On the CPU the model reads the slot in place; the result is copied out before
         // the slot is given back.
         let slot = parts.out_ring.acquire();
+        let held = crash::hold(batch_paths(&batch));
         let r = (|| {
             let x = match model.device() {
                 Device::Cpu => host.shallow_clone(),
@@ -263,6 +265,7 @@ fn run_sync_worker(model: &Model, parts: WorkerParts) {
             };
             run_range(&mut ctx, &x, 0, n as i64)
         })();
+        drop(held);
         parts.assembler.release(batch.slot);
         parts
             .reporter
@@ -471,6 +474,7 @@ impl CudaWorker<'_> {
             }
         };
         let out_slot = self.parts.out_ring.acquire();
+        let _held = crash::hold(batch_paths(&batch));
         let result = self.copy_and_run(&host, n, &mut copied, out_slot, fault_key(&batch));
         // Recorded after an error too, so the completion thread's wait always returns.
         let recorded = done.record(&self.compute);
@@ -608,6 +612,11 @@ fn dispatch(batch: Batch<Item>, result: Result<usize, TchError>, parts: &WorkerP
         &parts.encode_tx,
         &parts.reporter,
     )
+}
+
+/// The inputs of a batch's items, for [`crash::hold`].
+fn batch_paths(batch: &Batch<Item>) -> impl Iterator<Item = &Path> + Clone {
+    batch.rows.iter().flatten().map(|i| i.path.as_path())
 }
 
 /// The path fault injection knows a batch by: its first item's.

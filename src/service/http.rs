@@ -40,13 +40,9 @@ pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<SocketAdd
                 let path = req.split_whitespace().nth(1).unwrap_or("/");
                 let (status, ctype, body) = match path {
                     "/metrics" => ("200 OK", "text/plain; version=0.0.4", render(&shared)),
-                    "/healthz" => match shared.health() {
+                    "/healthz" => match shared.status() {
                         Ok(msg) => ("200 OK", "text/plain", format!("ok: {msg}\n")),
-                        Err(msg) => (
-                            "503 Service Unavailable",
-                            "text/plain",
-                            format!("stuck: {msg}\n"),
-                        ),
+                        Err(msg) => ("503 Service Unavailable", "text/plain", format!("{msg}\n")),
                     },
                     _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
                 };
@@ -114,6 +110,13 @@ fn daemon_series(o: &mut String, shared: &Shared) {
         "Items handed to the pipeline and not finished.",
         "gauge",
         shared.in_flight.load(Ordering::Relaxed).max(0) as u64,
+    );
+    single(
+        o,
+        "hotpipe_items_waiting_retry",
+        "Items in work/ waiting for a retry after a transient failure (outbox full or unwritable, device out of memory); /healthz says why.",
+        "gauge",
+        shared.retries().0,
     );
     single(
         o,

@@ -3,9 +3,11 @@
 //! Threads and who owns what:
 //! - the *claimer* (one thread) owns the inbox: it scans (nudged by the watcher, every
 //!   `rescan_s`, and when a pending file may have settled), claims ready files into
-//!   `work/`, decides about each item ([`crate::hotfolder::recover::begin`]: count the
-//!   attempt, or finish, or quarantine) and hands it to the pipeline, blocking while the
-//!   pipeline is full (so `work/` holds only about what is in flight);
+//!   `work/`, decides about each item ([`crate::hotfolder::recover::begin`]: process,
+//!   finish, or quarantine) and hands it to the pipeline, blocking while the pipeline is
+//!   full (so `work/` holds only about what is in flight). Suspects of the last run's
+//!   crash go first, one at a time, each alone in the pipeline (see
+//!   [`crate::hotfolder::recover`] for who is blamed for a crash);
 //! - the pipeline's stages process and publish (the hot folder's sink moves the input to
 //!   `done/` itself, right after its output is durable);
 //! - the *main* thread takes outcomes (quarantine failures, schedule retries of transient
@@ -21,7 +23,6 @@ pub mod http;
 pub mod signals;
 pub mod systemd;
 
-use std::collections::HashSet;
 use std::ffi::OsString;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -34,13 +35,14 @@ use crossbeam_channel::{
 };
 
 use crate::config::{Config, ConfigError, HotfolderConfig};
-use crate::hotfolder::claim::{Claim, Scanner, claim};
-use crate::hotfolder::recover::{self, Begin};
+use crate::hotfolder::claim::{Claim, Scanner, changed_since_read, claim, unclaim};
+use crate::hotfolder::recover::{self, Begin, Recovered};
 use crate::hotfolder::sink::{HotSink, fail_item};
 use crate::hotfolder::{HotfolderError, Layout, RootLock, watch};
 use crate::pipeline::Pipeline;
+use crate::vocab::crash;
 use crate::vocab::error::PipelineError;
-use crate::vocab::item::{Item, Outcome, StartHook};
+use crate::vocab::item::{Item, Outcome};
 use crate::vocab::telemetry::Telemetry;
 use signals::Signal;
 
@@ -79,10 +81,13 @@ pub struct Shared {
     /// The CUDA devices the running pipeline uses: /metrics reports their memory only,
     /// never touching (and creating a context on) a GPU the config does not use.
     cuda_devices: Mutex<Vec<usize>>,
-    /// Items whose attempt has been counted (decoding began) and that have no outcome
-    /// yet: what a stop past the grace period takes back, since a graceful stop is no
-    /// item's fault.
-    counted_items: Mutex<HashSet<OsString>>,
+    /// Items in `work/` waiting for a retry (the claimer's list), and why the last one
+    /// waits: what /healthz and /metrics report (a full disk must not read as idle).
+    retry_waiting: AtomicU64,
+    retry_reason: Mutex<String>,
+    /// Pinged whenever an outcome has been handled: what the claimer waits on while a
+    /// crash suspect runs alone.
+    settled: (Sender<()>, Receiver<()>),
 }
 
 impl Shared {
@@ -98,12 +103,40 @@ impl Shared {
             stuck_s: AtomicU64::new(stuck_s),
             telemetry: Mutex::new(Arc::new(Telemetry::default())),
             cuda_devices: Mutex::new(Vec::new()),
-            counted_items: Mutex::new(HashSet::new()),
+            settled: bounded(1),
+            retry_waiting: AtomicU64::new(0),
+            retry_reason: Mutex::new(String::new()),
         }
     }
 
-    fn counted_items(&self) -> std::sync::MutexGuard<'_, HashSet<OsString>> {
-        self.counted_items.lock().unwrap_or_else(|p| p.into_inner())
+    /// Record why an item is waiting for a retry.
+    fn note_retry(&self, reason: String) {
+        *self.retry_reason.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+
+    /// Items waiting for a retry, and why the last one does.
+    pub fn retries(&self) -> (u64, String) {
+        let n = self.retry_waiting.load(Ordering::Relaxed);
+        let why = self
+            .retry_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        (n, why)
+    }
+
+    /// What /healthz answers: the watchdog's rule ([`Shared::health`]), and also not
+    /// healthy while items wait for a retry (a full disk, an unwritable outbox: the
+    /// service cannot do its work, though restarting it would not help, so the watchdog
+    /// is still fed).
+    pub fn status(&self) -> Result<String, String> {
+        let ok = self.health().map_err(|why| format!("stuck: {why}"))?;
+        match self.retries() {
+            (0, _) => Ok(ok),
+            (n, why) => Err(format!(
+                "waiting: {n} item(s) in work/ wait for a retry; last reason: {why}"
+            )),
+        }
     }
 
     fn touch(&self) {
@@ -190,7 +223,17 @@ impl Session {
             source,
         })?;
         if !recovered.is_empty() {
-            tracing::info!(items = recovered.len(), "resuming items left in work/");
+            tracing::info!(
+                items = recovered.len(),
+                alone = recovered.isolate.len(),
+                "resuming items left in work/"
+            );
+        }
+        match recover::arm_crash_record(&layout) {
+            Ok(record) => crash::record_to(record),
+            Err(e) => {
+                tracing::error!(work = %layout.work.display(), error = %e, "cannot prepare the crash record: a crash in this run cannot be blamed on its file")
+            }
         }
         let (finish_tx, finish_rx) = unbounded::<OsString>();
         let sink = Arc::new(HotSink::new(layout.clone(), hf.on_success, finish_tx));
@@ -223,6 +266,7 @@ impl Session {
             Duration::from_millis(hf.poll_ms),
             nudge_tx,
         )?;
+        let writers = watch.writers();
         let (retry_tx, retry_rx) = unbounded::<Retry>();
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let (ready_tx, ready_rx) = bounded::<()>(1);
@@ -236,7 +280,7 @@ impl Session {
         };
         let handle = std::thread::Builder::new()
             .name("hp-claim".into())
-            .spawn(move || claimer.run(recovered, nudge_rx, retry_rx, finish_rx, ready_tx))
+            .spawn(move || claimer.run(recovered, writers, nudge_rx, retry_rx, finish_rx, ready_tx))
             .map_err(|source| ServiceError::Io {
                 context: "cannot start the claimer thread".into(),
                 source,
@@ -260,30 +304,37 @@ impl Session {
         shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         shared.touch();
         let name = o.item.path.file_name().unwrap_or_default().to_os_string();
-        let counted = shared.counted_items().remove(&name);
+        let _ = shared.settled.0.try_send(());
         match o.result {
             Ok(paths) => {
                 shared.done.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(file = ?o.item.path, output = ?paths.first(), ms = o.item.started.elapsed().as_millis() as u64, "done");
             }
+            Err(e) if changed_since_read(&o.item) => match unclaim(&self.layout, &name) {
+                Ok(()) => {
+                    tracing::info!(file = ?e.path, stage = %e.stage, reason = %e.reason, "the file changed after it was claimed (its writer was not finished); back in the inbox to settle");
+                }
+                Err(err) => {
+                    tracing::warn!(file = ?e.path, error = %err, "the file changed after it was claimed and cannot go back to the inbox; will retry");
+                    let due = Instant::now() + Duration::from_secs(self.hf.retry_s);
+                    let _ = self.retry_tx.send((name, due));
+                }
+            },
             Err(e) if e.transient => {
                 shared.retried.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(file = ?e.path, stage = %e.stage, reason = %e.reason, retry_s = self.hf.retry_s, "transient failure; the file stays in work/ and is retried");
-                // Take the attempt back only if one was counted (decoding began); a read
-                // that failed before it counted nothing.
-                if counted {
-                    recover::uncount(&self.layout, &name);
-                }
+                shared.note_retry(format!("{}: {}", e.stage, e.reason));
                 let due = Instant::now() + Duration::from_secs(self.hf.retry_s);
                 let _ = self.retry_tx.send((name, due));
             }
-            Err(e) => match fail_item(&self.layout, &name, &e.reason, e.stage, o.item.attempts) {
+            Err(e) => match fail_item(&self.layout, &name, &e.reason, e.stage) {
                 Ok(to) => {
                     shared.failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(file = ?e.path, stage = %e.stage, reason = %e.reason, moved_to = ?to, "failed");
                 }
                 Err(err) => {
                     tracing::error!(file = ?e.path, error = %err, "cannot move to failed/; will retry");
+                    shared.note_retry(format!("cannot move to failed/: {err}"));
                     let due = Instant::now() + Duration::from_secs(self.hf.retry_s);
                     let _ = self.retry_tx.send((name, due));
                 }
@@ -352,16 +403,9 @@ impl Claimer {
             self.hf.on_success,
         );
         match begin {
-            Ok(Begin::Process(attempts)) => {
-                let mut item = Item::new(self.next_id, self.layout.work.join(&name));
+            Ok(Begin::Process) => {
+                let item = Item::new(self.next_id, self.layout.work.join(&name));
                 self.next_id += 1;
-                item.attempts = attempts;
-                let (layout, counted) = (self.layout.clone(), name.clone());
-                let shared = Arc::clone(&self.shared);
-                item.on_start = Some(StartHook(Box::new(move || {
-                    recover::count(&layout, &counted);
-                    shared.counted_items().insert(counted);
-                })));
                 self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
                 self.shared.touch();
                 let mut item = Some(item);
@@ -370,7 +414,7 @@ impl Claimer {
                         Ok(()) => return true,
                         Err(SendTimeoutError::Timeout(it)) if !self.stopped() => item = Some(it),
                         Err(_) => {
-                            // Never started (so never counted); the item stays in work/.
+                            // Never handed over; the item stays in work/.
                             self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                             return false;
                         }
@@ -391,27 +435,48 @@ impl Claimer {
             Ok(Begin::Gone) => true,
             Err(e) => {
                 tracing::error!(file = ?name, error = %e, retry_s = self.hf.retry_s, "cannot start an attempt; will retry");
+                self.shared
+                    .note_retry(format!("cannot start an attempt: {e}"));
                 retries.push((name, Instant::now() + Duration::from_secs(self.hf.retry_s)));
                 true
             }
         }
     }
 
+    /// Wait until nothing is in flight (the item just submitted has its outcome). False:
+    /// stop.
+    fn wait_settled(&self) -> bool {
+        while self.shared.in_flight.load(Ordering::Relaxed) > 0 {
+            select! {
+                recv(self.stop_rx) -> _ => return false,
+                recv(self.shared.settled.1) -> _ => {}
+            }
+        }
+        true
+    }
+
     fn run(
         mut self,
-        recovered: Vec<OsString>,
+        recovered: Recovered,
+        writers: Option<watch::Writers>,
         nudge: Receiver<()>,
         retry_rx: Receiver<Retry>,
         finish_rx: Receiver<OsString>,
         ready: Sender<()>,
     ) {
         let mut retries: Vec<Retry> = Vec::new();
-        for name in recovered {
+        // Each suspect of a crash alone, so that a crash now names it; then the rest.
+        for name in recovered.isolate {
+            if !self.submit(name, &mut retries) || !self.wait_settled() {
+                return;
+            }
+        }
+        for name in recovered.resume {
             if !self.submit(name, &mut retries) {
                 return;
             }
         }
-        let mut scanner = Scanner::new(Duration::from_millis(self.hf.settle_ms));
+        let mut scanner = Scanner::new(Duration::from_millis(self.hf.settle_ms), writers);
         let rescan = Duration::from_secs(self.hf.rescan_s);
         let mut scan_now = true;
         let mut next_rescan = Instant::now() + rescan;
@@ -479,6 +544,9 @@ impl Claimer {
             if let Some(t) = retries.iter().map(|r| r.1).min() {
                 wake = wake.min(t);
             }
+            self.shared
+                .retry_waiting
+                .store(retries.len() as u64, Ordering::Relaxed);
             let timeout = wake.saturating_duration_since(Instant::now());
             select! {
                 recv(self.stop_rx) -> _ => return,
@@ -543,26 +611,7 @@ pub fn run(config_path: &Path, signals: Receiver<Signal>) -> Result<(), ServiceE
                 return Err(ServiceError::Pipeline(e));
             },
             recv(signals) -> s => match s {
-                Ok(Signal::Terminate) | Err(_) => {
-                    notifier.send("STOPPING=1\nSTATUS=finishing items in flight");
-                    let grace = Duration::from_secs(session.hf.shutdown_grace_s);
-                    tracing::info!(grace_s = grace.as_secs(), "stopping: no new claims, finishing items in flight");
-                    let session_layout = session.layout.clone();
-                    let drained = session.drain(&shared, Some(Instant::now() + grace))?;
-                    let (done, failed) = (shared.done.load(Ordering::Relaxed), shared.failed.load(Ordering::Relaxed));
-                    if !drained {
-                        // A graceful stop is no item's fault: take back the attempts of the
-                        // items it interrupts, or three stops would quarantine them.
-                        for name in shared.counted_items().drain() {
-                            recover::uncount(&session_layout, &name);
-                        }
-                        let left = shared.in_flight.load(Ordering::Relaxed);
-                        tracing::info!(left_in_work = left, done, failed, "stopped past the grace period: {left} item(s) stay in work/ and are resumed by the next start");
-                        exit_now(0);
-                    }
-                    tracing::info!(drained, done, failed, "stopped");
-                    return Ok(());
-                }
+                Ok(Signal::Terminate) | Err(_) => return stop(session, &shared, &notifier),
                 Ok(Signal::Reload) => session = reload(session, config_path, &shared, &notifier)?,
             },
             recv(tick) -> _ => {
@@ -575,6 +624,51 @@ pub fn run(config_path: &Path, signals: Receiver<Signal>) -> Result<(), ServiceE
             },
         }
     }
+}
+
+/// SIGTERM: stop claiming, finish what is in flight within the grace period, and say
+/// what stays in `work/` for the next start (items cut off by the grace, and any waiting
+/// on a retry). Past the grace the process ends at once: see [`exit_now`].
+fn stop(
+    session: Session,
+    shared: &Shared,
+    notifier: &systemd::Notifier,
+) -> Result<(), ServiceError> {
+    notifier.send("STOPPING=1\nSTATUS=finishing items in flight");
+    let grace = Duration::from_secs(session.hf.shutdown_grace_s);
+    tracing::info!(
+        grace_s = grace.as_secs(),
+        "stopping: no new claims, finishing items in flight"
+    );
+    let layout = session.layout.clone();
+    let drained = session.drain(shared, Some(Instant::now() + grace))?;
+    let (done, failed) = (
+        shared.done.load(Ordering::Relaxed),
+        shared.failed.load(Ordering::Relaxed),
+    );
+    let left = layout.items_in_work().unwrap_or(0);
+    if !drained {
+        tracing::info!(
+            drained,
+            left_in_work = left,
+            done,
+            failed,
+            "stopped past the grace period: {left} item(s) stay in work/ and are resumed by the next start"
+        );
+        exit_now(0);
+    }
+    if left > 0 {
+        tracing::info!(
+            drained,
+            left_in_work = left,
+            done,
+            failed,
+            "stopped: {left} item(s) stay in work/ (waiting for a retry) and are resumed by the next start"
+        );
+    } else {
+        tracing::info!(drained, left_in_work = left, done, failed, "stopped");
+    }
+    Ok(())
 }
 
 /// End the process at once, without exit handlers. Past the grace period pipeline threads

@@ -2,7 +2,11 @@
 //!
 //! Inputs are untrusted: dimensions and the decoder's allocations are bounded by the
 //! `[decode]` limits, checked from the header before any pixel buffer is touched, so a
-//! 50000 x 50000 header costs nothing. EXIF orientation is applied, so a phone photo is
+//! 50000 x 50000 header costs nothing. Every pixel buffer of a decode (the frame, its
+//! EXIF-rotated copy, the decoder's native pixels before conversion to RGB8) comes from
+//! the frame pool in one request, under its byte budget (`decode.frame_budget_mib`): a
+//! decode that could never fit fails at once, one that fits waits for room while
+//! holding no buffer, which is what keeps the waiting free of deadlock (see [`BufPool`]). EXIF orientation is applied, so a phone photo is
 //! upright before it is fitted. Greyscale, CMYK, alpha (composited on white) and 16-bit
 //! inputs are converted to RGB8.
 //!
@@ -33,7 +37,7 @@ use crate::stages::fit::{Rect, source_rect};
 use crate::stages::read::Input;
 use crate::vocab::error::{Stage, StageError};
 use crate::vocab::item::{Frame, Item};
-use crate::vocab::pool::{BufPool, PooledBuf};
+use crate::vocab::pool::{BufPool, OverBudget, PooledBuf};
 use crate::vocab::stage::StageWorker;
 
 /// Progressive JPEGs with more scans than this are refused: each scan re-reads the whole
@@ -90,11 +94,10 @@ impl ScaleTarget {
     }
 }
 
-/// One decode worker's state: limits, codec handles and reusable scratch memory.
+/// One decode worker's state: limits, codec handles and the pool its buffers come from.
 pub struct Decoder {
     cfg: DecodeConfig,
     pool: Arc<BufPool>,
-    scratch: Vec<u8>,
     /// `None` when libjpeg-turbo could not be initialised; JPEGs then go through `image`.
     tj: Option<turbojpeg::Decompressor>,
     target: Option<ScaleTarget>,
@@ -113,7 +116,6 @@ impl Decoder {
         Decoder {
             cfg,
             pool,
-            scratch: Vec::new(),
             tj,
             target: None,
             last_reduction: 1,
@@ -232,7 +234,13 @@ impl Decoder {
         let tj = self.tj.as_mut().expect("checked above");
         tj.set_scaling_factor(factor).map_err(|e| jpeg_error(&e))?;
         let (sw, sh) = (factor.scale(header.width), factor.scale(header.height));
-        let mut out = self.pool.get(sw * sh * 3);
+        let len = sw * sh * 3;
+        let rotated = if orientation == Orientation::NoTransforms {
+            0
+        } else {
+            len
+        };
+        let [mut out, dst, _] = buffers(&self.pool, (sw as u32, sh as u32), len, rotated, 0)?;
         let img = turbojpeg::Image {
             pixels: &mut out[..],
             width: sw,
@@ -243,7 +251,7 @@ impl Decoder {
         tj.decompress(data, img).map_err(|e| jpeg_error(&e))?;
         self.last_reduction = d;
         let (sw, sh) = (sw as u32, sh as u32);
-        let (pixels, fw, fh) = self.apply_orientation(out, sw, sh, orientation);
+        let (pixels, fw, fh) = apply_orientation(out, dst, sw, sh, orientation);
         Ok(Some(Frame {
             pixels,
             width: fw,
@@ -251,21 +259,6 @@ impl Decoder {
             orig_width: uw,
             orig_height: uh,
         }))
-    }
-
-    fn apply_orientation(
-        &self,
-        px: PooledBuf,
-        w: u32,
-        h: u32,
-        o: Orientation,
-    ) -> (PooledBuf, u32, u32) {
-        if o == Orientation::NoTransforms {
-            return (px, w, h);
-        }
-        let mut dst = self.pool.get(px.len());
-        let (nw, nh) = orient(&px, w, h, o, &mut dst);
-        (dst, nw, nh)
     }
 
     /// Everything else through the `image` crate, under `image::Limits`.
@@ -294,17 +287,33 @@ impl Decoder {
         let rgb_len = w as usize * h as usize * 3;
         let orientation = dec.orientation().unwrap_or(Orientation::NoTransforms);
         let color = dec.color_type();
-        let mut out = self.pool.get(rgb_len);
-        if color == ColorType::Rgb8 {
+        let native_len = match color {
+            ColorType::Rgb8 => 0,
+            _ => usize::try_from(dec.total_bytes()).map_err(|_| too_large())?,
+        };
+        let rotate = orientation != Orientation::NoTransforms;
+        // Native pixels of 3 or more bytes each are done with before the rotation, so
+        // their buffer is where the rotated frame goes: one buffer less to fit.
+        let rotate_into_native = rotate && native_len >= rgb_len;
+        let rotated = if rotate && !rotate_into_native {
+            rgb_len
+        } else {
+            0
+        };
+        let [mut out, mut dst, mut native] =
+            buffers(&self.pool, (w, h), rgb_len, rotated, native_len)?;
+        if native_len == 0 {
             dec.read_image(&mut out).map_err(|e| describe(format, e))?;
         } else {
-            let total = usize::try_from(dec.total_bytes()).map_err(|_| too_large())?;
-            self.scratch.resize(total, 0);
-            dec.read_image(&mut self.scratch)
+            dec.read_image(&mut native)
                 .map_err(|e| describe(format, e))?;
-            to_rgb8(color, &self.scratch, &mut out)?;
+            to_rgb8(color, &native, &mut out)?;
+            if rotate_into_native {
+                native.truncate(rgb_len);
+                dst = native;
+            }
         }
-        let (out, w, h) = self.apply_orientation(out, w, h, orientation);
+        let (out, w, h) = apply_orientation(out, dst, w, h, orientation);
         Ok(Frame {
             pixels: out,
             width: w,
@@ -325,10 +334,7 @@ impl StageWorker for Decoder {
         Stage::Decode
     }
 
-    fn process(&mut self, item: &mut Item, input: Input) -> Result<Frame, StageError> {
-        if let Some(hook) = item.on_start.take() {
-            (hook.0)();
-        }
+    fn process(&mut self, _item: &mut Item, input: Input) -> Result<Frame, StageError> {
         let r = self.decode(input.bytes());
         let truncated = input.truncated();
         drop(input);
@@ -358,6 +364,67 @@ fn jpeg_error(e: &turbojpeg::Error) -> StageError {
             format!("invalid JPEG data: {msg}")
         },
     )
+}
+
+/// Every buffer one `w x h` decode needs, from the pool in one request: the RGB8 frame
+/// (`frame` bytes), a copy to rotate it into (`rotated`, 0 for none) and the decoder's
+/// native pixels (`native`, 0 when it writes RGB8 itself). Waits while the budget is
+/// taken by other items; fails at once when the sum can never fit.
+fn buffers(
+    pool: &Arc<BufPool>,
+    (w, h): (u32, u32),
+    frame: usize,
+    rotated: usize,
+    native: usize,
+) -> Result<[PooledBuf; 3], StageError> {
+    pool.try_get_n([frame, rotated, native])
+        .map_err(|e| over_budget(e, (w, h), frame, rotated, native))
+}
+
+/// The frame budget's refusal, phrased for the user: what the decode needed, part by
+/// part, against the budget and the key that sets it.
+fn over_budget(
+    e: OverBudget,
+    (w, h): (u32, u32),
+    frame: usize,
+    rotated: usize,
+    native: usize,
+) -> StageError {
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    let mut parts = format!("a {w} x {h} RGB frame of {:.1} MiB", mib(frame));
+    if rotated > 0 {
+        parts.push_str(&format!(
+            ", a copy for its EXIF rotation of {:.1} MiB",
+            mib(rotated)
+        ));
+    }
+    if native > 0 {
+        parts.push_str(&format!(
+            ", the decoder's own pixels of {:.1} MiB",
+            mib(native)
+        ));
+    }
+    StageError::OverLimit(format!(
+        "decoding needs {:.1} MiB of frame buffers ({parts}), over the frame budget of {:.0} MiB (decode.frame_budget_mib)",
+        mib(e.need),
+        mib(e.budget)
+    ))
+}
+
+/// The upright frame: `px` itself, or `px` rotated into `dst` (which the caller took
+/// with it, of the same length, so no second request is made while holding `px`).
+fn apply_orientation(
+    px: PooledBuf,
+    mut dst: PooledBuf,
+    w: u32,
+    h: u32,
+    o: Orientation,
+) -> (PooledBuf, u32, u32) {
+    if o == Orientation::NoTransforms {
+        return (px, w, h);
+    }
+    let (nw, nh) = orient(&px, w, h, o, &mut dst);
+    (dst, nw, nh)
 }
 
 fn too_large() -> StageError {
@@ -438,7 +505,6 @@ fn describe(format: ImageFormat, e: image::ImageError) -> StageError {
 /// white: transparent product shots and logos are drawn on white far more often than on
 /// black, and a model never sees the checkerboard a viewer would show.
 fn to_rgb8(color: ColorType, src: &[u8], dst: &mut PooledBuf) -> Result<(), StageError> {
-    let px = dst.len() / 3;
     let over_white = |c: u16, a: u16| ((c * a + 255 * (255 - a) + 127) / 255) as u8;
     match color {
         ColorType::L8 => {
@@ -460,24 +526,20 @@ fn to_rgb8(color: ColorType, src: &[u8], dst: &mut PooledBuf) -> Result<(), Stag
             }
         }
         ColorType::L16 | ColorType::La16 | ColorType::Rgb16 | ColorType::Rgba16 => {
-            // Native-endian u16 samples; keep the high byte.
+            // Native-endian u16 samples; keep the high byte. Read in place: a converted
+            // copy would be as large as the native pixels and outside the frame budget.
             let ch = color.channel_count() as usize;
-            let s16: Vec<u16> = src
-                .chunks_exact(2)
-                .map(|b| u16::from_ne_bytes([b[0], b[1]]))
-                .collect();
-            for (i, d) in dst.chunks_exact_mut(3).enumerate().take(px) {
-                let s = &s16[i * ch..i * ch + ch];
+            for (d, s) in dst.chunks_exact_mut(3).zip(src.chunks_exact(2 * ch)) {
+                let hi = |k: usize| u16::from_ne_bytes([s[2 * k], s[2 * k + 1]]) >> 8;
                 let (r, g, b, a) = match ch {
-                    1 => (s[0], s[0], s[0], 65535),
-                    2 => (s[0], s[0], s[0], s[1]),
-                    3 => (s[0], s[1], s[2], 65535),
-                    _ => (s[0], s[1], s[2], s[3]),
+                    1 => (hi(0), hi(0), hi(0), 255),
+                    2 => (hi(0), hi(0), hi(0), hi(1)),
+                    3 => (hi(0), hi(1), hi(2), 255),
+                    _ => (hi(0), hi(1), hi(2), hi(3)),
                 };
-                let a8 = a >> 8;
-                d[0] = over_white(r >> 8, a8);
-                d[1] = over_white(g >> 8, a8);
-                d[2] = over_white(b >> 8, a8);
+                d[0] = over_white(r, a);
+                d[1] = over_white(g, a);
+                d[2] = over_white(b, a);
             }
         }
         other => {
@@ -523,6 +585,8 @@ mod tests {
             max_height: 4096,
             max_alloc_bytes: 256 << 20,
             max_file_bytes: 256 << 20,
+            frame_budget_bytes: 1 << 30,
+            frame_budget_from_memory: None,
         }
     }
 
@@ -597,6 +661,80 @@ mod tests {
             matches!(&e, StageError::OverLimit(m) if m.contains("over the")),
             "{e}"
         );
+    }
+
+    #[test]
+    fn sixteen_bit_samples_keep_the_high_byte() {
+        let mut d = Decoder::new(cfg(), BufPool::new(4));
+        let ne = |v: &[u16]| v.iter().flat_map(|x| x.to_ne_bytes()).collect::<Vec<u8>>();
+        let rgba = ne(&[
+            0xFFFF, 0x0000, 0x8000, 0xFFFF, 0x1234, 0x5678, 0x9ABC, 0x0000,
+        ]);
+        let f = d
+            .decode(&png(2, 1, image::ExtendedColorType::Rgba16, &rgba))
+            .unwrap();
+        assert_eq!(&f.pixels[..], &[255, 0, 128, 255, 255, 255]);
+        let f = d
+            .decode(&png(
+                2,
+                1,
+                image::ExtendedColorType::L16,
+                &ne(&[0x4000, 0xC0FF]),
+            ))
+            .unwrap();
+        assert_eq!(&f.pixels[..], &[64, 64, 64, 192, 192, 192]);
+    }
+
+    #[test]
+    fn a_frame_over_the_budget_fails_before_any_buffer_is_taken() {
+        let pool = BufPool::with_budget(4, 1 << 20);
+        let mut d = Decoder::new(cfg(), Arc::clone(&pool));
+        let big = png(
+            1000,
+            1000,
+            image::ExtendedColorType::Rgb8,
+            &vec![7; 3_000_000],
+        );
+        let Err(e) = d.decode(&big) else {
+            panic!("a 2.9 MiB frame decoded under a 1 MiB budget");
+        };
+        let msg = e.to_string();
+        assert!(matches!(e, StageError::OverLimit(_)), "{e}");
+        for part in [
+            "1000 x 1000",
+            "2.9 MiB",
+            "budget of 1 MiB",
+            "decode.frame_budget_mib",
+        ] {
+            assert!(msg.contains(part), "{part}: {msg}");
+        }
+        assert_eq!(pool.created(), 0);
+        // The frame fits, its EXIF-rotation copy with it does not: refused, naming both.
+        let rotated = with_exif_orientation(&jpeg_rgb(&halves(600, 400), 600, 400), 6);
+        let Err(e) = d.decode(&rotated) else {
+            panic!("1.4 MiB decoded under a 1 MiB budget");
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains("1.4 MiB") && e.contains("rotation of 0.7 MiB"),
+            "{e}"
+        );
+        assert_eq!(pool.created(), 0);
+        // What fits still decodes, and again and again from the same buffers.
+        let small = jpeg_rgb(&halves(300, 200), 300, 200);
+        for _ in 0..5 {
+            assert_eq!(d.decode(&small).unwrap().width, 300);
+        }
+        let grey = png(300, 200, image::ExtendedColorType::L8, &vec![9; 60_000]);
+        for _ in 0..5 {
+            assert_eq!(d.decode(&grey).unwrap().pixels[..3], [9, 9, 9]);
+        }
+        assert_eq!(
+            (pool.created(), pool.released()),
+            (2, 0),
+            "frame + native pixels"
+        );
+        assert_eq!(pool.in_use(), 0);
     }
 
     /// A JPEG of `w x h` RGB pixels, by libjpeg-turbo at quality 95.

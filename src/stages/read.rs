@@ -14,7 +14,7 @@ use std::path::Path;
 use memmap2::Mmap;
 
 use crate::vocab::error::{Stage, StageError};
-use crate::vocab::item::Item;
+use crate::vocab::item::{Item, SourceStat};
 use crate::vocab::stage::StageWorker;
 
 pub mod guard;
@@ -23,6 +23,8 @@ pub mod guard;
 pub struct Input {
     map: Option<Mmap>,
     guard: Option<guard::Registration>,
+    /// The file's size and mtime when it was opened.
+    pub stat: SourceStat,
 }
 
 impl Input {
@@ -59,7 +61,9 @@ impl StageWorker for Reader {
     }
 
     fn process(&mut self, item: &mut Item, _: ()) -> Result<Input, StageError> {
-        read_input(&item.path, self.max_bytes)
+        let input = read_input(&item.path, self.max_bytes)?;
+        item.source = Some(input.stat);
+        Ok(input)
     }
 }
 
@@ -95,10 +99,10 @@ pub fn read_input(path: &Path, max_bytes: u64) -> Result<Input, StageError> {
             max_bytes >> 20
         )));
     }
-    map(&file)
+    map(&file, SourceStat::of(&meta))
 }
 
-fn map(file: &File) -> Result<Input, StageError> {
+fn map(file: &File, stat: SourceStat) -> Result<Input, StageError> {
     // SAFETY: the mapping is read-only and private to this process; the one way another
     // process can invalidate it (truncation) is handled by the SIGBUS guard registered
     // before any byte is read.
@@ -108,6 +112,7 @@ fn map(file: &File) -> Result<Input, StageError> {
     Ok(Input {
         map: Some(map),
         guard: Some(guard),
+        stat,
     })
 }
 

@@ -2,11 +2,11 @@
 //!
 //! An [`Item`] is owned by exactly one stage at a time and only moves forward; each stage
 //! wraps it with what it produced ([`Frame`] after decode). Everything the end of the
-//! pipeline needs to report or publish (name, attempts, sidecar data) rides on the item,
+//! pipeline needs to report or publish (name, sidecar data) rides on the item,
 //! so no stage has to look anything up in another's state.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use crate::vocab::error::ItemError;
 use crate::vocab::pool::PooledBuf;
@@ -29,26 +29,30 @@ pub struct Item {
     pub path: PathBuf,
     /// Output base name: the input's stem, sanitised.
     pub name: String,
-    /// How many times processing this file has been started (durable in the hot folder).
-    pub attempts: u32,
     /// When the item entered the pipeline, for latency.
     pub started: Instant,
     /// What to fit instead of the whole image (the face crop sets it).
     pub region: Option<Region>,
     /// JSON written beside the output as `<name>.json` (the face crop's box and landmarks).
     pub sidecar: Option<serde_json::Value>,
-    /// Called once when decoding starts. The hot folder counts an attempt here rather
-    /// than at claim time: a crash can only be blamed on items that were being worked
-    /// on, not on those still waiting in a queue.
-    pub on_start: Option<StartHook>,
+    /// The input file as the read stage found it: a file that differs from this later
+    /// was changed after its claim (a writer that paused), and its result is not trusted.
+    pub source: Option<SourceStat>,
 }
 
-/// A one-shot callback run by the decode stage before it touches the item's bytes.
-pub struct StartHook(pub Box<dyn FnOnce() + Send>);
+/// Size and modification time of an input file when it was read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SourceStat {
+    pub len: u64,
+    pub mtime: Option<SystemTime>,
+}
 
-impl std::fmt::Debug for StartHook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StartHook")
+impl SourceStat {
+    pub fn of(meta: &std::fs::Metadata) -> SourceStat {
+        SourceStat {
+            len: meta.len(),
+            mtime: meta.modified().ok(),
+        }
     }
 }
 
@@ -62,11 +66,10 @@ impl Item {
             id,
             name: sanitize_name(&stem),
             path,
-            attempts: 1,
             started: Instant::now(),
             region: None,
             sidecar: None,
-            on_start: None,
+            source: None,
         }
     }
 }

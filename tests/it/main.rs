@@ -14,6 +14,7 @@
 
 mod common;
 
+mod budget;
 mod cuda;
 mod facecrop;
 mod hotfolder;

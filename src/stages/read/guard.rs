@@ -6,14 +6,16 @@
 //! up the faulting address; if it lies in a registered mapping it maps anonymous zero
 //! pages over the rest of that mapping (`MAP_FIXED`), flags the mapping and returns, so
 //! the faulting load is retried and reads zeros. A fault anywhere else is not ours: the
-//! default action is restored and the fault repeats, ending the process as it would have.
+//! disposition the guard replaced is restored and the fault repeats under it (the crash
+//! recorder of [`crate::vocab::crash`], installed earlier by the hot folder, then names
+//! the items in flight; without it the default action ends the process).
 //!
 //! Invariants: a registration is removed before its mapping is unmapped (see
 //! `read::Input`'s `Drop`); the handler uses only atomics and `mmap`, both
 //! async-signal-safe.
 
-use std::sync::Once;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Once, OnceLock};
 
 const SLOTS: usize = 1024;
 
@@ -32,6 +34,8 @@ const EMPTY: Entry = Entry {
 
 static TABLE: [Entry; SLOTS] = [EMPTY; SLOTS];
 static INSTALL: Once = Once::new();
+/// The SIGBUS disposition before the guard's, for faults that are not ours.
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
 /// A mapping's entry in the table; removed on drop.
 pub struct Registration {
@@ -92,7 +96,9 @@ fn install() {
         sa.sa_sigaction = handler as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
         libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGBUS, &sa, &mut old);
+        let _ = PREVIOUS.set(old);
     }
 }
 
@@ -125,10 +131,17 @@ extern "C" fn handler(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
             break;
         }
     }
-    // Not one of our mappings: restore the default action; the fault repeats and ends the
-    // process as it would have without us.
-    // SAFETY: signal() is async-signal-safe for SIG_DFL.
+    // Not one of our mappings: restore what was there before us; the fault repeats under
+    // it and ends the process as it would have without us.
+    // SAFETY: sigaction is async-signal-safe; the action is one sigaction gave us, or the
+    // default.
     unsafe {
-        libc::signal(libc::SIGBUS, libc::SIG_DFL);
+        match PREVIOUS.get() {
+            Some(old) => libc::sigaction(libc::SIGBUS, old, std::ptr::null_mut()),
+            None => {
+                libc::signal(libc::SIGBUS, libc::SIG_DFL);
+                0
+            }
+        };
     }
 }

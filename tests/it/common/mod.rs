@@ -112,8 +112,13 @@ pub fn write(path: &Path, text: &str) -> PathBuf {
     path.to_path_buf()
 }
 
+/// The binary under test; `HOTPIPE_TEST_BIN` runs the suite against another build (an
+/// older one, to check that a new test fails without its fix).
 pub fn hotpipe() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_hotpipe"))
+    match std::env::var_os("HOTPIPE_TEST_BIN") {
+        Some(bin) => std::process::Command::new(bin),
+        None => std::process::Command::new(env!("CARGO_BIN_EXE_hotpipe")),
+    }
 }
 
 /// The library's `process::run` on every image in `dir`, into `out`; it must start.
@@ -170,11 +175,13 @@ pub fn process<P: AsRef<Path>>(cfg: &Path, out: &Path, inputs: &[P]) -> Cli {
     r
 }
 
-/// Sorted file names in a folder.
+/// Sorted file names in a folder, but for the hot folder's crash record (`work/.hp-crash`,
+/// always there while a daemon has run: its room is kept preallocated).
 pub fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".hp-crash")
             .collect(),
         Err(_) => Vec::new(),
     };
