@@ -1193,7 +1193,7 @@ fn names_are_escaped_in_the_log() {
 /// Every claimed file ends in `done/` or `failed/` with a reason, whatever its name: a
 /// producer's `x.hotpipe-tmp` is not one of hotpipe's temporary files, and a name too
 /// long for `<name>.error.json` gets a shorter one in `failed/` (both were retried every
-/// `retry_s` forever, an ERROR line each time).
+/// `retry_s` forever, an ERROR line each time). 301 of them, and the daemon is idle after.
 #[test]
 fn odd_names_all_end_in_failed_with_reasons() {
     let d = tempfile::tempdir().unwrap();
@@ -1201,8 +1201,8 @@ fn odd_names_all_end_in_failed_with_reasons() {
     let hf = d.path().join("hf");
     let daemon = Daemon::start(&cfg, &[]);
     daemon.expect_log("hot folder ready", Duration::from_secs(30));
-    let mut names_in: Vec<String> = (0..20).map(|i| format!("n{i}.hotpipe-tmp")).collect();
-    for len in [223, 240, 250, 255] {
+    let mut names_in: Vec<String> = (0..282).map(|i| format!("n{i}.hotpipe-tmp")).collect();
+    for len in (223..=255).step_by(2) {
         let mut n = format!("long{len}-");
         while n.len() + 2 <= len - 4 {
             n.push('é');
@@ -1262,6 +1262,15 @@ fn odd_names_all_end_in_failed_with_reasons() {
         }
     }
     assert!(!daemon.log().contains("ERROR"), "{}", daemon.log());
+    // And then idle: nothing left to retry (300 such files kept it at 1.15 cores, an
+    // ERROR line every retry, for good).
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    std::thread::sleep(Duration::from_secs(1));
+    let (before, t) = (cpu_ticks(daemon.pid()), Instant::now());
+    std::thread::sleep(Duration::from_secs(5));
+    let share =
+        (cpu_ticks(daemon.pid()) - before) as f64 / ticks_per_s / t.elapsed().as_secs_f64();
+    assert!(share < 0.005, "{:.2}% of a core after", share * 100.0);
     assert_eq!(daemon.stop().0, Some(0));
 }
 
