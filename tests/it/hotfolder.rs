@@ -801,28 +801,10 @@ fn service_notify_metrics_and_health() {
     ] {
         assert!(body.contains(needle), "{needle} in\n{body}");
     }
-    // Exposition format: every sample follows its own family's TYPE line, and no family
-    // is declared twice (so no two families' samples are interleaved).
-    let mut typed: Vec<&str> = Vec::new();
+    // The exposition parses with the official client's parsers, in both formats.
     let (_headers, metrics) = body.split_once("\r\n\r\n").expect("an HTTP response");
-    for line in metrics.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let name = rest.split_whitespace().next().unwrap();
-            assert!(!typed.contains(&name), "a second TYPE line for {name}");
-            typed.push(name);
-        } else if !line.starts_with('#') && !line.is_empty() {
-            let name = line.split(['{', ' ']).next().unwrap();
-            let family = ["_bucket", "_sum", "_count"]
-                .iter()
-                .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(f)))
-                .unwrap_or(name);
-            assert_eq!(
-                Some(&family),
-                typed.last(),
-                "`{line}` is not under its own family's TYPE line"
-            );
-        }
-    }
+    crate::metrics::parse(metrics, false);
+    crate::metrics::scrape(&addr, true);
     let (code, body) = http_get(&addr, "/healthz");
     assert_eq!(code, 200, "{body}");
     assert_eq!(http_get(&addr, "/nope").0, 404);
@@ -1103,8 +1085,8 @@ fn panic_in_decode_fails_one_item_and_the_daemon_goes_on() {
     assert_eq!(check_exactly_once(&hf, &inputs), (20, 1));
 }
 
-/// SIGTERM while a slow model holds items in flight, with a grace period of 0, 1 and 10 s
-/// (three times each; the short ones too short for the items): the daemon exits 0, saying
+/// SIGTERM while a slow model holds items in flight and 50 wait, with a grace period of 0,
+/// 1 and 10 s (three times each; the short ones too short for the items): the daemon exits 0, saying
 /// how many items stay in `work/`, and nothing is lost or quarantined. Before, the process died by SIGSEGV: returning from
 /// `main` ran libtorch's static destructors under the still-running inference thread.
 #[test]
@@ -1112,6 +1094,7 @@ fn sigterm_past_the_grace_exits_cleanly() {
     let d = tempfile::tempdir().unwrap();
     slow_model(&d.path().join("slow.pt"));
     let hf = d.path().join("hf");
+    let mut delivered = 0usize;
     for (round, grace) in [0, 1, 10, 0, 1, 10, 0, 1, 10].into_iter().enumerate() {
         let cfg = write(
             &d.path().join("p.toml"),
@@ -1121,10 +1104,19 @@ fn sigterm_past_the_grace_exits_cleanly() {
         );
         let daemon = Daemon::start(&cfg, &[]);
         daemon.expect_log("hot folder ready", Duration::from_secs(30));
-        // Fresh items every round: a 10 s grace may finish all that were left.
-        for i in 0..12 {
-            let n = round * 12 + i;
-            deliver(&hf, &format!("s{n:03}.jpg"), &jpeg_bytes(n as u32));
+        // 50 items waiting at each stop: topped up, since a 10 s grace may finish many.
+        let pending = count(&hf.join("inbox"))
+            + names(&hf.join("work"))
+                .iter()
+                .filter(|n| !n.starts_with('.'))
+                .count();
+        for _ in pending..50 {
+            deliver(
+                &hf,
+                &format!("s{delivered:03}.jpg"),
+                &jpeg_bytes(delivered as u32),
+            );
+            delivered += 1;
         }
         // Items claimed and in the pipeline, the model busy with a batch.
         assert!(
@@ -1145,7 +1137,7 @@ fn sigterm_past_the_grace_exits_cleanly() {
                 .count();
         assert_eq!(
             total,
-            (round + 1) * 12,
+            delivered,
             "nothing lost (round {round}): done {:?}\nwork {:?}\ninbox {:?}\nfailed {:?}\n{log}",
             names(&hf.join("done")),
             names(&hf.join("work")),
@@ -1268,8 +1260,7 @@ fn odd_names_all_end_in_failed_with_reasons() {
     std::thread::sleep(Duration::from_secs(1));
     let (before, t) = (cpu_ticks(daemon.pid()), Instant::now());
     std::thread::sleep(Duration::from_secs(5));
-    let share =
-        (cpu_ticks(daemon.pid()) - before) as f64 / ticks_per_s / t.elapsed().as_secs_f64();
+    let share = (cpu_ticks(daemon.pid()) - before) as f64 / ticks_per_s / t.elapsed().as_secs_f64();
     assert!(share < 0.005, "{:.2}% of a core after", share * 100.0);
     assert_eq!(daemon.stop().0, Some(0));
 }
