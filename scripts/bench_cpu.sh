@@ -35,11 +35,14 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a
 : > "$WORK/hp_enc"; : > "$WORK/pil_enc"
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 for r in $(seq "$RUNS"); do
-  out=$(target/release/hotpipe bench --config "$WORK/cpu.toml" --stages-only --seconds 2 "$WORK/D")
-  echo "$out" | awk '/^read\+decode\+fit \(DCT-scaled JPEG\) +2 /{print $(NF-1)}' >> "$WORK/hp_df"
-  echo "$out" | awk '/^read\+decode\+fit \(DCT-scaled JPEG\) +1 /{print $(NF-1)}' >> "$WORK/hp_df1"
-  echo "$out" | awk '/^read\+decode\+fit \(full decode\) +1 /{print $(NF-1)}' >> "$WORK/hp_df1full"
-  echo "$out" | awk '/^encode /{print $(NF-1)}' >> "$WORK/hp_enc"
+  # The report's stages by key: decode_fit is the one with the config's 2 decode threads.
+  target/release/hotpipe bench --config "$WORK/cpu.toml" --stages-only --seconds 2 --json "$WORK/D" \
+    | "$HOTPIPE_PYTHON" -c 'import json, sys
+j = json.load(sys.stdin)
+for key, file in [("decode_fit", "hp_df"), ("decode_fit_scaled", "hp_df1"),
+                  ("decode_fit_full", "hp_df1full"), ("encode", "hp_enc")]:
+    with open(sys.argv[1] + "/" + file, "a") as f:
+        print("%.1f" % j[key]["images_per_s"], file=f)' "$WORK"
   rm -rf "$WORK/peer_out"
   "$HOTPIPE_PYTHON" "$SHARED/peers.py" "$WORK/m.pt" "$WORK/D" "$WORK/peer_out" cpu decode_only 2 8 512 \
     | sed -n 's/.*images_per_s=\([0-9.]*\).*/\1/p' >> "$WORK/peer_df"

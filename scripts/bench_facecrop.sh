@@ -4,7 +4,7 @@
 # 512 px crops with a 64 px margin), same data, same run, alternating, median of ROUNDS.
 #   scripts/bench_facecrop.sh [N] [ROUNDS] [DEVICE]     (default: 100 3 cpu)
 # HOTPIPE_BASELINE=/path/to/an/older/hotpipe also runs that binary in every round,
-# alternating, for before/after figures of a change.
+# alternating, for before/after figures of a change (a build with `--set` and `--json`).
 # Both figures exclude start-up (loading, warm-up): the peer times its loop after one
 # warm-up image; hotpipe's is its summary's wall time from the first image fed to the
 # last outcome (the script also prints hotpipe's whole-process wall time).
@@ -21,17 +21,28 @@ if [ "$(ls "$WORK/data" 2>/dev/null | wc -l)" != "$N" ]; then
   rm -rf "$WORK/data"
   "$HOTPIPE_PYTHON" "$BENCH/make_data.py" "$BENCH/astronaut.png" "$WORK/data" "$N" 7
 fi
-cfg="$WORK/bench.toml"
-sed "s/^device = \"auto\"/device = \"$DEVICE\"/" pipeline.toml > "$cfg"
-sed -i "s|^weights = \"models/mtcnn\"|weights = \"$PWD/models/mtcnn\"|" "$cfg"
+# The default config as it is, but for the detector's device (its relative weights path
+# is resolved against pipeline.toml's folder, this checkout).
+hp_args=(process --quiet --json --config pipeline.toml --set "face_crop.device=$DEVICE"
+  --out "$WORK/hp_out" "$WORK/data")
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load $(cut -d' ' -f1-3 /proc/loadavg)"
 hp=(); peer=(); hrss=(); prss=(); base=()
+# `process --json`'s summary from stdin (other lines are skipped):
+# "IMAGES_PER_S done D, failed F, S s", or "nan no summary" when there was none.
+hp_summary() {
+  "$HOTPIPE_PYTHON" -c 'import json, sys
+j = next((json.loads(l) for l in sys.stdin if l.startswith("{")), None)
+if j is None:
+    print("nan no summary")
+else:
+    print("%.4f done %d, failed %d, %.2f s" % (j["total"] / max(j["elapsed_s"], 1e-9),
+                                             j["done"], j["failed"], j["elapsed_s"]))'
+}
 # One timed `hotpipe process` run of binary $1: prints images/s.
 hp_rate() {
   rm -rf "$WORK/hp_out"
-  local line
-  line=$(HOTPIPE_LOG=error "$1" process --quiet --config "$cfg" --out "$WORK/hp_out" "$WORK/data" | grep -E '^done ' || true)
-  echo "$line" | awk -v n="$N" '{ for (i = 1; i <= NF; i++) if ($(i+1) == "s,") print n / $i }'
+  # Exit 1 when some photo has no face (on_no_face = "fail"): still a timed run.
+  { HOTPIPE_LOG=error "$1" "${hp_args[@]}" || true; } | hp_summary | cut -d' ' -f1
 }
 for r in $(seq "$ROUNDS"); do
   if [ -n "${HOTPIPE_BASELINE:-}" ]; then
@@ -45,11 +56,11 @@ for r in $(seq "$ROUNDS"); do
   out=$(HOTPIPE_LOG=error "$HOTPIPE_PYTHON" -c "import resource, subprocess, sys
 subprocess.run(sys.argv[1:])
 print('rss_mib=%.0f' % (resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024))" \
-    target/release/hotpipe process --quiet --config "$cfg" --out "$WORK/hp_out" "$WORK/data")
-  line=$(echo "$out" | grep -E '^done ' || true)
-  hrss+=("$(echo "$out" | sed -nE 's/^rss_mib=([0-9]+)/\1/p')")
+    target/release/hotpipe "${hp_args[@]}")
   t1=$(date +%s.%N)
-  rate=$(echo "$line" | awk -v n="$N" '{ for (i = 1; i <= NF; i++) if ($(i+1) == "s,") print n / $i }')
+  summary=$(echo "$out" | hp_summary)
+  rate="${summary%% *}"; line="${summary#* }"
+  hrss+=("$(echo "$out" | sed -nE 's/^rss_mib=([0-9]+)/\1/p')")
   hp+=("$rate")
   echo "round $r hotpipe: $line; images/s $rate; peak RSS ${hrss[-1]} MiB; process wall $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s"
   if [ "$PEER_OK" = 1 ]; then

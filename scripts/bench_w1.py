@@ -40,7 +40,8 @@ quality = 90
 
 peers = ["model_only", "naive", "seed", "dataloader", "decode_only"]
 # HOTPIPE_BASELINE=/path/to/an/older/hotpipe runs that binary too, alternating with this
-# one in every round (before/after figures for a change, same data, same run).
+# one in every round (before/after figures for a change, same data, same run); it must
+# have `process --json`.
 baseline = os.environ.get("HOTPIPE_BASELINE")
 ours = ["hotpipe"] + (["baseline"] if baseline else [])
 if device.startswith("cuda"):
@@ -72,11 +73,12 @@ for r in range(rounds):
                 "print('rss_mib=%.0f'%(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024));"
                 "sys.exit(p.returncode if p.returncode!=1 else 0)"),
                 baseline if who == "baseline" else hotpipe,
-                "process", "--quiet", "--config", cfg, "--out", out_dir, data]
+                "process", "--quiet", "--json", "--config", cfg, "--out", out_dir, data]
             out, wall, _ = run(cmd)
-            m = re.search(r"done (\d+), failed (\d+), ([\d.]+) s, ([\d.]+) images/s", out)
+            # The wrapper prints hotpipe's stdout (one JSON object) and then its own line.
+            summary = next(json.loads(line) for line in out.splitlines() if line.startswith("{"))
             rss = float(re.search(r"rss_mib=(\d+)", out).group(1))
-            ips = float(m.group(4))
+            ips = float(summary["images_per_s"])
         else:
             cmd = [py, "-c", (
                 "import resource,subprocess,sys;"

@@ -17,6 +17,9 @@
 //! The stage with the lowest rate alone bounds the pipeline; on a CPU-only machine the
 //! stages also share the cores, so the report gives that ceiling as well (the per-image
 //! CPU time of all stages together, over the core count).
+//!
+//! The report is a table for a person ([`BenchReport`]'s `Display`) or one JSON object
+//! for a script ([`BenchReport::to_json`]), each stage under its own key.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -85,6 +88,17 @@ impl Rate {
     pub fn ms_per_image(&self) -> f64 {
         self.elapsed.as_secs_f64() * 1e3 * self.threads as f64 / self.images.max(1) as f64
     }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "threads": self.threads,
+            "images": self.images,
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "images_per_s": self.images_per_s(),
+            "ms_per_image_per_thread": self.ms_per_image(),
+        })
+    }
 }
 
 /// Everything `hotpipe bench` measured.
@@ -92,6 +106,9 @@ impl Rate {
 pub struct BenchReport {
     pub images: usize,
     pub cores: usize,
+    /// The model file (`None` without `[model]`) and the devices it is configured on.
+    pub model: Option<PathBuf>,
+    pub devices: Vec<String>,
     /// Images per DCT reduction (index 0: full decode, 1: 1/2, 2: 1/4, 3: 1/8).
     pub reductions: [usize; 4],
     pub decode_fit_full: Rate,
@@ -127,6 +144,44 @@ impl BenchReport {
             ms += i.ms_per_image();
         }
         self.cores as f64 * 1e3 / ms.max(1e-9)
+    }
+}
+
+impl BenchReport {
+    fn infer_on_cpu(&self) -> bool {
+        self.infer.as_ref().is_some_and(|r| r.name.contains("cpu"))
+    }
+
+    /// What `bench --json` prints: each measured stage under its own key (`null` when it
+    /// did not run), the bound and the figures the text derives from them.
+    pub fn to_json(&self) -> serde_json::Value {
+        let [full, half, quarter, eighth] = self.reductions;
+        let bound = self.bound();
+        let detect = self.detect.as_ref().map(|(r, on_cpu)| {
+            let mut j = r.to_json();
+            j["on_cpu"] = (*on_cpu).into();
+            j
+        });
+        serde_json::json!({
+            "images": self.images,
+            "cores": self.cores,
+            "model": self.model.as_ref().map(|p| p.to_string_lossy()),
+            "devices": self.devices,
+            "jpeg_reductions": { "full": full, "half": half, "quarter": quarter, "eighth": eighth },
+            "decode_fit_full": self.decode_fit_full.to_json(),
+            "decode_fit_scaled": self.decode_fit_scaled.to_json(),
+            "decode_fit": self.decode_fit.to_json(),
+            "detect": detect,
+            "infer": self.infer.as_ref().map(Rate::to_json),
+            "encode": self.encode.to_json(),
+            "pipeline": self.pipeline.as_ref().map(Rate::to_json),
+            "dct_speedup": self.decode_fit_scaled.images_per_s()
+                / self.decode_fit_full.images_per_s().max(1e-9),
+            "bound": { "name": bound.name, "images_per_s": bound.images_per_s() },
+            "cpu_ceiling_images_per_s": self.cpu_ceiling(self.infer_on_cpu()),
+            "pipeline_fraction_of_bound": self.pipeline.as_ref()
+                .map(|p| p.images_per_s() / bound.images_per_s().max(1e-9)),
+        })
     }
 }
 
@@ -184,7 +239,7 @@ impl fmt::Display for BenchReport {
             b.name,
             b.images_per_s(),
             self.cores,
-            self.cpu_ceiling(self.infer.as_ref().is_some_and(|r| r.name.contains("cpu")))
+            self.cpu_ceiling(self.infer_on_cpu())
         )?;
         if let Some(p) = &self.pipeline {
             writeln!(
@@ -261,6 +316,10 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
     Ok(BenchReport {
         images: files.len(),
         cores: crate::config::available_cores(),
+        model: cfg.model.as_ref().map(|m| m.path.clone()),
+        devices: (cfg.model.iter())
+            .flat_map(|m| m.devices.iter().map(ToString::to_string))
+            .collect(),
         reductions: sample.reductions,
         decode_fit_full,
         decode_fit_scaled,

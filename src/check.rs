@@ -1,69 +1,127 @@
 //! `hotpipe check`: validate the config, load the model on its device(s), run one dummy
 //! batch of the configured size, and describe what was found. It is what an operator runs
 //! after editing `pipeline.toml`, before restarting the service.
+//!
+//! The findings are a [`CheckReport`]: text for a person (`Display`) or one JSON object
+//! for a script ([`CheckReport::to_json`]).
 
-use std::fmt::Write as _;
+use std::fmt;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::Config;
+use crate::config::{Config, DeviceChoice, Filter, FitMode, Format};
+use crate::process::{device_name, precision_name};
 use crate::runtime::plan::RuntimePlan;
 use crate::vocab::device::cuda_device_count;
 use crate::vocab::error::{PipelineError, torch_message};
 
-pub fn check(cfg: &Config) -> Result<String, PipelineError> {
+/// What `check` found.
+#[derive(Debug, Clone)]
+pub struct CheckReport {
+    /// The config file.
+    pub config: String,
+    pub cuda_devices: usize,
+    /// The model's input, `(width, height)`, with the fit mode and filter.
+    pub input: (u32, u32),
+    pub fit: FitMode,
+    pub filter: Filter,
+    pub format: Format,
+    pub quality: u8,
+    pub face_crop: Option<FaceCropFound>,
+    /// `None` without `[model]`.
+    pub model: Option<ModelFound>,
+}
+
+/// `[face_crop]` as it will run.
+#[derive(Debug, Clone)]
+pub struct FaceCropFound {
+    pub weights: PathBuf,
+    pub device: DeviceChoice,
+    pub detect_workers: usize,
+    pub detect_size: u32,
+    pub refine_size: u32,
+    pub min_face: u32,
+}
+
+/// The model and its dummy batch on each distinct device.
+#[derive(Debug, Clone)]
+pub struct ModelFound {
+    pub path: PathBuf,
+    pub batch: usize,
+    pub devices: Vec<DeviceRun>,
+}
+
+/// One device's dummy batch.
+#[derive(Debug, Clone)]
+pub struct DeviceRun {
+    pub device: Device,
+    pub precision: Kind,
+    /// `(height, width)` of the model's output.
+    pub output_hw: (i64, i64),
+    pub output_shape: Vec<i64>,
+    pub dummy_ms: f64,
+}
+
+/// A config enum's name as the file spells it: `CatmullRom` is `catmull-rom`.
+fn config_name(v: impl fmt::Debug) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "config: {} (valid)", cfg.source);
-    let _ = writeln!(out, "cuda devices: {}", cuda_device_count());
-    let p = &cfg.preprocess;
-    let _ = writeln!(
-        out,
-        "input: {} x {} ({:?} fit, {:?} filter)",
-        p.width, p.height, p.fit, p.filter
-    );
-    let _ = writeln!(
-        out,
-        "encode: {:?}, quality {}",
-        cfg.encode.format, cfg.encode.quality
-    );
-    if let Some(fc) = &cfg.face_crop {
-        let fine = if fc.refine_size > fc.detect_size {
-            format!(
-                "then around each face on the photo (at most {} px)",
-                fc.refine_size
-            )
-        } else {
-            "fine pass off".to_string()
-        };
-        let _ = writeln!(
-            out,
-            "face crop: weights {} on {}, {} detect workers; faces searched on a {} px copy, {fine}; smallest face found: {} px or {:.1}% of the photo's longer side, whichever is larger",
-            fc.weights.display(),
-            fc.device,
-            cfg.pipeline.detect_threads,
-            fc.detect_size,
-            fc.min_face,
-            1200.0 / fc.detect_size as f64,
-        );
-        crate::facecrop::workers(cfg)?;
+    for (i, c) in format!("{v:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('-');
+        }
+        out.push(c.to_ascii_lowercase());
     }
-    let Some(m) = &cfg.model else {
-        let _ = writeln!(out, "model: none (fitted images are encoded as they are)");
-        return Ok(out);
+    out
+}
+
+pub fn check(cfg: &Config) -> Result<CheckReport, PipelineError> {
+    let p = &cfg.preprocess;
+    let face_crop = match &cfg.face_crop {
+        Some(fc) => {
+            crate::facecrop::workers(cfg)?;
+            Some(FaceCropFound {
+                weights: fc.weights.clone(),
+                device: fc.device,
+                detect_workers: cfg.pipeline.detect_threads,
+                detect_size: fc.detect_size,
+                refine_size: fc.refine_size,
+                min_face: fc.min_face,
+            })
+        }
+        None => None,
     };
-    // The plan the pipeline would run: the same model copies and the same batch size
-    // (`max_batch = "auto"` included) as `process`, `run` and `bench`.
+    Ok(CheckReport {
+        config: cfg.source.clone(),
+        cuda_devices: cuda_device_count(),
+        input: (p.width, p.height),
+        fit: p.fit,
+        filter: p.filter,
+        format: cfg.encode.format,
+        quality: cfg.encode.quality,
+        face_crop,
+        model: check_model(cfg)?,
+    })
+}
+
+/// The plan the pipeline would run: the same model copies and the same batch size
+/// (`max_batch = "auto"` included) as `process`, `run` and `bench`, one dummy batch on
+/// each distinct device.
+fn check_model(cfg: &Config) -> Result<Option<ModelFound>, PipelineError> {
+    let Some(m) = &cfg.model else {
+        return Ok(None);
+    };
+    let p = &cfg.preprocess;
     let plan = RuntimePlan::load(cfg)?;
     let batch = plan.max_batch;
-    let mut shown = Vec::new();
+    let mut devices: Vec<DeviceRun> = Vec::new();
     for model in &plan.models {
         // CPU workers are copies of one model on one device: describe it once.
         let dev = model.device();
-        if shown.contains(&dev) {
+        if devices.iter().any(|d| d.device == dev) {
             continue;
         }
-        shown.push(dev);
         let _no_grad = tch::no_grad_guard();
         let x = Tensor::zeros(
             [batch as i64, p.height as i64, p.width as i64, 3],
@@ -77,25 +135,124 @@ pub fn check(cfg: &Config) -> Result<String, PipelineError> {
         if let Device::Cuda(i) = dev {
             tch::Cuda::synchronize(i as i64);
         }
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        let (oh, ow) = model.output_hw();
-        let d = match dev {
-            Device::Cuda(i) => format!("cuda:{i}"),
-            _ => "cpu".to_string(),
-        };
-        let _ = writeln!(out, "model: {}", m.path.display());
-        let _ = writeln!(out, "  device: {d}, precision {:?}", model.kind());
-        let _ = writeln!(
-            out,
-            "  input:  N x 3 x {} x {} float in [0, 1]",
-            p.height, p.width
-        );
-        let _ = writeln!(out, "  output: N x 3 x {oh} x {ow}");
-        let _ = writeln!(
-            out,
-            "  batch: {batch} (dummy batch ran in {ms:.1} ms, output {:?})",
-            y.size()
-        );
+        devices.push(DeviceRun {
+            device: dev,
+            precision: model.kind(),
+            output_hw: model.output_hw(),
+            output_shape: y.size(),
+            dummy_ms: t.elapsed().as_secs_f64() * 1e3,
+        });
     }
-    Ok(out)
+    Ok(Some(ModelFound {
+        path: m.path.clone(),
+        batch,
+        devices,
+    }))
+}
+
+impl CheckReport {
+    /// What `check --json` prints: every figure of the text, names as the config spells
+    /// them.
+    pub fn to_json(&self) -> serde_json::Value {
+        let face_crop = self.face_crop.as_ref().map(|fc| {
+            serde_json::json!({
+                "weights": fc.weights.to_string_lossy(),
+                "device": fc.device.to_string(),
+                "detect_workers": fc.detect_workers,
+                "detect_size": fc.detect_size,
+                "refine_size": fc.refine_size,
+                "min_face": fc.min_face,
+            })
+        });
+        let model = self.model.as_ref().map(|m| {
+            let devices: Vec<_> = (m.devices.iter())
+                .map(|d| {
+                    serde_json::json!({
+                        "device": device_name(d.device),
+                        "precision": precision_name(d.precision),
+                        "output_hw": [d.output_hw.0, d.output_hw.1],
+                        "output_shape": d.output_shape,
+                        "dummy_batch_ms": d.dummy_ms,
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "path": m.path.to_string_lossy(),
+                "batch": m.batch,
+                "devices": devices,
+            })
+        });
+        serde_json::json!({
+            "config": self.config,
+            "valid": true,
+            "cuda_devices": self.cuda_devices,
+            "input": {
+                "width": self.input.0,
+                "height": self.input.1,
+                "fit": config_name(self.fit),
+                "filter": config_name(self.filter),
+            },
+            "encode": { "format": config_name(self.format), "quality": self.quality },
+            "face_crop": face_crop,
+            "model": model,
+        })
+    }
+}
+
+impl fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "config: {} (valid)", self.config)?;
+        writeln!(f, "cuda devices: {}", self.cuda_devices)?;
+        writeln!(
+            f,
+            "input: {} x {} ({:?} fit, {:?} filter)",
+            self.input.0, self.input.1, self.fit, self.filter
+        )?;
+        writeln!(f, "encode: {:?}, quality {}", self.format, self.quality)?;
+        if let Some(fc) = &self.face_crop {
+            let fine = if fc.refine_size > fc.detect_size {
+                format!(
+                    "then around each face on the photo (at most {} px)",
+                    fc.refine_size
+                )
+            } else {
+                "fine pass off".to_string()
+            };
+            writeln!(
+                f,
+                "face crop: weights {} on {}, {} detect workers; faces searched on a {} px copy, {fine}; smallest face found: {} px or {:.1}% of the photo's longer side, whichever is larger",
+                fc.weights.display(),
+                fc.device,
+                fc.detect_workers,
+                fc.detect_size,
+                fc.min_face,
+                1200.0 / fc.detect_size as f64,
+            )?;
+        }
+        let Some(m) = &self.model else {
+            return writeln!(f, "model: none (fitted images are encoded as they are)");
+        };
+        for d in &m.devices {
+            let (oh, ow) = d.output_hw;
+            writeln!(f, "model: {}", m.path.display())?;
+            writeln!(
+                f,
+                "  device: {}, precision {:?}",
+                device_name(d.device),
+                d.precision
+            )?;
+            writeln!(
+                f,
+                "  input:  N x 3 x {} x {} float in [0, 1]",
+                self.input.1, self.input.0
+            )?;
+            writeln!(f, "  output: N x 3 x {oh} x {ow}")?;
+            writeln!(
+                f,
+                "  batch: {} (dummy batch ran in {:.1} ms, output {:?})",
+                m.batch, d.dummy_ms, d.output_shape
+            )?;
+        }
+        Ok(())
+    }
 }

@@ -1,32 +1,80 @@
-//! The `hotpipe` binary: parses the command line, sets up logging, calls the library.
-//! `anyhow` lives here and nowhere else.
+//! The `hotpipe` binary: parses the command line, finds and reads the config, sets up
+//! logging, calls the library, and turns the outcome into an exit status. `anyhow`
+//! lives here and nowhere else.
+//!
+//! The exit status tells a supervisor what kind of failure it was: 78 (`EX_CONFIG`) for
+//! a config that cannot be found, read or validated, which a restart cannot fix (the
+//! systemd unit's `RestartPreventExitStatus=78`); 2 for a usage error (clap's own); 1 for
+//! anything else.
 
+use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use hotpipe::config::Config;
+use hotpipe::config::{CONFIG_ENV, ConfigError, ConfigSource, NamedBy, Override};
+use hotpipe::service::ServiceError;
+
+/// `EX_CONFIG` from sysexits.h.
+const EXIT_CONFIG: u8 = 78;
+/// Any failure that is neither a config nor a usage error.
+const EXIT_FAILURE: u8 = 1;
+
+const AFTER_HELP: &str = "\
+Config lookup, in order (a file named by 1 or 2 must exist; of 3 and 4, the first that does):
+  1. -c/--config FILE
+  2. $HOTPIPE_CONFIG
+  3. ./pipeline.toml
+  4. /etc/hotpipe/pipeline.toml
+Relative paths inside the file are resolved against the file's folder.
+--set SECTION.KEY=VALUE (process, check, bench; repeatable, the last of a key wins)
+changes one key after the file is read and before it is validated: VALUE is a TOML
+value (85, true, [640, 480], \"text\") or, when it is not one, the string it spells
+(cuda:1, /srv/in).
+
+Exit status:
+  0   success
+  1   failure: a model or device that does not work, an input that failed (process)
+  2   usage error: an unknown option, a missing argument, a malformed --set
+  78  config error: no config found, unreadable, not TOML, a key unknown or invalid
+      (EX_CONFIG: systemd's RestartPreventExitStatus=78 stops restarting it)";
 
 #[derive(Parser)]
 #[command(
     name = "hotpipe",
     version,
-    about = "A folder in, a GPU image model, a folder out."
+    about = "A folder in, a GPU image model, a folder out.",
+    after_help = AFTER_HELP
 )]
 struct Cli {
+    /// The config file [default: $HOTPIPE_CONFIG, else ./pipeline.toml, else
+    /// /etc/hotpipe/pipeline.toml]
+    #[arg(short = 'c', long, global = true, env = CONFIG_ENV, value_name = "FILE")]
+    config: Option<OsString>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The options of every verb that reads the config once.
+#[derive(Args)]
+struct ConfigArgs {
+    /// Override one config key, validated like the file (repeatable), e.g.
+    /// --set encode.quality=85 --set model.device=cuda:1
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<Override>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the pipeline once over files and folders, writing results into --out.
+    #[command(after_help = AFTER_HELP)]
     Process {
-        #[arg(long, default_value = "pipeline.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        cfg: ConfigArgs,
         /// Output folder (created if missing); existing files are never replaced.
         #[arg(long)]
         out: PathBuf,
@@ -36,30 +84,42 @@ enum Command {
         /// No progress bar or progress lines.
         #[arg(long)]
         quiet: bool,
+        /// Print the summary as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Measure each stage alone on a folder's images, then the whole pipeline, and say
     /// which stage bounds it.
+    #[command(after_help = AFTER_HELP)]
     Bench {
-        #[arg(long, default_value = "pipeline.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        cfg: ConfigArgs,
         /// Seconds to run each stage (at least one pass over the folder).
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
         /// Measure the stages only, not the whole pipeline.
         #[arg(long)]
         stages_only: bool,
+        /// Print the report as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
         folder: PathBuf,
     },
     /// Run the hot-folder daemon on the config's [hotfolder] root until SIGTERM/SIGINT
     /// (SIGHUP reloads the config).
+    #[command(after_help = AFTER_HELP)]
     Run {
-        #[arg(long, default_value = "pipeline.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        cfg: ConfigArgs,
     },
     /// Validate the config, load the model, run one dummy batch and describe it.
+    #[command(after_help = AFTER_HELP)]
     Check {
-        #[arg(long, default_value = "pipeline.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Print the findings as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -89,77 +149,123 @@ fn init_logging() {
         .init();
 }
 
+/// The parsed command line and what named the config file, if anything did (clap has
+/// merged `--config` and `HOTPIPE_CONFIG`; the source is kept for the error message when
+/// the file is not there). Usage errors exit here, with clap's status 2.
+fn parse_cli() -> (Cli, Option<(PathBuf, NamedBy)>) {
+    let matches = Cli::command().get_matches();
+    let named_by = match matches.value_source("config") {
+        Some(ValueSource::EnvVariable) => NamedBy::Env,
+        _ => NamedBy::Flag,
+    };
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let named = match cli.config.clone() {
+        // `HOTPIPE_CONFIG=` (set but empty, as an `Environment=` line left blank) means
+        // unset, as for most variables; an empty `--config ""` is a path that is not there.
+        Some(p) if p.is_empty() && named_by == NamedBy::Env => None,
+        Some(p) => Some((PathBuf::from(p), named_by)),
+        None => None,
+    };
+    (cli, named)
+}
+
 fn main() -> ExitCode {
+    let (cli, named) = parse_cli();
     init_logging();
-    match real_main() {
+    match real_main(cli.command, named) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(exit_status(&e))
         }
     }
 }
 
-fn real_main() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
-    match cli.command {
+/// 78 when the error, or one it wraps, says the config is wrong; 1 otherwise.
+fn exit_status(e: &anyhow::Error) -> u8 {
+    let config = e.chain().any(|c| {
+        c.is::<ConfigError>()
+            || matches!(
+                c.downcast_ref::<ServiceError>(),
+                Some(ServiceError::Config(_) | ServiceError::NoHotfolder(_))
+            )
+    });
+    if config { EXIT_CONFIG } else { EXIT_FAILURE }
+}
+
+fn real_main(command: Command, named: Option<(PathBuf, NamedBy)>) -> anyhow::Result<ExitCode> {
+    let source = |args: ConfigArgs| -> Result<ConfigSource, ConfigError> {
+        Ok(ConfigSource {
+            path: hotpipe::config::locate(named.clone())?,
+            overrides: args.set,
+        })
+    };
+    match command {
         Command::Process {
-            config,
+            cfg,
             out,
             inputs,
             quiet,
-        } => {
-            let cfg = Config::load(&config)?;
-            let inputs = hotpipe::process::collect_inputs(&inputs).map_err(anyhow::Error::msg)?;
-            let opts = hotpipe::process::RunOptions { progress: !quiet };
-            let s = hotpipe::process::run(&cfg, inputs, &out, opts)
-                .context("pipeline failed to start")?;
-            tracing::info!("stage telemetry\n{}", s.report);
-            println!(
-                "done {}, failed {}, {:.2} s, {:.1} images/s",
-                s.done,
-                s.failed.len(),
-                s.elapsed.as_secs_f64(),
-                s.images_per_s()
-            );
-            println!(
-                "runtime: {} on {:?}, batch {}",
-                s.info.model, s.info.devices, s.info.max_batch
-            );
-            for f in &s.failed {
-                println!("failed: {}: {}: {}", f.path.display(), f.stage, f.reason);
-            }
-            Ok(if s.failed.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
-        }
+            json,
+        } => process(source(cfg)?, &out, &inputs, quiet, json),
         Command::Bench {
-            config,
+            cfg,
             seconds,
             stages_only,
+            json,
             folder,
         } => {
-            let cfg = Config::load(&config)?;
+            let cfg = source(cfg)?.load()?;
             let opts = hotpipe::bench::BenchOptions {
                 min_time: std::time::Duration::from_secs_f64(seconds.max(0.0)),
                 pipeline: !stages_only,
             };
-            print!("{}", hotpipe::bench::run(&cfg, &folder, &opts)?);
+            let report = hotpipe::bench::run(&cfg, &folder, &opts)?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{report}");
+            }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { config } => {
+        Command::Run { cfg } => {
             // Before any thread exists: the signal mask is inherited by every thread.
             let signals = hotpipe::service::signals::install().context("cannot set up signals")?;
-            hotpipe::service::run(&config, signals)?;
+            hotpipe::service::run(&source(cfg)?, signals)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { config } => {
-            let cfg = Config::load(&config)?;
-            let report = hotpipe::check::check(&cfg)?;
-            print!("{report}");
+        Command::Check { cfg, json } => {
+            let report = hotpipe::check::check(&source(cfg)?.load()?)?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{report}");
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn process(
+    source: ConfigSource,
+    out: &std::path::Path,
+    inputs: &[PathBuf],
+    quiet: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let cfg = source.load()?;
+    let inputs = hotpipe::process::collect_inputs(inputs).map_err(anyhow::Error::msg)?;
+    let opts = hotpipe::process::RunOptions { progress: !quiet };
+    let s = hotpipe::process::run(&cfg, inputs, out, opts).context("pipeline failed to start")?;
+    tracing::info!("stage telemetry\n{}", s.report);
+    if json {
+        println!("{}", s.to_json());
+    } else {
+        print!("{s}");
+    }
+    Ok(if s.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILURE)
+    })
 }

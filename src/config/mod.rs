@@ -12,6 +12,11 @@
 //! share (error lines, range and choice checks, device names). This module keeps the top
 //! level: reading the file, calling each section in file order, and the rules that need
 //! more than one section.
+//!
+//! Where the file is ([`locate`]: `--config`, `HOTPIPE_CONFIG`, `./pipeline.toml`,
+//! `/etc/hotpipe/pipeline.toml`) and the command line's `--set` overrides ([`Override`],
+//! spliced into the parsed file before validation, see `parse`) are decided here too, so
+//! every verb finds and reads its config the same way.
 
 use std::path::{Path, PathBuf};
 
@@ -36,15 +41,42 @@ pub use face_crop::{
 pub use hotfolder::{HotfolderConfig, OnSuccess, WatcherKind};
 pub use metrics::MetricsConfig;
 pub use model::{BatchSize, ModelConfig, Precision};
-pub use parse::available_cores;
+pub use parse::{Override, OverrideSyntax, available_cores};
 pub use pipeline::PipelineConfig;
 pub use preprocess::{Filter, FitMode, PreprocessConfig};
 
-use parse::{Ctx, describe_toml_error};
+use parse::{Ctx, apply_overrides, describe_toml_error};
 
-/// A config that could not be read or is not valid.
+/// The environment variable naming the config file when `--config` does not.
+pub const CONFIG_ENV: &str = "HOTPIPE_CONFIG";
+
+/// Where the config is looked for when neither `--config` nor [`CONFIG_ENV`] names one,
+/// in order: the working directory (a checkout, a test), then the installed service's.
+pub const DEFAULT_CONFIG_PATHS: [&str; 2] = ["pipeline.toml", "/etc/hotpipe/pipeline.toml"];
+
+/// What named the config file, for the message when it is not there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NamedBy {
+    Flag,
+    Env,
+}
+
+impl std::fmt::Display for NamedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NamedBy::Flag => f.write_str("--config"),
+            NamedBy::Env => write!(f, "${CONFIG_ENV}"),
+        }
+    }
+}
+
+/// A config that could not be found, read, or is not valid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("no config file found; looked at: {}", .looked.join(", "))]
+    NotFound { looked: Vec<String> },
+    #[error("config {path} (named by {named_by}) does not exist")]
+    Missing { path: PathBuf, named_by: NamedBy },
     #[error("cannot read config {path}: {source}")]
     Read {
         path: PathBuf,
@@ -59,6 +91,66 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+    /// A `--set` that does not apply: `message` names the key.
+    #[error("--set {arg}: {message}")]
+    Set { arg: String, message: String },
+}
+
+/// The config file to read: the one named (by `--config` or [`CONFIG_ENV`]) when there is
+/// one, which must then exist (falling back from a path an operator named would run some
+/// other config); else the first of [`DEFAULT_CONFIG_PATHS`] that exists.
+pub fn locate(named: Option<(PathBuf, NamedBy)>) -> Result<PathBuf, ConfigError> {
+    let defaults = DEFAULT_CONFIG_PATHS.map(PathBuf::from);
+    locate_in(named, &defaults)
+}
+
+fn locate_in(
+    named: Option<(PathBuf, NamedBy)>,
+    defaults: &[PathBuf],
+) -> Result<PathBuf, ConfigError> {
+    if let Some((path, named_by)) = named {
+        return match path.try_exists() {
+            Ok(false) => Err(ConfigError::Missing { path, named_by }),
+            // Unreadable or there: the read reports what is wrong with it.
+            _ => Ok(path),
+        };
+    }
+    // One that exists but cannot be read is taken (and its read error reported), not
+    // skipped for the next: that would silently run another config.
+    if let Some(p) = defaults
+        .iter()
+        .find(|p| !matches!(p.try_exists(), Ok(false)))
+    {
+        return Ok(p.clone());
+    }
+    let mut looked = vec![
+        "--config (not given)".to_string(),
+        format!("${CONFIG_ENV} (not set)"),
+    ];
+    let cwd = std::env::current_dir().map_or_else(|_| "?".into(), |d| d.display().to_string());
+    looked.extend(defaults.iter().map(|p| {
+        if p.is_relative() {
+            format!("./{} (in {cwd})", p.display())
+        } else {
+            p.display().to_string()
+        }
+    }));
+    Err(ConfigError::NotFound { looked })
+}
+
+/// Where a config comes from: its file and the command line's `--set` overrides. What a
+/// caller that reads the config more than once keeps, so each read applies the same
+/// overrides.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    pub overrides: Vec<Override>,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::load_with(&self.path, &self.overrides)
+    }
 }
 
 /// The whole file (step one). Tables that change what runs are `Option`; the others
@@ -101,13 +193,19 @@ impl Config {
     /// Read and validate a config file. Relative paths in it are resolved against the
     /// file's directory, so a service's config does not depend on its working directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, &[])
+    }
+
+    /// [`Config::load`] with `overrides` spliced into the file before it is validated.
+    pub fn load_with(path: &Path, overrides: &[Override]) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Config::from_toml(
+        Config::from_toml_with(
             &text,
+            overrides,
             &path.display().to_string(),
             &base,
             crate::vocab::device::cuda_device_count(),
@@ -122,31 +220,53 @@ impl Config {
         base: &Path,
         cuda_count: usize,
     ) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        Config::from_toml_with(text, &[], source, base, cuda_count)
+    }
+
+    /// [`Config::from_toml`] with `overrides` applied to the parsed text first: serde and
+    /// every section's checks then see them as keys of the file, and an error about one
+    /// names its `--set` rather than a line.
+    pub fn from_toml_with(
+        text: &str,
+        overrides: &[Override],
+        source: &str,
+        base: &Path,
+        cuda_count: usize,
+    ) -> Result<Config, ConfigError> {
+        let mut doc = toml::de::DeTable::parse(text).map_err(|e| ConfigError::Parse {
             path: source.to_string(),
             message: describe_toml_error(&e, text),
         })?;
+        let placed = apply_overrides(doc.get_mut(), overrides, text.len())?;
         let cx = Ctx {
             path: source,
             text,
             base,
+            overrides: &placed,
         };
+        let raw = RawConfig::deserialize(toml::de::Deserializer::from(doc))
+            .map_err(|e| cx.toml_err(&e))?;
+        Config::validate(&cx, &raw, cuda_count)
+    }
+
+    /// Step two: every section checked, defaults resolved.
+    fn validate(cx: &Ctx, raw: &RawConfig, cuda_count: usize) -> Result<Config, ConfigError> {
         // Sections are checked in this order and the first error wins, so a file with
         // several mistakes always reports the same one.
         let model = (raw.model.as_ref())
-            .map(|m| model::validate(&cx, m, cuda_count))
+            .map(|m| model::validate(cx, m, cuda_count))
             .transpose()?;
-        let preprocess = preprocess::validate(&cx, &raw.preprocess)?;
-        let decode = decode::validate(&cx, &raw.decode)?;
-        let encode = encode::validate(&cx, &raw.encode)?;
-        let mut pipeline = pipeline::validate(&cx, &raw.pipeline, available_cores())?;
+        let preprocess = preprocess::validate(cx, &raw.preprocess)?;
+        let decode = decode::validate(cx, &raw.decode)?;
+        let encode = encode::validate(cx, &raw.encode)?;
+        let mut pipeline = pipeline::validate(cx, &raw.pipeline, available_cores())?;
         let face_crop = (raw.face_crop.as_ref())
-            .map(|f| face_crop::validate(&cx, f, model.as_ref(), cuda_count))
+            .map(|f| face_crop::validate(cx, f, model.as_ref(), cuda_count))
             .transpose()?;
         let hotfolder = (raw.hotfolder.as_ref())
-            .map(|h| hotfolder::validate(&cx, h))
+            .map(|h| hotfolder::validate(cx, h))
             .transpose()?;
-        let metrics = metrics::validate(&cx, raw.metrics.as_ref())?;
+        let metrics = metrics::validate(cx, raw.metrics.as_ref())?;
 
         // A detector on a GPU needs CPU workers only for its crops and NMS, and each holds
         // a GPU batch of frames: two keep the GPU fed without holding dozens of frames.
@@ -159,7 +279,7 @@ impl Config {
         }
 
         Ok(Config {
-            source: source.to_string(),
+            source: cx.path.to_string(),
             model,
             preprocess,
             decode,
@@ -182,6 +302,11 @@ mod tests {
         Config::from_toml(text, "t.toml", Path::new("/base"), 1)
     }
 
+    /// [`parse`] with `--set` overrides.
+    pub(super) fn parse_with(text: &str, sets: &[Override]) -> Result<Config, ConfigError> {
+        Config::from_toml_with(text, sets, "t.toml", Path::new("/base"), 1)
+    }
+
     #[test]
     fn defaults_without_model() {
         let c = parse("").unwrap();
@@ -189,5 +314,46 @@ mod tests {
         assert_eq!((c.preprocess.width, c.preprocess.height), (512, 512));
         assert_eq!(c.encode.format, Format::Jpeg);
         assert_eq!(c.encode.quality, 90);
+    }
+
+    #[test]
+    fn locate_prefers_the_named_file_then_the_first_default_that_exists() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a.toml"), d.path().join("b.toml"));
+        std::fs::write(&b, "").unwrap();
+        let defaults = [a.clone(), b.clone()];
+        // The fourth place, /etc/hotpipe, stands in as `b`: taken when `a` is missing.
+        assert_eq!(locate_in(None, &defaults).unwrap(), b);
+        std::fs::write(&a, "").unwrap();
+        assert_eq!(locate_in(None, &defaults).unwrap(), a);
+        let named = d.path().join("named.toml");
+        std::fs::write(&named, "").unwrap();
+        let got = locate_in(Some((named.clone(), NamedBy::Env)), &defaults).unwrap();
+        assert_eq!(got, named);
+    }
+
+    #[test]
+    fn locate_does_not_fall_back_from_a_named_file() {
+        let d = tempfile::tempdir().unwrap();
+        let there = d.path().join("there.toml");
+        std::fs::write(&there, "").unwrap();
+        let gone = d.path().join("gone.toml");
+        let e = locate_in(Some((gone, NamedBy::Env)), &[there])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("gone.toml") && e.contains("$HOTPIPE_CONFIG"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn locate_names_every_place_when_none_exists() {
+        let d = tempfile::tempdir().unwrap();
+        let defaults = [PathBuf::from("no-such.toml"), d.path().join("etc.toml")];
+        let e = locate_in(None, &defaults).unwrap_err().to_string();
+        for want in ["--config", "$HOTPIPE_CONFIG", "./no-such.toml", "etc.toml"] {
+            assert!(e.contains(want), "{want}: {e}");
+        }
     }
 }

@@ -24,7 +24,6 @@ pub mod signals;
 pub mod systemd;
 
 use std::ffi::OsString;
-use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -34,7 +33,7 @@ use crossbeam_channel::{
     Receiver, RecvTimeoutError, SendTimeoutError, Sender, bounded, select, unbounded,
 };
 
-use crate::config::{Config, ConfigError, HotfolderConfig};
+use crate::config::{Config, ConfigError, ConfigSource, HotfolderConfig};
 use crate::hotfolder::claim::{Claim, Scanner, changed_since_read, claim, unclaim};
 use crate::hotfolder::recover::{self, Begin, Recovered};
 use crate::hotfolder::sink::{HotSink, fail_item};
@@ -78,6 +77,10 @@ pub struct Shared {
     last_activity_ms: AtomicU64,
     stuck_s: AtomicU64,
     telemetry: Mutex<Arc<Telemetry>>,
+    /// The counters of the pipelines that reloads retired, summed: /metrics adds the live
+    /// pipeline's to them, so exported counters never go back at a SIGHUP. Folded in
+    /// under the `telemetry` lock (see [`Session::start`]), which a scrape also takes.
+    retired: Telemetry,
     /// The CUDA devices the running pipeline uses: /metrics reports their memory only,
     /// never touching (and creating a context on) a GPU the config does not use.
     cuda_devices: Mutex<Vec<usize>>,
@@ -102,6 +105,7 @@ impl Shared {
             last_activity_ms: AtomicU64::new(0),
             stuck_s: AtomicU64::new(stuck_s),
             telemetry: Mutex::new(Arc::new(Telemetry::default())),
+            retired: Telemetry::default(),
             cuda_devices: Mutex::new(Vec::new()),
             settled: bounded(1),
             retry_waiting: AtomicU64::new(0),
@@ -238,8 +242,13 @@ impl Session {
         let (finish_tx, finish_rx) = unbounded::<OsString>();
         let sink = Arc::new(HotSink::new(layout.clone(), hf.on_success, finish_tx));
         let mut pipeline = Pipeline::start(cfg, sink)?;
-        *shared.telemetry.lock().unwrap_or_else(|p| p.into_inner()) =
-            Arc::clone(pipeline.telemetry());
+        {
+            // The previous pipeline was drained and joined (or, one whose session failed
+            // to start, never got an item): its counts are final.
+            let mut live = shared.telemetry.lock().unwrap_or_else(|p| p.into_inner());
+            shared.retired.absorb(&live);
+            *live = Arc::clone(pipeline.telemetry());
+        }
         *shared
             .cuda_devices
             .lock()
@@ -559,19 +568,20 @@ impl Claimer {
     }
 }
 
-fn load(path: &Path) -> Result<Config, ServiceError> {
-    let cfg = Config::load(path)?;
+/// The config (the file with its `--set` overrides, read again on every SIGHUP).
+fn load(source: &ConfigSource) -> Result<Config, ServiceError> {
+    let cfg = source.load()?;
     if cfg.hotfolder.is_none() {
-        return Err(ServiceError::NoHotfolder(path.display().to_string()));
+        return Err(ServiceError::NoHotfolder(source.path.display().to_string()));
     }
     Ok(cfg)
 }
 
 /// Run the daemon until SIGTERM/SIGINT. Call [`signals::install`] first thing in
 /// `main` (before any thread exists) and pass its receiver.
-pub fn run(config_path: &Path, signals: Receiver<Signal>) -> Result<(), ServiceError> {
+pub fn run(config: &ConfigSource, signals: Receiver<Signal>) -> Result<(), ServiceError> {
     let notifier = systemd::Notifier::from_env();
-    let cfg = load(config_path)?;
+    let cfg = load(config)?;
     let shared = Arc::new(Shared::new(60));
     if let Some(addr) = cfg.metrics.listen {
         let local = http::serve(addr, Arc::clone(&shared)).map_err(|source| ServiceError::Io {
@@ -612,7 +622,7 @@ pub fn run(config_path: &Path, signals: Receiver<Signal>) -> Result<(), ServiceE
             },
             recv(signals) -> s => match s {
                 Ok(Signal::Terminate) | Err(_) => return stop(session, &shared, &notifier),
-                Ok(Signal::Reload) => session = reload(session, config_path, &shared, &notifier)?,
+                Ok(Signal::Reload) => session = reload(session, config, &shared, &notifier)?,
             },
             recv(tick) -> _ => {
                 if notifier.watchdog.is_some() {
@@ -686,11 +696,11 @@ fn exit_now(code: i32) -> ! {
 /// invalid one, or one whose pipeline will not start, leaves the old one running.
 fn reload(
     session: Session,
-    path: &Path,
+    source: &ConfigSource,
     shared: &Arc<Shared>,
     notifier: &systemd::Notifier,
 ) -> Result<Session, ServiceError> {
-    let new = match load(path) {
+    let new = match load(source) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "config reload failed; keeping the running config");
@@ -705,7 +715,7 @@ fn reload(
     session.drain(shared, None)?;
     let next = match Session::start(&new, shared) {
         Ok(s) => {
-            tracing::info!(config = %path.display(), "config reloaded");
+            tracing::info!(config = %source.path.display(), "config reloaded");
             s
         }
         Err(e) => {

@@ -115,6 +115,29 @@ impl Telemetry {
         self.batch_hist[b].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Add `other`'s counters (busy time, items, failures, histograms, batches) to this
+    /// one's; gauges (threads, queue depths) and progress times are left alone. What keeps
+    /// the service's exported counters monotonic: a reload retires a pipeline, and its
+    /// final counts are folded into a long-lived total instead of being lost.
+    pub fn absorb(&self, other: &Telemetry) {
+        let add = |to: &AtomicU64, from: &AtomicU64| {
+            to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        };
+        for (to, from) in self.stages.iter().zip(&other.stages) {
+            add(&to.busy_ns, &from.busy_ns);
+            add(&to.items, &from.items);
+            add(&to.failed, &from.failed);
+            for (t, f) in to.hist.iter().zip(&from.hist) {
+                add(t, f);
+            }
+        }
+        add(&self.batches, &other.batches);
+        add(&self.batch_rows, &other.batch_rows);
+        for (t, f) in self.batch_hist.iter().zip(&other.batch_hist) {
+            add(t, f);
+        }
+    }
+
     /// The stage with the highest utilisation per thread, if any work was recorded.
     pub fn bottleneck(&self) -> Option<(Stage, f64)> {
         let wall = self.started.elapsed().as_secs_f64().max(1e-9);
@@ -180,5 +203,39 @@ impl Timer {
     }
     pub fn elapsed(&self) -> Duration {
         self.0.elapsed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absorb_adds_counters_and_leaves_gauges() {
+        let (total, a) = (Telemetry::default(), Telemetry::default());
+        a.record(Stage::Decode, Duration::from_millis(3), 2);
+        a.failed(Stage::Decode);
+        a.batch(5);
+        a.sample_queue(Stage::Decode, 3, 8);
+        total.absorb(&a);
+        total.absorb(&a);
+        let s = total.stage(Stage::Decode);
+        assert_eq!(s.items.load(Ordering::Relaxed), 4);
+        assert_eq!(s.failed.load(Ordering::Relaxed), 2);
+        assert_eq!(s.busy_ns.load(Ordering::Relaxed), 6_000_000);
+        assert_eq!(s.hist[1].load(Ordering::Relaxed), 0);
+        assert_eq!(
+            s.hist[2].load(Ordering::Relaxed),
+            2,
+            "3 ms is in the 5 ms bucket"
+        );
+        assert_eq!(total.batches.load(Ordering::Relaxed), 2);
+        assert_eq!(total.batch_rows.load(Ordering::Relaxed), 10);
+        assert_eq!(total.batch_hist[2].load(Ordering::Relaxed), 2);
+        assert_eq!(
+            s.queue_now.load(Ordering::Relaxed),
+            0,
+            "gauges are not summed"
+        );
     }
 }

@@ -354,7 +354,7 @@ fn over_the_limits_fails_with_a_reason_and_weights_are_checked_at_start() {
         o2.as_os_str(),
         big.as_os_str(),
     ]);
-    assert_eq!(r.code, Some(2), "{}", r.stdout);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
     let err = r.stderr;
     assert!(
         err.contains("pnet.pt") && err.contains("scripts/setup.sh"),

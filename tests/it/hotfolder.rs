@@ -274,7 +274,7 @@ fn sigkill_storm(seed: u64, kills: usize, env: &[(&str, &str)]) -> (tempfile::Te
         st.aborts += usize::from(status.signal() == Some(libc::SIGABRT));
     };
     while st.kills < kills {
-        let daemon = Daemon::start(&cfg, env);
+        let mut daemon = Daemon::start(&cfg, env);
         let per_round = 300usize.div_ceil(kills.min(20));
         for _ in 0..per_round.min(300 - next) {
             let name = format!("img{next:04}.png");
@@ -283,7 +283,15 @@ fn sigkill_storm(seed: u64, kills: usize, env: &[(&str, &str)]) -> (tempfile::Te
             next += 1;
         }
         // As in the storm that found the problem: 0.05-0.6 s after each start (during
-        // start-up, the resumption of work/, claiming, publishing).
+        // start-up, the resumption of work/, claiming, publishing); every third start is
+        // first let reach its first scan, so that on a loaded machine, where start-up alone
+        // may take longer than that, kills still catch items in flight.
+        if st.kills % 3 == 2 {
+            // (Or dead already: a poison run may crash before its first scan.)
+            wait_until(Duration::from_secs(30), || {
+                daemon.log().contains("hot folder ready") || !daemon.alive()
+            });
+        }
         let wait = 50 + rand(550);
         std::thread::sleep(Duration::from_millis(wait));
         ended(daemon, &mut st);

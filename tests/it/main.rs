@@ -15,10 +15,12 @@
 mod common;
 
 mod budget;
+mod cli;
 mod cuda;
 mod facecrop;
 mod hotfolder;
 mod journald;
+mod metrics;
 mod peers;
 mod process;
 mod quality;

@@ -132,7 +132,7 @@ fn model_breaking_the_contract_fails_at_start_up() {
     let cfg = config(d.path(), "grey.pt", "");
     let r = cli(["check".as_ref(), "--config".as_ref(), cfg.as_os_str()]);
     let err = r.stderr;
-    assert_eq!(r.code, Some(2));
+    assert_eq!(r.code, Some(1));
     assert!(
         err.contains("must return N x 3 x H' x W'") && err.contains("[2, 1, 64, 64]"),
         "{err}"
@@ -150,7 +150,7 @@ fn model_breaking_the_contract_fails_at_start_up() {
         o.as_os_str(),
         a.as_os_str(),
     ]);
-    assert_eq!(r.code, Some(2));
+    assert_eq!(r.code, Some(1));
     assert!(names(&d.path().join("o")).is_empty(), "nothing processed");
     let cfg = config(d.path(), "missing.pt", "");
     let r = cli(["check".as_ref(), "--config".as_ref(), cfg.as_os_str()]);
@@ -186,7 +186,7 @@ fn config_errors_name_key_and_line() {
     );
     let r = cli(["check".as_ref(), "--config".as_ref(), cfg.as_os_str()]);
     let err = r.stderr;
-    assert_eq!(r.code, Some(2));
+    assert_eq!(r.code, Some(78));
     assert!(
         err.contains("line 3") && err.contains("devise") && err.contains("device"),
         "{err}"
