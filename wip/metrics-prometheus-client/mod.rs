@@ -1,0 +1,745 @@
+//! `hotpipe run`: the long-running service around the pipeline.
+//!
+//! Threads and who owns what:
+//! - the *claimer* (one thread) owns the inbox: it scans (nudged by the watcher, every
+//!   `rescan_s`, and when a pending file may have settled), claims ready files into
+//!   `work/`, decides about each item ([`crate::hotfolder::recover::begin`]: process,
+//!   finish, or quarantine) and hands it to the pipeline, blocking while the pipeline is
+//!   full (so `work/` holds only about what is in flight). Suspects of the last run's
+//!   crash go first, one at a time, each alone in the pipeline (see
+//!   [`crate::hotfolder::recover`] for who is blamed for a crash);
+//! - the pipeline's stages process and publish (the hot folder's sink moves the input to
+//!   `done/` itself, right after its output is durable);
+//! - the *main* thread takes outcomes (quarantine failures, schedule retries of transient
+//!   ones), signals (stop, reload) and watchdog ticks.
+//!
+//! A session is one config: lock, layout, recovery, pipeline, watcher, claimer. SIGHUP
+//! with a valid config drains the session and starts the next; with an invalid one it
+//! only logs. Stopping never needs more than "the process may die now": every on-disk
+//! step is crash-safe, so an item still in flight when the grace period ends simply stays
+//! in `work/` and is resumed by the next start.
+
+pub mod http;
+pub mod signals;
+pub mod systemd;
+
+use std::ffi::OsString;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{
+    Receiver, RecvTimeoutError, SendTimeoutError, Sender, bounded, select, unbounded,
+};
+
+use crate::config::{Config, ConfigError, ConfigSource, HotfolderConfig};
+use crate::hotfolder::claim::{Claim, Scanner, changed_since_read, claim, unclaim};
+use crate::hotfolder::recover::{self, Begin, Recovered};
+use crate::hotfolder::sink::{HotSink, fail_item};
+use crate::hotfolder::{HotfolderError, Layout, RootLock, watch};
+use crate::pipeline::Pipeline;
+use crate::vocab::crash;
+use crate::vocab::error::PipelineError;
+use crate::vocab::item::{Item, Outcome};
+use crate::vocab::telemetry::Telemetry;
+use signals::Signal;
+
+/// Why the service could not start (or had to stop).
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0}: `hotpipe run` needs a [hotfolder] table with `root`")]
+    NoHotfolder(String),
+    #[error(transparent)]
+    Hotfolder(#[from] HotfolderError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("the pipeline stopped unexpectedly")]
+    PipelineDied,
+}
+
+/// Counters and health shared by the daemon's threads and the metrics endpoint.
+pub struct Shared {
+    pub claimed: AtomicU64,
+    pub done: AtomicU64,
+    pub failed: AtomicU64,
+    pub retried: AtomicU64,
+    pub in_flight: AtomicI64,
+    started: Instant,
+    /// Last hand-over to, or outcome from, the pipeline (ms since `started`).
+    last_activity_ms: AtomicU64,
+    stuck_s: AtomicU64,
+    telemetry: Mutex<Arc<Telemetry>>,
+    /// The counters of the pipelines that reloads retired, summed: /metrics adds the live
+    /// pipeline's to them, so exported counters never go back at a SIGHUP. Folded in
+    /// under the `telemetry` lock (see [`Session::start`]), which a scrape also takes.
+    retired: Telemetry,
+    /// The CUDA devices the running pipeline uses: /metrics reports their memory only,
+    /// never touching (and creating a context on) a GPU the config does not use.
+    cuda_devices: Mutex<Vec<usize>>,
+    /// Items in `work/` waiting for a retry (the claimer's list), and why the last one
+    /// waits: what /healthz and /metrics report (a full disk must not read as idle).
+    retry_waiting: AtomicU64,
+    retry_reason: Mutex<String>,
+    /// Pinged whenever an outcome has been handled: what the claimer waits on while a
+    /// crash suspect runs alone.
+    settled: (Sender<()>, Receiver<()>),
+}
+
+impl Shared {
+    fn new(stuck_s: u64) -> Shared {
+        Shared {
+            claimed: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
+            started: Instant::now(),
+            last_activity_ms: AtomicU64::new(0),
+            stuck_s: AtomicU64::new(stuck_s),
+            telemetry: Mutex::new(Arc::new(Telemetry::default())),
+            retired: Telemetry::default(),
+            cuda_devices: Mutex::new(Vec::new()),
+            settled: bounded(1),
+            retry_waiting: AtomicU64::new(0),
+            retry_reason: Mutex::new(String::new()),
+        }
+    }
+
+    /// Record why an item is waiting for a retry.
+    fn note_retry(&self, reason: String) {
+        *self.retry_reason.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    }
+
+    /// Items waiting for a retry, and why the last one does.
+    pub fn retries(&self) -> (u64, String) {
+        let n = self.retry_waiting.load(Ordering::Relaxed);
+        let why = self
+            .retry_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        (n, why)
+    }
+
+    /// What /healthz answers: the watchdog's rule ([`Shared::health`]), and also not
+    /// healthy while items wait for a retry (a full disk, an unwritable outbox: the
+    /// service cannot do its work, though restarting it would not help, so the watchdog
+    /// is still fed).
+    pub fn status(&self) -> Result<String, String> {
+        let ok = self.health().map_err(|why| format!("stuck: {why}"))?;
+        match self.retries() {
+            (0, _) => Ok(ok),
+            (n, why) => Err(format!(
+                "waiting: {n} item(s) in work/ wait for a retry; last reason: {why}"
+            )),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_activity_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn telemetry(&self) -> Arc<Telemetry> {
+        Arc::clone(&self.telemetry.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn cuda_devices(&self) -> Vec<usize> {
+        self.cuda_devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Ok when idle or progressing; Err (with why) when items are in flight and no stage
+    /// has finished anything for `stuck_s`.
+    pub fn health(&self) -> Result<String, String> {
+        let tel = self.telemetry();
+        let since_stage = tel.started.elapsed().saturating_sub(Duration::from_millis(
+            tel.last_progress_ms.load(Ordering::Relaxed),
+        ));
+        let since_activity = self.started.elapsed().saturating_sub(Duration::from_millis(
+            self.last_activity_ms.load(Ordering::Relaxed),
+        ));
+        health_of(
+            self.in_flight.load(Ordering::Relaxed),
+            since_stage.min(since_activity),
+            Duration::from_secs(self.stuck_s.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+/// The health rule, separate so it can be tested without a stuck pipeline.
+pub fn health_of(in_flight: i64, quiet: Duration, stuck: Duration) -> Result<String, String> {
+    if in_flight <= 0 {
+        Ok("idle".into())
+    } else if quiet < stuck {
+        Ok(format!("{in_flight} in flight, progressing"))
+    } else {
+        Err(format!(
+            "{in_flight} item(s) in flight and no stage progress for {:.0} s",
+            quiet.as_secs_f64()
+        ))
+    }
+}
+
+/// A retry of an item in `work/`, due at a time.
+type Retry = (OsString, Instant);
+
+/// One config's worth of running daemon.
+struct Session {
+    cfg: Config,
+    hf: HotfolderConfig,
+    layout: Layout,
+    pipeline: Pipeline,
+    outcomes: Receiver<Outcome>,
+    /// Fires once the claimer's first inbox listing is done (the main loop keeps taking
+    /// outcomes meanwhile: items resumed from work/ may already be flowing).
+    ready: Receiver<()>,
+    retry_tx: Sender<Retry>,
+    stop_tx: Option<Sender<()>>,
+    claimer: Option<JoinHandle<()>>,
+    watch: Option<watch::Watch>,
+    _lock: RootLock,
+}
+
+impl Session {
+    /// Lock, prepare and recover the folders, start the pipeline (model loaded), arm the
+    /// watcher, start the claimer and wait for its first scan.
+    fn start(cfg: &Config, shared: &Arc<Shared>) -> Result<Session, ServiceError> {
+        let hf = cfg
+            .hotfolder
+            .clone()
+            .ok_or_else(|| ServiceError::NoHotfolder(cfg.source.clone()))?;
+        let layout = Layout::new(&hf.root);
+        layout.prepare()?;
+        let lock = layout.lock()?;
+        let recovered = recover::startup(&layout).map_err(|source| ServiceError::Io {
+            context: format!("cannot recover {}", layout.work.display()),
+            source,
+        })?;
+        if !recovered.is_empty() {
+            tracing::info!(
+                items = recovered.len(),
+                alone = recovered.isolate.len(),
+                "resuming items left in work/"
+            );
+        }
+        match recover::arm_crash_record(&layout) {
+            Ok(record) => crash::record_to(record),
+            Err(e) => {
+                tracing::error!(work = %layout.work.display(), error = %e, "cannot prepare the crash record: a crash in this run cannot be blamed on its file")
+            }
+        }
+        let (finish_tx, finish_rx) = unbounded::<OsString>();
+        let sink = Arc::new(HotSink::new(layout.clone(), hf.on_success, finish_tx));
+        let mut pipeline = Pipeline::start(cfg, sink)?;
+        {
+            // The previous pipeline was drained and joined (or, one whose session failed
+            // to start, never got an item): its counts are final.
+            let mut live = shared.telemetry.lock().unwrap_or_else(|p| p.into_inner());
+            shared.retired.absorb(&live);
+            *live = Arc::clone(pipeline.telemetry());
+        }
+        *shared
+            .cuda_devices
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = pipeline
+            .info()
+            .devices
+            .iter()
+            .filter_map(|d| match d {
+                tch::Device::Cuda(i) => Some(*i),
+                _ => None,
+            })
+            .collect();
+        shared.stuck_s.store(hf.stuck_s, Ordering::Relaxed);
+        let tx = pipeline.sender();
+        pipeline.close_input();
+        let outcomes = pipeline.outcomes().clone();
+
+        // Watcher before the first scan: a file arriving in between is then both seen
+        // by the scan or nudges another one.
+        let (nudge_tx, nudge_rx) = bounded::<()>(1);
+        let watch = watch::arm(
+            hf.watcher,
+            &layout.inbox,
+            Duration::from_millis(hf.poll_ms),
+            nudge_tx,
+        )?;
+        let writers = watch.writers();
+        let (retry_tx, retry_rx) = unbounded::<Retry>();
+        let (stop_tx, stop_rx) = bounded::<()>(0);
+        let (ready_tx, ready_rx) = bounded::<()>(1);
+        let claimer = Claimer {
+            layout: layout.clone(),
+            hf: hf.clone(),
+            tx,
+            shared: Arc::clone(shared),
+            stop_rx,
+            next_id: 0,
+        };
+        let handle = std::thread::Builder::new()
+            .name("hp-claim".into())
+            .spawn(move || claimer.run(recovered, writers, nudge_rx, retry_rx, finish_rx, ready_tx))
+            .map_err(|source| ServiceError::Io {
+                context: "cannot start the claimer thread".into(),
+                source,
+            })?;
+        Ok(Session {
+            ready: ready_rx,
+            cfg: cfg.clone(),
+            hf,
+            layout,
+            pipeline,
+            outcomes,
+            retry_tx,
+            stop_tx: Some(stop_tx),
+            claimer: Some(handle),
+            watch: Some(watch),
+            _lock: lock,
+        })
+    }
+
+    fn handle(&self, o: Outcome, shared: &Shared) {
+        shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+        shared.touch();
+        let name = o.item.path.file_name().unwrap_or_default().to_os_string();
+        let _ = shared.settled.0.try_send(());
+        match o.result {
+            Ok(paths) => {
+                shared.done.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(file = ?o.item.path, output = ?paths.first(), ms = o.item.started.elapsed().as_millis() as u64, "done");
+            }
+            Err(e) if changed_since_read(&o.item) => match unclaim(&self.layout, &name) {
+                Ok(()) => {
+                    tracing::info!(file = ?e.path, stage = %e.stage, reason = %e.reason, "the file changed after it was claimed (its writer was not finished); back in the inbox to settle");
+                }
+                Err(err) => {
+                    tracing::warn!(file = ?e.path, error = %err, "the file changed after it was claimed and cannot go back to the inbox; will retry");
+                    let due = Instant::now() + Duration::from_secs(self.hf.retry_s);
+                    let _ = self.retry_tx.send((name, due));
+                }
+            },
+            Err(e) if e.transient => {
+                shared.retried.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(file = ?e.path, stage = %e.stage, reason = %e.reason, retry_s = self.hf.retry_s, "transient failure; the file stays in work/ and is retried");
+                shared.note_retry(format!("{}: {}", e.stage, e.reason));
+                let due = Instant::now() + Duration::from_secs(self.hf.retry_s);
+                let _ = self.retry_tx.send((name, due));
+            }
+            Err(e) => match fail_item(&self.layout, &name, &e.reason, e.stage) {
+                Ok(to) => {
+                    shared.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(file = ?e.path, stage = %e.stage, reason = %e.reason, moved_to = ?to, "failed");
+                }
+                Err(err) => {
+                    tracing::error!(file = ?e.path, error = %err, "cannot move to failed/; will retry");
+                    shared.note_retry(format!("cannot move to failed/: {err}"));
+                    let due = Instant::now() + Duration::from_secs(self.hf.retry_s);
+                    let _ = self.retry_tx.send((name, due));
+                }
+            },
+        }
+    }
+
+    /// Stop claiming and let in-flight items finish until `deadline` (None: no limit).
+    /// True when everything drained (the pipeline's threads are joined); Err when a
+    /// pipeline thread had died.
+    fn drain(mut self, shared: &Shared, deadline: Option<Instant>) -> Result<bool, ServiceError> {
+        self.stop_tx.take();
+        if let Some(h) = self.claimer.take() {
+            let _ = h.join();
+        }
+        self.watch.take();
+        loop {
+            let r = match deadline {
+                Some(d) => self.outcomes.recv_deadline(d),
+                None => self
+                    .outcomes
+                    .recv()
+                    .map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match r {
+                Ok(o) => self.handle(o, shared),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    tracing::warn!(
+                        in_flight = shared.in_flight.load(Ordering::Relaxed),
+                        "grace period over; unfinished items stay in work/ for the next start"
+                    );
+                    return Ok(false);
+                }
+            }
+        }
+        self.pipeline.join()?;
+        Ok(true)
+    }
+}
+
+/// The claimer thread's state.
+struct Claimer {
+    layout: Layout,
+    hf: HotfolderConfig,
+    tx: Sender<Item>,
+    shared: Arc<Shared>,
+    stop_rx: Receiver<()>,
+    next_id: u64,
+}
+
+impl Claimer {
+    fn stopped(&self) -> bool {
+        matches!(
+            self.stop_rx.try_recv(),
+            Err(crossbeam_channel::TryRecvError::Disconnected)
+        )
+    }
+
+    /// Decide about one item of `work/` and hand it to the pipeline. False: stop.
+    fn submit(&mut self, name: OsString, retries: &mut Vec<Retry>) -> bool {
+        let begin = recover::begin(
+            &self.layout,
+            &name,
+            self.hf.max_attempts,
+            self.hf.on_success,
+        );
+        match begin {
+            Ok(Begin::Process) => {
+                let item = Item::new(self.next_id, self.layout.work.join(&name));
+                self.next_id += 1;
+                self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+                self.shared.touch();
+                let mut item = Some(item);
+                while let Some(it) = item.take() {
+                    match self.tx.send_timeout(it, Duration::from_millis(100)) {
+                        Ok(()) => return true,
+                        Err(SendTimeoutError::Timeout(it)) if !self.stopped() => item = Some(it),
+                        Err(_) => {
+                            // Never handed over; the item stays in work/.
+                            self.shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+                            return false;
+                        }
+                    }
+                }
+                true
+            }
+            Ok(Begin::Finished) => {
+                self.shared.done.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(file = ?name, "output was already published; moved on");
+                true
+            }
+            Ok(Begin::Failed(reason)) => {
+                self.shared.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(file = ?name, stage = "claim", %reason, "failed");
+                true
+            }
+            Ok(Begin::Gone) => true,
+            Err(e) => {
+                tracing::error!(file = ?name, error = %e, retry_s = self.hf.retry_s, "cannot start an attempt; will retry");
+                self.shared
+                    .note_retry(format!("cannot start an attempt: {e}"));
+                retries.push((name, Instant::now() + Duration::from_secs(self.hf.retry_s)));
+                true
+            }
+        }
+    }
+
+    /// Wait until nothing is in flight (the item just submitted has its outcome). False:
+    /// stop.
+    fn wait_settled(&self) -> bool {
+        while self.shared.in_flight.load(Ordering::Relaxed) > 0 {
+            select! {
+                recv(self.stop_rx) -> _ => return false,
+                recv(self.shared.settled.1) -> _ => {}
+            }
+        }
+        true
+    }
+
+    fn run(
+        mut self,
+        recovered: Recovered,
+        writers: Option<watch::Writers>,
+        nudge: Receiver<()>,
+        retry_rx: Receiver<Retry>,
+        finish_rx: Receiver<OsString>,
+        ready: Sender<()>,
+    ) {
+        let mut retries: Vec<Retry> = Vec::new();
+        // Each suspect of a crash alone, so that a crash now names it; then the rest.
+        for name in recovered.isolate {
+            if !self.submit(name, &mut retries) || !self.wait_settled() {
+                return;
+            }
+        }
+        for name in recovered.resume {
+            if !self.submit(name, &mut retries) {
+                return;
+            }
+        }
+        let mut scanner = Scanner::new(Duration::from_millis(self.hf.settle_ms), writers);
+        let rescan = Duration::from_secs(self.hf.rescan_s);
+        let mut scan_now = true;
+        let mut next_rescan = Instant::now() + rescan;
+        let mut ready = Some(ready);
+        loop {
+            let now = Instant::now();
+            if scan_now || now >= next_rescan || scanner.next_check().is_some_and(|t| t <= now) {
+                scan_now = false;
+                if now >= next_rescan {
+                    next_rescan = now + rescan;
+                }
+                let listed = scanner.scan(&self.layout);
+                if let Some(r) = ready.take() {
+                    let _ = r.send(());
+                }
+                match listed {
+                    Ok(names) => {
+                        for name in names {
+                            match claim(&self.layout, &name) {
+                                Ok(Claim::Claimed) => {
+                                    self.shared.claimed.fetch_add(1, Ordering::Relaxed);
+                                    if !self.submit(name, &mut retries) {
+                                        return;
+                                    }
+                                }
+                                Ok(Claim::Lost) => {}
+                                Ok(Claim::Busy) => {
+                                    // Same name still in work/: look again soon.
+                                    next_rescan =
+                                        next_rescan.min(Instant::now() + Duration::from_secs(1));
+                                }
+                                Err(e) => {
+                                    tracing::error!(file = ?name, error = %e, "cannot claim")
+                                }
+                            }
+                            if self.stopped() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(inbox = %self.layout.inbox.display(), error = %e, "cannot list the inbox")
+                    }
+                }
+            }
+            let now = Instant::now();
+            let mut due = Vec::new();
+            retries.retain(|(n, t)| {
+                if *t <= now {
+                    due.push(n.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            for name in due {
+                if !self.submit(name, &mut retries) {
+                    return;
+                }
+            }
+            let mut wake = next_rescan;
+            if let Some(t) = scanner.next_check() {
+                wake = wake.min(t);
+            }
+            if let Some(t) = retries.iter().map(|r| r.1).min() {
+                wake = wake.min(t);
+            }
+            self.shared
+                .retry_waiting
+                .store(retries.len() as u64, Ordering::Relaxed);
+            let timeout = wake.saturating_duration_since(Instant::now());
+            select! {
+                recv(self.stop_rx) -> _ => return,
+                recv(nudge) -> _ => scan_now = true,
+                recv(retry_rx) -> r => if let Ok(r) = r { retries.push(r) },
+                recv(finish_rx) -> n => if let Ok(n) = n { retries.push((n, Instant::now())) },
+                default(timeout) => {}
+            }
+        }
+    }
+}
+
+/// The config (the file with its `--set` overrides, read again on every SIGHUP).
+fn load(source: &ConfigSource) -> Result<Config, ServiceError> {
+    let cfg = source.load()?;
+    if cfg.hotfolder.is_none() {
+        return Err(ServiceError::NoHotfolder(source.path.display().to_string()));
+    }
+    Ok(cfg)
+}
+
+/// Run the daemon until SIGTERM/SIGINT. Call [`signals::install`] first thing in
+/// `main` (before any thread exists) and pass its receiver.
+pub fn run(config: &ConfigSource, signals: Receiver<Signal>) -> Result<(), ServiceError> {
+    let notifier = systemd::Notifier::from_env();
+    let cfg = load(config)?;
+    let shared = Arc::new(Shared::new(60));
+    if let Some(addr) = cfg.metrics.listen {
+        let local = http::serve(addr, Arc::clone(&shared)).map_err(|source| ServiceError::Io {
+            context: format!("cannot listen on {addr} ([metrics] listen)"),
+            source,
+        })?;
+        tracing::info!(%local, "metrics on http://{local}/metrics, health on /healthz");
+    }
+    let mut session = Session::start(&cfg, &shared)?;
+    let tick = crossbeam_channel::tick(notifier.watchdog.unwrap_or(Duration::from_secs(5)));
+    loop {
+        let outcomes = session.outcomes.clone();
+        let ready = session.ready.clone();
+        let deaths = session.pipeline.deaths().clone();
+        select! {
+            recv(ready) -> r => {
+                session.ready = crossbeam_channel::never();
+                if r.is_ok() {
+                    let info = session.pipeline.info();
+                    tracing::info!(
+                        root = %session.layout.root.display(),
+                        watcher = ?session.hf.watcher,
+                        model = %info.model,
+                        devices = ?info.devices,
+                        "hot folder ready"
+                    );
+                    notifier.send("READY=1\nSTATUS=watching the inbox");
+                }
+            },
+            recv(outcomes) -> o => match o {
+                Ok(o) => session.handle(o, &shared),
+                Err(_) => return Err(ServiceError::PipelineDied),
+            },
+            // A thread that died holds items that will never have an outcome: stop with
+            // the error (systemd restarts the service; the items are resumed from work/).
+            recv(deaths) -> e => if let Ok(e) = e {
+                return Err(ServiceError::Pipeline(e));
+            },
+            recv(signals) -> s => match s {
+                Ok(Signal::Terminate) | Err(_) => return stop(session, &shared, &notifier),
+                Ok(Signal::Reload) => session = reload(session, config, &shared, &notifier)?,
+            },
+            recv(tick) -> _ => {
+                if notifier.watchdog.is_some() {
+                    match shared.health() {
+                        Ok(_) => notifier.send("WATCHDOG=1"),
+                        Err(why) => tracing::error!(%why, "pipeline stuck; withholding the watchdog ping"),
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// SIGTERM: stop claiming, finish what is in flight within the grace period, and say
+/// what stays in `work/` for the next start (items cut off by the grace, and any waiting
+/// on a retry). Past the grace the process ends at once: see [`exit_now`].
+fn stop(
+    session: Session,
+    shared: &Shared,
+    notifier: &systemd::Notifier,
+) -> Result<(), ServiceError> {
+    notifier.send("STOPPING=1\nSTATUS=finishing items in flight");
+    let grace = Duration::from_secs(session.hf.shutdown_grace_s);
+    tracing::info!(
+        grace_s = grace.as_secs(),
+        "stopping: no new claims, finishing items in flight"
+    );
+    let layout = session.layout.clone();
+    let drained = session.drain(shared, Some(Instant::now() + grace))?;
+    let (done, failed) = (
+        shared.done.load(Ordering::Relaxed),
+        shared.failed.load(Ordering::Relaxed),
+    );
+    let left = layout.items_in_work().unwrap_or(0);
+    if !drained {
+        tracing::info!(
+            drained,
+            left_in_work = left,
+            done,
+            failed,
+            "stopped past the grace period: {left} item(s) stay in work/ and are resumed by the next start"
+        );
+        exit_now(0);
+    }
+    if left > 0 {
+        tracing::info!(
+            drained,
+            left_in_work = left,
+            done,
+            failed,
+            "stopped: {left} item(s) stay in work/ (waiting for a retry) and are resumed by the next start"
+        );
+    } else {
+        tracing::info!(drained, left_in_work = left, done, failed, "stopped");
+    }
+    Ok(())
+}
+
+/// End the process at once, without exit handlers. Past the grace period pipeline threads
+/// may still be inside libtorch, and the C++ static destructors that `exit` runs would
+/// tear libtorch down under them (the process died by SIGSEGV at `systemctl stop`).
+/// Nothing needs flushing: every on-disk step is crash-safe, and log lines are written
+/// unbuffered (stderr) or sent at once (journald).
+fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` has no preconditions and never returns; it skips only user-space
+    // clean-up, which is the point.
+    unsafe { libc::_exit(code) }
+}
+
+/// SIGHUP: a valid config replaces the running one (drain, then start with it); an
+/// invalid one, or one whose pipeline will not start, leaves the old one running.
+fn reload(
+    session: Session,
+    source: &ConfigSource,
+    shared: &Arc<Shared>,
+    notifier: &systemd::Notifier,
+) -> Result<Session, ServiceError> {
+    let new = match load(source) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "config reload failed; keeping the running config");
+            return Ok(session);
+        }
+    };
+    if new.metrics != session.cfg.metrics {
+        tracing::warn!("[metrics] listen changes take effect at the next start");
+    }
+    notifier.send("RELOADING=1\nSTATUS=reloading the config");
+    let old = session.cfg.clone();
+    session.drain(shared, None)?;
+    let next = match Session::start(&new, shared) {
+        Ok(s) => {
+            tracing::info!(config = %source.path.display(), "config reloaded");
+            s
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the new config does not start; going on with the old one");
+            Session::start(&old, shared)?
+        }
+    };
+    // READY=1 follows from the main loop once the new session's first scan is done.
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_rule() {
+        let s = Duration::from_secs(10);
+        assert!(health_of(0, Duration::from_secs(100), s).is_ok());
+        assert!(health_of(3, Duration::from_secs(2), s).is_ok());
+        assert!(
+            health_of(3, Duration::from_secs(11), s)
+                .unwrap_err()
+                .contains("3 item(s)")
+        );
+    }
+}

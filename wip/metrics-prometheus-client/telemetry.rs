@@ -1,0 +1,241 @@
+//! Per-stage counters: busy time, items, failures, and queue depths sampled from the
+//! channels, so a run can say which stage bounds it.
+//!
+//! Busy time is the wall time a stage's threads spent working on items (not waiting on
+//! their input or output). Divided by the run's wall time and the stage's thread count it
+//! gives utilisation: the stage near 100% is the bottleneck, and a stage whose input queue
+//! is usually empty is starved. Counters are atomics so the hot path never locks for them;
+//! the metrics endpoint and the end-of-run report read the same numbers.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::vocab::error::Stage;
+
+pub const STAGES: [Stage; 7] = [
+    Stage::Read,
+    Stage::Decode,
+    Stage::Detect,
+    Stage::Fit,
+    Stage::Infer,
+    Stage::Encode,
+    Stage::Publish,
+];
+
+/// Histogram bucket upper bounds in seconds (Prometheus `le`).
+pub const BUCKETS: [f64; 12] = [
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+
+#[derive(Debug, Default)]
+pub struct StageStats {
+    pub busy_ns: AtomicU64,
+    pub items: AtomicU64,
+    pub failed: AtomicU64,
+    pub threads: AtomicU64,
+    /// Sum of sampled input-queue depths and the number of samples (mean occupancy).
+    pub queue_sum: AtomicU64,
+    pub queue_samples: AtomicU64,
+    pub queue_capacity: AtomicU64,
+    pub queue_now: AtomicU64,
+    pub hist: [AtomicU64; BUCKETS.len() + 1],
+}
+
+#[derive(Debug)]
+pub struct Telemetry {
+    pub stages: [StageStats; STAGES.len()],
+    pub started: Instant,
+    pub batches: AtomicU64,
+    pub batch_rows: AtomicU64,
+    pub batch_hist: [AtomicU64; 8],
+    /// Last time any stage finished an item (ms since `started`), for the watchdog and
+    /// the health check.
+    pub last_progress_ms: AtomicU64,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            stages: Default::default(),
+            started: Instant::now(),
+            batches: AtomicU64::new(0),
+            batch_rows: AtomicU64::new(0),
+            batch_hist: Default::default(),
+            last_progress_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+fn index(stage: Stage) -> usize {
+    STAGES.iter().position(|&s| s == stage).unwrap_or(0)
+}
+
+impl Telemetry {
+    pub fn stage(&self, stage: Stage) -> &StageStats {
+        &self.stages[index(stage)]
+    }
+
+    /// Record one item's work in a stage (`items` items, e.g. a batch of rows).
+    pub fn record(&self, stage: Stage, busy: Duration, items: u64) {
+        let s = self.stage(stage);
+        s.busy_ns
+            .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
+        s.items.fetch_add(items, Ordering::Relaxed);
+        let secs = busy.as_secs_f64();
+        let b = BUCKETS
+            .iter()
+            .position(|&le| secs <= le)
+            .unwrap_or(BUCKETS.len());
+        s.hist[b].fetch_add(1, Ordering::Relaxed);
+        self.last_progress_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn failed(&self, stage: Stage) {
+        self.stage(stage).failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn set_threads(&self, stage: Stage, n: usize) {
+        self.stage(stage).threads.store(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn sample_queue(&self, stage: Stage, depth: usize, capacity: usize) {
+        let s = self.stage(stage);
+        s.queue_sum.fetch_add(depth as u64, Ordering::Relaxed);
+        s.queue_samples.fetch_add(1, Ordering::Relaxed);
+        s.queue_capacity.store(capacity as u64, Ordering::Relaxed);
+        s.queue_now.store(depth as u64, Ordering::Relaxed);
+    }
+
+    pub fn batch(&self, rows: usize) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.batch_rows.fetch_add(rows as u64, Ordering::Relaxed);
+        let b = (usize::BITS - rows.max(1).leading_zeros() - 1).min(7) as usize;
+        self.batch_hist[b].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Add `other`'s counters (busy time, items, failures, histograms, batches) to this
+    /// one's; gauges (threads, queue depths) and progress times are left alone. What keeps
+    /// the service's exported counters monotonic: a reload retires a pipeline, and its
+    /// final counts are folded into a long-lived total instead of being lost.
+    pub fn absorb(&self, other: &Telemetry) {
+        let add = |to: &AtomicU64, from: &AtomicU64| {
+            to.fetch_add(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        };
+        for (to, from) in self.stages.iter().zip(&other.stages) {
+            add(&to.busy_ns, &from.busy_ns);
+            add(&to.items, &from.items);
+            add(&to.failed, &from.failed);
+            for (t, f) in to.hist.iter().zip(&from.hist) {
+                add(t, f);
+            }
+        }
+        add(&self.batches, &other.batches);
+        add(&self.batch_rows, &other.batch_rows);
+        for (t, f) in self.batch_hist.iter().zip(&other.batch_hist) {
+            add(t, f);
+        }
+    }
+
+    /// The stage with the highest utilisation per thread, if any work was recorded.
+    pub fn bottleneck(&self) -> Option<(Stage, f64)> {
+        let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        STAGES
+            .iter()
+            .filter_map(|&st| {
+                let s = self.stage(st);
+                let threads = s.threads.load(Ordering::Relaxed).max(1) as f64;
+                let busy = s.busy_ns.load(Ordering::Relaxed) as f64 / 1e9;
+                (s.items.load(Ordering::Relaxed) > 0).then_some((st, busy / wall / threads))
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+    }
+
+    /// A human-readable table: stage, threads, items, busy %, mean ms per item, queue.
+    pub fn report(&self) -> String {
+        let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        let mut out =
+            String::from("stage     threads  items  busy%/thread  ms/item  queue(mean/cap)\n");
+        for &st in &STAGES {
+            let s = self.stage(st);
+            let items = s.items.load(Ordering::Relaxed);
+            if items == 0 {
+                continue;
+            }
+            let threads = s.threads.load(Ordering::Relaxed).max(1);
+            let busy = s.busy_ns.load(Ordering::Relaxed) as f64 / 1e9;
+            let samples = s.queue_samples.load(Ordering::Relaxed).max(1);
+            let qmean = s.queue_sum.load(Ordering::Relaxed) as f64 / samples as f64;
+            let _ = writeln!(
+                out,
+                "{:<9} {:>7} {:>6} {:>13.1} {:>8.2} {:>8.1}/{}",
+                st.as_str(),
+                threads,
+                items,
+                100.0 * busy / wall / threads as f64,
+                1000.0 * busy / items as f64,
+                qmean,
+                s.queue_capacity.load(Ordering::Relaxed)
+            );
+        }
+        let batches = self.batches.load(Ordering::Relaxed);
+        if batches > 0 {
+            let _ = writeln!(
+                out,
+                "batches: {batches}, mean size {:.2}",
+                self.batch_rows.load(Ordering::Relaxed) as f64 / batches as f64
+            );
+        }
+        if let Some((st, u)) = self.bottleneck() {
+            let _ = writeln!(out, "bottleneck: {st} ({:.0}% busy per thread)", 100.0 * u);
+        }
+        out
+    }
+}
+
+/// Times a stage's work on one item and records it on drop-free `finish`.
+pub struct Timer(Instant);
+
+impl Timer {
+    pub fn start() -> Timer {
+        Timer(Instant::now())
+    }
+    pub fn elapsed(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absorb_adds_counters_and_leaves_gauges() {
+        let (total, a) = (Telemetry::default(), Telemetry::default());
+        a.record(Stage::Decode, Duration::from_millis(3), 2);
+        a.failed(Stage::Decode);
+        a.batch(5);
+        a.sample_queue(Stage::Decode, 3, 8);
+        total.absorb(&a);
+        total.absorb(&a);
+        let s = total.stage(Stage::Decode);
+        assert_eq!(s.items.load(Ordering::Relaxed), 4);
+        assert_eq!(s.failed.load(Ordering::Relaxed), 2);
+        assert_eq!(s.busy_ns.load(Ordering::Relaxed), 6_000_000);
+        assert_eq!(s.hist[1].load(Ordering::Relaxed), 0);
+        assert_eq!(
+            s.hist[2].load(Ordering::Relaxed),
+            2,
+            "3 ms is in the 5 ms bucket"
+        );
+        assert_eq!(total.batches.load(Ordering::Relaxed), 2);
+        assert_eq!(total.batch_rows.load(Ordering::Relaxed), 10);
+        assert_eq!(total.batch_hist[2].load(Ordering::Relaxed), 2);
+        assert_eq!(
+            s.queue_now.load(Ordering::Relaxed),
+            0,
+            "gauges are not summed"
+        );
+    }
+}
