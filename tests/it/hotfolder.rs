@@ -6,112 +6,10 @@ use std::collections::BTreeSet;
 use std::io::Read;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-
-/// A running daemon with its stderr collected.
-struct Daemon {
-    child: Child,
-    log: Arc<Mutex<String>>,
-}
-
-impl Daemon {
-    fn start(cfg: &Path, env: &[(&str, &str)]) -> Daemon {
-        let mut cmd = hotpipe();
-        cmd.args(["run", "--config"])
-            .arg(cfg)
-            .env("HOTPIPE_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // An empty value removes the variable (e.g. NO_COLOR, set above for every test).
-        for (k, v) in env {
-            if v.is_empty() {
-                cmd.env_remove(k);
-            } else {
-                cmd.env(k, v);
-            }
-        }
-        let mut child = cmd.spawn().unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let l2 = Arc::clone(&log);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                l2.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Daemon { child, log }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
-        wait_until(timeout, || self.log().contains(needle))
-    }
-
-    fn expect_log(&self, needle: &str, timeout: Duration) {
-        assert!(
-            self.wait_log(needle, timeout),
-            "no `{needle}` in the log:\n{}",
-            self.log()
-        );
-    }
-
-    fn signal(&self, sig: i32) {
-        unsafe { libc::kill(self.pid(), sig) };
-    }
-
-    /// SIGTERM and wait; returns the exit code and how long the exit took.
-    fn stop(mut self) -> (Option<i32>, Duration) {
-        use std::os::unix::process::ExitStatusExt;
-        let t = Instant::now();
-        self.signal(libc::SIGTERM);
-        let st = self.child.wait().unwrap();
-        if let Some(sig) = st.signal() {
-            eprintln!("daemon killed by signal {sig}");
-        }
-        (st.code(), t.elapsed())
-    }
-
-    /// SIGKILL (unless it died already) and wait; how it ended.
-    fn kill(mut self) -> std::process::ExitStatus {
-        self.signal(libc::SIGKILL);
-        self.child.wait().unwrap()
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn metrics_addr(&self) -> String {
-        let log = self.log();
-        let i = log.find("metrics on http://").expect("metrics line") + "metrics on http://".len();
-        log[i..].split('/').next().unwrap().to_string()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A config for a hot folder at `dir/hf`: no model, 64x64 JPEG outputs.
 fn config(dir: &Path, hotfolder: &str, extra: &str) -> PathBuf {
@@ -134,21 +32,6 @@ fn config(dir: &Path, hotfolder: &str, extra: &str) -> PathBuf {
     )
 }
 
-fn jpeg_bytes(seed: u32) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    picture(64, 64, seed)
-        .write_to(&mut out, image::ImageFormat::Jpeg)
-        .unwrap();
-    out.into_inner()
-}
-
-/// Deliver like a well-behaved producer: write under a hidden name, rename in.
-fn deliver(hf: &Path, name: &str, bytes: &[u8]) {
-    let tmp = hf.join("inbox").join(format!(".{name}.part"));
-    std::fs::write(&tmp, bytes).unwrap();
-    std::fs::rename(&tmp, hf.join("inbox").join(name)).unwrap();
-}
-
 fn count(dir: &Path) -> usize {
     names(dir).len()
 }
@@ -161,16 +44,6 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
     s.read_to_string(&mut r).unwrap();
     let code = r.split_whitespace().nth(1).unwrap().parse().unwrap();
     (code, r)
-}
-
-fn vm_rss_kib(pid: i32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 /// Every input is in done/ with exactly one complete output, or in failed/ with a
@@ -299,12 +172,8 @@ fn sigkill_storm(seed: u64, kills: usize, env: &[(&str, &str)]) -> (tempfile::Te
     }
     for _ in 0..10 {
         let mut daemon = Daemon::start(&cfg, env);
-        // (A SIGTERM before the daemon set up its signal handling would kill it outright.)
         let drained = wait_until(Duration::from_secs(60), || {
-            !daemon.alive()
-                || (daemon.log().contains("hot folder ready")
-                    && count(&hf.join("inbox")) == 0
-                    && count(&hf.join("work")) == 0)
+            !daemon.alive() || (count(&hf.join("inbox")) == 0 && count(&hf.join("work")) == 0)
         });
         if daemon.alive() {
             assert!(drained, "not drained after the kills\n{}", daemon.log());
@@ -942,15 +811,6 @@ fn crash_between_image_and_sidecar_loses_no_sidecar() {
 }
 
 /// User plus system CPU time of a process, in clock ticks (`/proc/<pid>/stat`).
-fn cpu_ticks(pid: i32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // The command name (field 2) may hold spaces; the fields after its `)` are fixed.
-    let rest = &s[s.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the state (field 3).
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
 /// An idle daemon sleeps: with each watcher, an empty inbox costs under 0.5% of a core
 /// over 10 s. With `inotify` the scan's own directory reads came back as events that
 /// nudged the next scan (0.83 of a core); with `none` the nudge channel was disconnected,

@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
+
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -165,104 +165,16 @@ pub fn scrape(addr: &str, openmetrics: bool) -> Option<Exposition> {
     parse(&r.body, openmetrics)
 }
 
-/// A running `hotpipe run` with its stderr collected.
-struct Daemon {
-    child: Child,
-    log: Arc<Mutex<String>>,
-}
-
-impl Daemon {
-    /// Start on a hot folder at `dir/hf` (no model, 64x64 JPEG outputs) and wait until
-    /// it is ready.
-    fn start(dir: &Path) -> Daemon {
-        let cfg = write(
-            &dir.join("p.toml"),
-            "[preprocess]\nsize = 64\n\n[encode]\nformat = \"jpeg\"\n\n[pipeline]\ndecode_threads = 1\nfit_threads = 1\nencode_threads = 2\nchannel_capacity = 4\n\n[hotfolder]\nroot = \"hf\"\nsettle_ms = 0\nretry_s = 1\nshutdown_grace_s = 5\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
-        );
-        let mut child = hotpipe()
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .env("HOTPIPE_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let l2 = Arc::clone(&log);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                l2.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let d = Daemon { child, log };
-        d.expect_log("hot folder ready", 1);
-        d
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Wait (30 s at most) until `needle` appears `n` times in the log.
-    fn expect_log(&self, needle: &str, n: usize) {
-        assert!(
-            wait_until(Duration::from_secs(30), || self
-                .log()
-                .matches(needle)
-                .count()
-                >= n),
-            "not {n} times `{needle}` in the log:\n{}",
-            self.log()
-        );
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn addr(&self) -> String {
-        let log = self.log();
-        let i = log.find("metrics on http://").expect("metrics line") + "metrics on http://".len();
-        log[i..].split('/').next().unwrap().to_string()
-    }
-
-    /// SIGTERM and wait for the exit code.
-    fn stop(mut self) -> Option<i32> {
-        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
-        self.child.wait().unwrap().code()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Deliver into `dir/hf/inbox` like a well-behaved producer: write under a hidden name,
-/// rename in.
-fn deliver(dir: &Path, name: &str, bytes: &[u8]) {
-    let inbox = dir.join("hf/inbox");
-    let tmp = inbox.join(format!(".{name}.part"));
-    std::fs::write(&tmp, bytes).unwrap();
-    std::fs::rename(&tmp, inbox.join(name)).unwrap();
-}
-
-fn jpeg(seed: u32) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    picture(64, 64, seed)
-        .write_to(&mut out, image::ImageFormat::Jpeg)
-        .unwrap();
-    out.into_inner()
+/// `hotpipe run` on a hot folder at `dir/hf` (no model, 64x64 JPEG outputs, metrics on
+/// a free port), started and ready.
+fn start(dir: &Path) -> Daemon {
+    let cfg = write(
+        &dir.join("p.toml"),
+        "[preprocess]\nsize = 64\n\n[encode]\nformat = \"jpeg\"\n\n[pipeline]\ndecode_threads = 1\nfit_threads = 1\nencode_threads = 2\nchannel_capacity = 4\n\n[hotfolder]\nroot = \"hf\"\nsettle_ms = 0\nretry_s = 1\nshutdown_grace_s = 5\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let d = Daemon::start(&cfg, &[]);
+    d.expect_log("hot folder ready", Duration::from_secs(30));
+    d
 }
 
 /// Wait until the sample line `line` (e.g. `hotpipe_files_done_total 3`) is exposed: an
@@ -282,13 +194,21 @@ fn wait_line(addr: &str, line: &str) {
 #[test]
 fn exposition_parses_and_counts_the_work_done() {
     let d = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(d.path());
-    let addr = daemon.addr();
+    let daemon = start(d.path());
+    let addr = daemon.metrics_addr();
     const N: usize = 5;
     for i in 0..N {
-        deliver(d.path(), &format!("ok{i}.jpg"), &jpeg(i as u32));
+        deliver(
+            &d.path().join("hf"),
+            &format!("ok{i}.jpg"),
+            &jpeg_bytes(i as u32),
+        );
     }
-    deliver(d.path(), "broken.jpg", b"\xff\xd8 not a jpeg at all");
+    deliver(
+        &d.path().join("hf"),
+        "broken.jpg",
+        b"\xff\xd8 not a jpeg at all",
+    );
     wait_line(&addr, &format!("hotpipe_files_done_total {N}"));
     wait_line(&addr, "hotpipe_files_failed_total 1");
 
@@ -354,7 +274,7 @@ fn exposition_parses_and_counts_the_work_done() {
     let h = get(&addr, "/healthz?y", false);
     assert_eq!(h.code, 200, "{}", h.body);
     assert_eq!(get(&addr, "/nope?x", false).code, 404);
-    assert_eq!(daemon.stop(), Some(0));
+    assert_eq!(daemon.stop().0, Some(0));
 }
 
 /// Every monotonic sample of `a` is in `b` and not lower.
@@ -384,18 +304,18 @@ fn not_down(a: &Exposition, b: &Exposition) {
 #[test]
 fn counters_survive_a_reload() {
     let d = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(d.path());
-    let addr = daemon.addr();
+    let daemon = start(d.path());
+    let addr = daemon.metrics_addr();
     for i in 0..3 {
-        deliver(d.path(), &format!("a{i}.jpg"), &jpeg(i));
+        deliver(&d.path().join("hf"), &format!("a{i}.jpg"), &jpeg_bytes(i));
     }
     wait_line(&addr, "hotpipe_files_done_total 3");
     let Some(before) = scrape(&addr, true) else {
         return;
     };
     unsafe { libc::kill(daemon.pid(), libc::SIGHUP) };
-    daemon.expect_log("config reloaded", 1);
-    daemon.expect_log("hot folder ready", 2);
+    daemon.expect_log("config reloaded", Duration::from_secs(30));
+    daemon.expect_count("hot folder ready", 2);
     let after_reload = scrape(&addr, true).unwrap();
     not_down(&before, &after_reload);
     let decode = [("stage", "decode")];
@@ -404,7 +324,7 @@ fn counters_survive_a_reload() {
         Some(3.0)
     );
     for i in 3..5 {
-        deliver(d.path(), &format!("a{i}.jpg"), &jpeg(i));
+        deliver(&d.path().join("hf"), &format!("a{i}.jpg"), &jpeg_bytes(i));
     }
     wait_line(&addr, "hotpipe_files_done_total 5");
     let after = scrape(&addr, true).unwrap();
@@ -416,7 +336,7 @@ fn counters_survive_a_reload() {
         Some(5.0)
     );
     assert_eq!(after.value("hotpipe_batch_size_sum", &[]), Some(5.0));
-    assert_eq!(daemon.stop(), Some(0));
+    assert_eq!(daemon.stop().0, Some(0));
 }
 
 /// CPU time (user + system, in clock ticks) of the daemon's thread named `name`.
@@ -477,8 +397,8 @@ fn set_nofile(pid: i32, soft: u64) -> libc::rlimit {
 #[test]
 fn accept_errors_back_off_and_recover() {
     let d = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(d.path());
-    let addr = daemon.addr();
+    let daemon = start(d.path());
+    let addr = daemon.metrics_addr();
     let pid = daemon.pid();
     assert_eq!(get(&addr, "/healthz", false).code, 200);
     let old = set_nofile(pid, lowest_free_fd(pid));
@@ -487,7 +407,10 @@ fn accept_errors_back_off_and_recover() {
     // then has no descriptor. Either way the response is read once the limit is back.
     let mut kick = std::net::TcpStream::connect(&addr).unwrap();
     write!(kick, "GET /healthz HTTP/1.0\r\n\r\n").unwrap();
-    daemon.expect_log("metrics endpoint cannot accept connections", 1);
+    daemon.expect_log(
+        "metrics endpoint cannot accept connections",
+        Duration::from_secs(30),
+    );
     let t0 = thread_ticks(pid, "hp-metrics");
     let start = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
@@ -514,6 +437,9 @@ fn accept_errors_back_off_and_recover() {
     assert_eq!(read_response(&mut kick).code, 200);
     let r = get(&addr, "/metrics", false);
     assert_eq!(r.code, 200, "{}", r.head);
-    daemon.expect_log("metrics endpoint accepts connections again", 1);
-    assert_eq!(daemon.stop(), Some(0));
+    daemon.expect_log(
+        "metrics endpoint accepts connections again",
+        Duration::from_secs(30),
+    );
+    assert_eq!(daemon.stop().0, Some(0));
 }

@@ -2,6 +2,10 @@
 //! with tch, config files, all built in temp dirs in code. (No `allow(dead_code)`: in the
 //! one test binary every helper has a user, and one that loses its last is flagged.)
 
+mod daemon;
+
+pub use daemon::*;
+
 use std::path::{Path, PathBuf};
 
 use tch::{CModule, Device, Kind, Tensor, nn};
@@ -18,6 +22,15 @@ pub fn picture(w: u32, h: u32, seed: u32) -> image::RgbImage {
             ((1.0 - fx) * 150.0 + disc) as u8,
         ])
     })
+}
+
+/// A 64 x 64 [`picture`] as JPEG bytes: the tests' ordinary small input.
+pub fn jpeg_bytes(seed: u32) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    picture(64, 64, seed)
+        .write_to(&mut out, image::ImageFormat::Jpeg)
+        .unwrap();
+    out.into_inner()
 }
 
 pub fn write_jpeg(path: &Path, w: u32, h: u32, seed: u32) {

@@ -1,0 +1,160 @@
+//! A running `hotpipe run` for the end-to-end tests: the real binary, its stderr
+//! collected for assertions, signals sent to it, killed when dropped; and what those tests
+//! read of it from outside (resident memory, CPU time) and how they feed it (a producer's
+//! rename into the inbox).
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{hotpipe, wait_until};
+
+/// A running daemon with its stderr collected.
+pub struct Daemon {
+    pub child: Child,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    pub fn start(cfg: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = hotpipe();
+        cmd.args(["run", "--config"])
+            .arg(cfg)
+            .env("HOTPIPE_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // An empty value removes the variable (e.g. NO_COLOR, set above for every test).
+        for (k, v) in env {
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let l2 = Arc::clone(&log);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                l2.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Daemon { child, log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log().contains(needle))
+    }
+
+    pub fn expect_log(&self, needle: &str, timeout: Duration) {
+        assert!(
+            self.wait_log(needle, timeout),
+            "no `{needle}` in the log:\n{}",
+            self.log()
+        );
+    }
+
+    /// Wait (30 s at most) until `needle` appears `n` times in the log.
+    pub fn expect_count(&self, needle: &str, n: usize) {
+        assert!(
+            wait_until(Duration::from_secs(30), || self
+                .log()
+                .matches(needle)
+                .count()
+                >= n),
+            "not {n} times `{needle}` in the log:\n{}",
+            self.log()
+        );
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// SIGTERM and wait; returns the exit code and how long the exit took. The signal is
+    /// sent once the daemon has logged its first line (its signal handling is set up
+    /// before that), or has ended: a SIGTERM earlier would kill it outright, and a test
+    /// that stops a daemon whose work was already done would see a death by signal.
+    pub fn stop(mut self) -> (Option<i32>, Duration) {
+        use std::os::unix::process::ExitStatusExt;
+        wait_until(Duration::from_secs(30), || {
+            !self.log().is_empty() || self.child.try_wait().is_ok_and(|s| s.is_some())
+        });
+        let t = Instant::now();
+        self.signal(libc::SIGTERM);
+        let st = self.child.wait().unwrap();
+        if let Some(sig) = st.signal() {
+            eprintln!("daemon killed by signal {sig}");
+        }
+        (st.code(), t.elapsed())
+    }
+
+    /// SIGKILL (unless it died already) and wait; how it ended.
+    pub fn kill(mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGKILL);
+        self.child.wait().unwrap()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn metrics_addr(&self) -> String {
+        let log = self.log();
+        let i = log.find("metrics on http://").expect("metrics line") + "metrics on http://".len();
+        log[i..].split('/').next().unwrap().to_string()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Deliver like a well-behaved producer: write under a hidden name, rename in.
+pub fn deliver(hf: &Path, name: &str, bytes: &[u8]) {
+    let tmp = hf.join("inbox").join(format!(".{name}.part"));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, hf.join("inbox").join(name)).unwrap();
+}
+
+/// VmRSS of a process, in KiB.
+pub fn vm_rss_kib(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// CPU time a process used so far (user + system), in clock ticks.
+pub fn cpu_ticks(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name (field 2) may hold spaces; the fields after its `)` are fixed.
+    let rest = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the state (field 3).
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
