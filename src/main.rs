@@ -142,10 +142,12 @@ fn init_logging() {
     // Colour only for a person at a terminal (and not with NO_COLOR): escape codes in a
     // log file or a pipe are noise, and a reader of a file should see only text.
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    // stderr, with `hotpipe process`'s progress bar (when it shows one) taken off the
+    // screen for each line, so that lines and bar do not garble each other.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr)
+        .with_writer(hotpipe::process::LogWriter)
         .init();
 }
 
@@ -229,7 +231,8 @@ fn real_main(command: Command, named: Option<(PathBuf, NamedBy)>) -> anyhow::Res
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { cfg } => {
-            // Before any thread exists: the signal mask is inherited by every thread.
+            // Before the config is read and the pipeline starts, so that a SIGTERM from
+            // then on is a clean stop (until here it has its default effect).
             let signals = hotpipe::service::signals::install().context("cannot set up signals")?;
             hotpipe::service::run(&source(cfg)?, signals)?;
             Ok(ExitCode::SUCCESS)

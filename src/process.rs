@@ -2,7 +2,9 @@
 //! summary.
 //!
 //! Progress is a bar when stderr is a terminal and a plain log line every few seconds
-//! otherwise (a bar's carriage returns make a mess of a log file). Every failure is kept
+//! otherwise (a bar's carriage returns make a mess of a log file). Log lines written to
+//! the terminal while the bar is shown go through [`LogWriter`], which takes the bar off
+//! the screen for the line and draws it again below. Every failure is kept
 //! with its reason for the summary; the caller decides the exit status. The summary is
 //! text for a person ([`Summary`]'s `Display`) or one JSON object for a script
 //! ([`Summary::to_json`]).
@@ -10,8 +12,8 @@
 use std::fmt;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
@@ -220,7 +222,7 @@ pub fn run(
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        b
+        ShownBar::new(b)
     });
     let mut last_log = Instant::now();
     let (mut done, mut failed, mut outputs) = (0usize, Vec::new(), Vec::new());
@@ -236,7 +238,7 @@ pub fn run(
             }
         }
         let n = done + failed.len();
-        if let Some(b) = &bar {
+        if let Some(ShownBar { bar: b, .. }) = &bar {
             b.set_position(n as u64);
             b.set_message(format!("{} failed", failed.len()));
         } else if opts.progress && last_log.elapsed() >= Duration::from_secs(5) {
@@ -251,9 +253,7 @@ pub fn run(
             );
         }
     }
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
+    drop(bar);
     let _ = feeder.join();
     let elapsed = started.elapsed();
     let report = pipeline.telemetry().report();
@@ -273,4 +273,172 @@ pub fn run(
         frame_buffers_created,
         stages,
     })
+}
+
+/// The bar [`run`] shows, while it shows one, with the number of its [`ShownBar`]:
+/// [`LogWriter`] writes around it.
+static SHOWN: Mutex<Option<(u64, indicatif::ProgressBar)>> = Mutex::new(None);
+static SHOWN_IDS: AtomicU64 = AtomicU64::new(0);
+
+/// A progress bar on the terminal, known to [`LogWriter`] until dropped; dropping it
+/// takes the bar off the screen.
+struct ShownBar {
+    id: u64,
+    bar: indicatif::ProgressBar,
+}
+
+impl ShownBar {
+    fn new(bar: indicatif::ProgressBar) -> ShownBar {
+        let id = SHOWN_IDS.fetch_add(1, Ordering::Relaxed);
+        *SHOWN.lock().unwrap_or_else(PoisonError::into_inner) = Some((id, bar.clone()));
+        ShownBar { id, bar }
+    }
+}
+
+impl Drop for ShownBar {
+    fn drop(&mut self) {
+        let mut shown = SHOWN.lock().unwrap_or_else(PoisonError::into_inner);
+        if shown.as_ref().is_some_and(|(id, _)| *id == self.id) {
+            *shown = None;
+        }
+        drop(shown);
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Run `f`, a write to the terminal, with the bar [`run`] shows (if it shows one) taken
+/// off the screen, and draw the bar again after it.
+fn around_bar<R>(f: impl FnOnce() -> R) -> R {
+    let bar = SHOWN
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .map(|(_, b)| b.clone());
+    match bar {
+        Some(b) => b.suspend(f),
+        None => f(),
+    }
+}
+
+/// stderr for log lines (a `tracing_subscriber` writer) that keeps clear of the progress
+/// bar: while [`run`] shows one, each line is written with the bar taken off the screen,
+/// and the bar is drawn again below it. Written straight to stderr, a line would start
+/// in the middle of the bar's line and be partly overwritten by its next redraw. With no
+/// bar shown it is plain stderr.
+///
+/// indicatif's own `suspend` does it; `tracing-indicatif` would too, but it is built to
+/// draw bars for tracing spans, and all it would give here is this writer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        around_bar(|| std::io::stderr().write(buf))
+    }
+
+    // tracing's fmt layer writes each event with one `write_all`: one suspension a line.
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        around_bar(|| std::io::stderr().write_all(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogWriter;
+
+    fn make_writer(&'a self) -> LogWriter {
+        *self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use tracing_subscriber::fmt::MakeWriter;
+
+    /// A terminal that records what is done to it.
+    #[derive(Debug, Clone, Default)]
+    struct Screen(Arc<Mutex<Vec<String>>>);
+
+    impl Screen {
+        fn log(&self, op: String) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(op);
+            Ok(())
+        }
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            80
+        }
+        fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
+            self.log(format!("up {n}"))
+        }
+        fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
+            self.log(format!("down {n}"))
+        }
+        fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
+            self.log(format!("right {n}"))
+        }
+        fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
+            self.log(format!("left {n}"))
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.log(format!("line {s}"))
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.log(format!("str {s}"))
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            self.log("clear".into())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// One test, not several: the shown bar is process-wide.
+    #[test]
+    fn log_lines_are_written_with_the_bar_off_the_screen() {
+        let screen = Screen::default();
+        let target = indicatif::ProgressDrawTarget::term_like(Box::new(screen.clone()));
+        let bar = indicatif::ProgressBar::with_draw_target(Some(10), target);
+        bar.set_style(indicatif::ProgressStyle::with_template("{pos}/{len}").unwrap());
+        let shown = ShownBar::new(bar);
+        shown.bar.set_position(3);
+        let drawn = screen.take();
+        assert!(drawn.iter().any(|op| op.contains("3/10")), "{drawn:?}");
+
+        // What the log writer does around a line, with the line written to the screen.
+        around_bar(|| screen.log("LOG".into())).unwrap();
+        let ops = screen.take();
+        let at = ops.iter().position(|op| op == "LOG").unwrap();
+        assert!(
+            ops[..at].iter().any(|op| op == "clear"),
+            "bar not cleared: {ops:?}"
+        );
+        assert!(
+            ops[at + 1..].iter().any(|op| op.contains("3/10")),
+            "bar not redrawn: {ops:?}"
+        );
+
+        // The writer tracing is given goes through it (its line itself goes to stderr).
+        LogWriter.make_writer().write_all(b"").unwrap();
+        let ops = screen.take();
+        assert!(ops.iter().any(|op| op == "clear"), "{ops:?}");
+        assert!(ops.iter().any(|op| op.contains("3/10")), "{ops:?}");
+
+        // Once the bar is gone, lines are written as they are.
+        drop(shown);
+        screen.take();
+        around_bar(|| screen.log("LOG".into())).unwrap();
+        assert_eq!(screen.take(), ["LOG"]);
+    }
 }

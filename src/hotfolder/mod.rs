@@ -25,7 +25,6 @@ pub mod watch;
 
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// Something that stops the hot folder from working at all (as opposed to one item).
@@ -124,12 +123,17 @@ impl Layout {
             .write(true)
             .open(&path)
             .map_err(io_err(format!("cannot open {}", path.display())))?;
-        // SAFETY: flock on a valid descriptor we own.
-        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r != 0 {
-            return Err(HotfolderError::Locked(self.root.clone()));
+        // flock(LOCK_EX | LOCK_NB) on Linux: held by the open file, so it ends with the
+        // process however that dies, and a second open (even in this process) is refused.
+        match f.try_lock() {
+            Ok(()) => Ok(RootLock(f)),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                Err(HotfolderError::Locked(self.root.clone()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(io_err(format!("cannot lock {}", path.display()))(e))
+            }
         }
-        Ok(RootLock(f))
     }
 }
 

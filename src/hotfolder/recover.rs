@@ -42,7 +42,7 @@ pub const CRASH_RECORD: &str = ".hp-crash";
 /// Room kept for a crash record: written into preallocated blocks, so the record is
 /// still written when the disk is full (what makes a full disk crash-prone is no excuse
 /// to forget who crashed).
-const CRASH_RECORD_BYTES: i64 = 64 << 10;
+const CRASH_RECORD_BYTES: u64 = 64 << 10;
 
 /// What to do with an item of `work/` now.
 #[derive(Debug, PartialEq)]
@@ -191,10 +191,20 @@ pub fn arm_crash_record(layout: &Layout) -> std::io::Result<File> {
         .create(true)
         .truncate(true)
         .open(layout.work.join(CRASH_RECORD))?;
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: posix_fallocate on a descriptor we own. It may be unsupported (some
-    // filesystems); the record is then written on demand, which only fails on a full disk.
-    let _ = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, CRASH_RECORD_BYTES) };
+    // What posix_fallocate(3) does: fallocate(2), and where the filesystem has no
+    // fallocate, zeros written over the range (at offset 0 with pwrite: the record is
+    // written from the start). Should both fail, the record is written on demand, which
+    // only fails on a full disk.
+    let r = rustix::fs::fallocate(
+        &f,
+        rustix::fs::FallocateFlags::empty(),
+        0,
+        CRASH_RECORD_BYTES,
+    );
+    if r == Err(rustix::io::Errno::OPNOTSUPP) {
+        use std::os::unix::fs::FileExt;
+        let _ = f.write_all_at(&vec![0; CRASH_RECORD_BYTES as usize], 0);
+    }
     Ok(f)
 }
 
@@ -449,8 +459,12 @@ mod tests {
         let target = d.path().join("secret");
         std::fs::write(&target, b"keep").unwrap();
         std::os::unix::fs::symlink(&target, l.work.join("link.jpg")).unwrap();
-        let fifo = std::ffi::CString::new(l.work.join("p.jpg").to_str().unwrap()).unwrap();
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            l.work.join("p.jpg"),
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
         for n in ["link.jpg", "p.jpg"] {
             assert!(matches!(
                 begin(&l, OsStr::new(n), 3, OnSuccess::Move).unwrap(),

@@ -689,6 +689,11 @@ fn stop(
 fn exit_now(code: i32) -> ! {
     // SAFETY: `_exit` has no preconditions and never returns; it skips only user-space
     // clean-up, which is the point.
+    // Why libc and not a crate: std has no exit without exit handlers (`process::exit`
+    // runs them; `abort` loses the status); rustix's safe `exit_group` is in its
+    // experimental, hidden `runtime` API; `nix::unistd::_exit` is this same call behind a
+    // safe signature, not worth a dependency for one line (libc stays a dependency for
+    // the crash handlers either way).
     unsafe { libc::_exit(code) }
 }
 

@@ -23,4 +23,5 @@ mod journald;
 mod metrics;
 mod peers;
 mod process;
+mod progress;
 mod quality;
