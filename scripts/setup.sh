@@ -14,7 +14,7 @@ source scripts/env.sh
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 need_pkgs=()
-for p in pkg-config cmake nasm; do
+for p in pkg-config cmake nasm patchelf; do
   command -v "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 command -v cc >/dev/null 2>&1 || need_pkgs+=(build-essential)

@@ -32,6 +32,9 @@ pub struct CheckReport {
     pub face_crop: Option<FaceCropFound>,
     /// `None` without `[model]`.
     pub model: Option<ModelFound>,
+    /// `[hotfolder]`'s root (resolved) and shutdown grace: what an installer needs to
+    /// know to give the service its folder and its stop timeout. `None` without it.
+    pub hotfolder: Option<(std::path::PathBuf, u64)>,
 }
 
 /// `[face_crop]` as it will run.
@@ -102,6 +105,7 @@ pub fn check(cfg: &Config) -> Result<CheckReport, PipelineError> {
         quality: cfg.encode.quality,
         face_crop,
         model: check_model(cfg)?,
+        hotfolder: (cfg.hotfolder.as_ref()).map(|h| (h.root.clone(), h.shutdown_grace_s)),
     })
 }
 
@@ -195,6 +199,10 @@ impl CheckReport {
             "encode": { "format": config_name(self.format), "quality": self.quality },
             "face_crop": face_crop,
             "model": model,
+            "hotfolder": self.hotfolder.as_ref().map(|(root, grace)| serde_json::json!({
+                "root": root.to_string_lossy(),
+                "shutdown_grace_s": grace,
+            })),
         })
     }
 }

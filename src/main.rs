@@ -124,13 +124,14 @@ enum Command {
 }
 
 /// Logs go to journald, with fields, when systemd connected stderr to the journal
-/// (`JOURNAL_STREAM` is set); to stderr otherwise.
+/// (`JOURNAL_STREAM` names stderr's device and inode); to stderr otherwise, also when
+/// the variable was inherited by a process whose stderr is a pipe or a file.
 fn init_logging() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOTPIPE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if std::env::var_os("JOURNAL_STREAM").is_some()
+    if hotpipe::service::systemd::journal_is_stderr()
         && let Ok(journald) = tracing_journald::layer()
     {
         tracing_subscriber::registry()

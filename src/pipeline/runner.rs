@@ -255,7 +255,7 @@ fn inject_faults<In>(
     while i < items.len() {
         let err = match fault::check(stage.as_str(), &items[i].path) {
             None => None,
-            Some(f @ (Fault::Panic | Fault::Abort)) => {
+            Some(f @ (Fault::Panic | Fault::Abort | Fault::Stall)) => {
                 act = Some(f);
                 None
             }

@@ -24,6 +24,7 @@ pub mod signals;
 pub mod systemd;
 
 use std::ffi::OsString;
+use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -64,6 +65,14 @@ pub enum ServiceError {
     #[error("the pipeline stopped unexpectedly")]
     PipelineDied,
 }
+
+/// The longest a start (model load, recovery, first scan) may keep extending systemd's
+/// start timeout; a load that takes longer is taken as hung.
+const START_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+/// Added to `shutdown_grace_s` for systemd's stop timeout: time to join the threads and
+/// exit after the last item in flight.
+pub const STOP_MARGIN: Duration = Duration::from_secs(15);
 
 /// Counters and health shared by the daemon's threads and the metrics endpoint.
 pub struct Shared {
@@ -241,6 +250,9 @@ impl Session {
         }
         let (finish_tx, finish_rx) = unbounded::<OsString>();
         let sink = Arc::new(HotSink::new(layout.clone(), hf.on_success, finish_tx));
+        if let Some(f) = crate::vocab::fault::check("load", Path::new(&cfg.source)) {
+            f.act("load");
+        }
         let mut pipeline = Pipeline::start(cfg, sink)?;
         {
             // The previous pipeline was drained and joined (or, one whose session failed
@@ -590,8 +602,10 @@ pub fn run(config: &ConfigSource, signals: Receiver<Signal>) -> Result<(), Servi
         })?;
         tracing::info!(%local, "metrics on http://{local}/metrics, health on /healthz");
     }
-    let mut session = Session::start(&cfg, &shared)?;
-    let tick = crossbeam_channel::tick(notifier.watchdog.unwrap_or(Duration::from_secs(5)));
+    let mut session = start(&cfg, &shared, &notifier)?;
+    let tick = crossbeam_channel::tick(notifier.tick());
+    // Between a (re)start and the first scan's end: systemd is waiting for READY=1.
+    let mut starting = true;
     loop {
         let outcomes = session.outcomes.clone();
         let ready = session.ready.clone();
@@ -599,6 +613,7 @@ pub fn run(config: &ConfigSource, signals: Receiver<Signal>) -> Result<(), Servi
         select! {
             recv(ready) -> r => {
                 session.ready = crossbeam_channel::never();
+                starting = false;
                 if r.is_ok() {
                     let info = session.pipeline.info();
                     tracing::info!(
@@ -622,15 +637,18 @@ pub fn run(config: &ConfigSource, signals: Receiver<Signal>) -> Result<(), Servi
             },
             recv(signals) -> s => match s {
                 Ok(Signal::Terminate) | Err(_) => return stop(session, &shared, &notifier),
-                Ok(Signal::Reload) => session = reload(session, config, &shared, &notifier)?,
+                Ok(Signal::Reload) => {
+                    let restarted;
+                    (session, restarted) = reload(session, config, &shared, &notifier)?;
+                    starting |= restarted;
+                }
             },
             recv(tick) -> _ => {
-                if notifier.watchdog.is_some() {
-                    match shared.health() {
-                        Ok(_) => notifier.send("WATCHDOG=1"),
-                        Err(why) => tracing::error!(%why, "pipeline stuck; withholding the watchdog ping"),
-                    }
+                let health = shared.health();
+                if let (Err(why), Some(_)) = (&health, notifier.watchdog) {
+                    tracing::error!(%why, "pipeline stuck; withholding the watchdog ping");
                 }
+                notifier.alive(health.is_ok(), starting);
             },
         }
     }
@@ -646,6 +664,9 @@ fn stop(
 ) -> Result<(), ServiceError> {
     notifier.send("STOPPING=1\nSTATUS=finishing items in flight");
     let grace = Duration::from_secs(session.hf.shutdown_grace_s);
+    // The grace is the config's promise; the unit's TimeoutStopSec (derived from it at
+    // install time) may be older than the config.
+    notifier.extend(grace + STOP_MARGIN);
     tracing::info!(
         grace_s = grace.as_secs(),
         "stopping: no new claims, finishing items in flight"
@@ -697,39 +718,66 @@ fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// Start a session (the model loads: possibly minutes) while systemd's start timeout is
+/// extended and its watchdog fed, for [`START_LIMIT`] at most.
+fn start(
+    cfg: &Config,
+    shared: &Arc<Shared>,
+    notifier: &systemd::Notifier,
+) -> Result<Session, ServiceError> {
+    let t0 = Instant::now();
+    notifier.busy(
+        || t0.elapsed() < START_LIMIT,
+        || Session::start(cfg, shared),
+    )
+}
+
 /// SIGHUP: a valid config replaces the running one (drain, then start with it); an
-/// invalid one, or one whose pipeline will not start, leaves the old one running.
+/// invalid one, or one whose pipeline will not start, leaves the old one running. The
+/// second value says whether a session was started (its first scan then ends the reload
+/// with `READY=1` from the main loop); a config that does not load ends it here.
 fn reload(
     session: Session,
     source: &ConfigSource,
     shared: &Arc<Shared>,
     notifier: &systemd::Notifier,
-) -> Result<Session, ServiceError> {
+) -> Result<(Session, bool), ServiceError> {
+    notifier.reloading("reloading the config");
     let new = match load(source) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "config reload failed; keeping the running config");
-            return Ok(session);
+            notifier.send(&format!(
+                "READY=1\nSTATUS=reload failed, running the previous config: {}",
+                first_line(&e.to_string())
+            ));
+            return Ok((session, false));
         }
     };
     if new.metrics != session.cfg.metrics {
         tracing::warn!("[metrics] listen changes take effect at the next start");
     }
-    notifier.send("RELOADING=1\nSTATUS=reloading the config");
     let old = session.cfg.clone();
-    session.drain(shared, None)?;
-    let next = match Session::start(&new, shared) {
+    // A drain that makes progress may take as long as it needs (systemd's reload timeout
+    // is extended); one that is stuck stops feeding the watchdog, as in normal running.
+    notifier.busy(|| shared.health().is_ok(), || session.drain(shared, None))?;
+    let next = match start(&new, shared, notifier) {
         Ok(s) => {
             tracing::info!(config = %source.path.display(), "config reloaded");
             s
         }
         Err(e) => {
             tracing::error!(error = %e, "the new config does not start; going on with the old one");
-            Session::start(&old, shared)?
+            start(&old, shared, notifier)?
         }
     };
-    // READY=1 follows from the main loop once the new session's first scan is done.
-    Ok(next)
+    Ok((next, true))
+}
+
+/// The first line of an error (a config error can quote a whole TOML snippet): what fits
+/// systemd's one-line `STATUS=`.
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or_default()
 }
 
 #[cfg(test)]

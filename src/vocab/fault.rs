@@ -10,10 +10,12 @@
 //! separated by `,`, each `point:fault:times:pattern`:
 //! - `point`: a stage name (`read`, `decode`, `detect`, `fit`, `encode`; checked by the
 //!   stage runner before the stage sees the item), `infer` (each forward call of more
-//!   than one row), or `publish-mid` (after an item's image is renamed into `outbox/`
-//!   and before its sidecar is);
-//! - `fault`: `panic`, `abort` (the whole process, as a crash would), `oom`, or an errno
-//!   name: `eio`, `emfile`, `enospc`, `eacces`;
+//!   than one row), `publish-mid` (after an item's image is renamed into `outbox/`
+//!   and before its sidecar is), or `load` (the daemon's start-up, before the pipeline
+//!   loads its models; the pattern matches the config's path);
+//! - `fault`: `panic`, `abort` (the whole process, as a crash would), `oom`, `stall`
+//!   (three seconds' sleep: a slow model load), or an errno name: `eio`, `emfile`,
+//!   `enospc`, `eacces`;
 //! - `times`: how many hits before the rule is spent (empty: every hit);
 //! - `pattern`: a substring of the item's path (empty: every item). Last, so it may
 //!   hold `:`. In-process tests use their temp dir, so parallel tests never share a rule.
@@ -26,6 +28,8 @@ pub enum Fault {
     Panic,
     Abort,
     Oom,
+    /// Three seconds of sleep, as a large model's load would take.
+    Stall,
     /// An I/O error with this errno.
     Errno(i32),
 }
@@ -48,6 +52,7 @@ impl Fault {
                 eprintln!("hotpipe: injected abort at {point}");
                 std::process::abort()
             }
+            Fault::Stall => std::thread::sleep(std::time::Duration::from_secs(3)),
             Fault::Oom | Fault::Errno(_) => {}
         }
     }
@@ -115,6 +120,7 @@ fn parse(spec: &str) -> Result<Vec<Rule>, String> {
                 "panic" => Fault::Panic,
                 "abort" => Fault::Abort,
                 "oom" => Fault::Oom,
+                "stall" => Fault::Stall,
                 "eio" => Fault::Errno(libc::EIO),
                 "emfile" => Fault::Errno(libc::EMFILE),
                 "enospc" => Fault::Errno(libc::ENOSPC),

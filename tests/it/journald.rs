@@ -72,16 +72,38 @@ fn logs_reach_journald_with_fields() {
     let bad = d.path().join(format!("{marker}.jpg"));
     std::fs::write(&bad, b"not an image").unwrap();
     let cfg = write(&d.path().join("p.toml"), "[preprocess]\nsize = 64\n");
-    let r = hotpipe()
-        .env("JOURNAL_STREAM", "8:12345")
-        .args(["process", "--quiet", "--config"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(d.path().join("out"))
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let run = |stream: &str, stderr: std::process::Stdio| {
+        hotpipe()
+            .env("JOURNAL_STREAM", stream)
+            .args(["process", "--quiet", "--config"])
+            .arg(&cfg)
+            .arg("--out")
+            .arg(d.path().join("out"))
+            .arg(&bad)
+            .stderr(stderr)
+            .output()
+            .unwrap()
+    };
+    // Inherited from a parent whose stderr was the journal, but this stderr is a pipe:
+    // text on stderr, not journal fields (systemd's rule: compare device and inode).
+    let inherited = run("8:12345", std::process::Stdio::piped());
+    assert_eq!(inherited.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&inherited.stderr);
+    assert!(
+        text.contains(&marker) && text.contains("not a recognised image"),
+        "{text}"
+    );
+    // The stream systemd would connect: JOURNAL_STREAM names this very pipe.
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    let st = rustix::fs::fstat(&writer).unwrap();
+    let r = run(&format!("{}:{}", st.st_dev, st.st_ino), writer.into());
+    let mut on_stderr = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut on_stderr).unwrap();
     assert_eq!(r.status.code(), Some(1));
+    assert!(
+        !on_stderr.contains(&marker),
+        "went to stderr, not the journal: {on_stderr}"
+    );
     let (mut found, mut last) = (String::new(), String::new());
     wait_until(Duration::from_secs(10), || {
         let out = std::process::Command::new("journalctl")
@@ -116,9 +138,4 @@ fn journal_alive(socket: &Path) -> bool {
     std::os::unix::net::UnixDatagram::unbound()
         .and_then(|s| s.connect(socket))
         .is_ok()
-}
-
-fn nix_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }

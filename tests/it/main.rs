@@ -25,3 +25,4 @@ mod peers;
 mod process;
 mod progress;
 mod quality;
+mod systemd;

@@ -376,3 +376,8 @@ pub fn slow_model(path: &Path) {
     .unwrap();
     m.save(path).unwrap();
 }
+
+/// Whether the tests run as root (some start system daemons).
+pub fn nix_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
