@@ -2,7 +2,11 @@
 # Hot-folder latency: time from a rename into inbox/ to the output's appearance in
 # outbox/, one file at a time at idle, against the model's own time per batch (the
 # daemon's infer-stage mean from /metrics). Target: p50 <= model time + 30 ms.
-#   scripts/bench_latency.sh [N_FILES (default 100)] [CONFIG (default pipeline.toml)]
+#   scripts/bench_latency.sh [N_FILES (default 100)] [CONFIG]
+# CONFIG defaults to the demo job (models/restore.pt on the CPU, size 512, max_batch 8,
+# batch_timeout_ms 10, JPEG q90): the inputs are synthetic, with no face for the default
+# face-crop job to find. A config's job must succeed on them (a file that lands in
+# failed/ stops the run with its reason).
 # Files are written into a staging folder on the same filesystem first and left to age
 # past settle_ms, as a producer that writes under a temporary name and renames when done
 # would; so the measured time is claim + read + decode + fit + infer + encode + durable
@@ -11,26 +15,26 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 n="${1:-100}"
-config="$(realpath "${2:-pipeline.toml}")"
 [ -x target/release/hotpipe ] || scripts/setup.sh
 work="$(mktemp -d "${TMPDIR:-/tmp}/hotpipe-bench.XXXXXX")"
-trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$work"' EXIT
-# The config, with the hot folder moved to the scratch root and the model path absolute.
-"$HOTPIPE_PYTHON" - "$config" "$work" <<'PY'
-import re, sys, os
-src, work = sys.argv[1], sys.argv[2]
-text = open(src).read()
-base = os.path.dirname(src)
-text = re.sub(r'(?m)^path = "([^"/][^"]*)"', lambda m: f'path = "{os.path.join(base, m.group(1))}"', text)
-text = re.sub(r'(?m)^root = .*$', f'root = "{work}/hf"', text)
-text = re.sub(r'(?m)^listen = .*$', 'listen = "127.0.0.1:0"', text)
-open(os.path.join(work, "p.toml"), "w").write(text)
-PY
-target/release/hotpipe run --config "$work/p.toml" 2> "$work/log" &
+pid=""
+trap 'if [ -n "$pid" ]; then kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; fi; rm -rf "$work"' EXIT
+if [ -n "${2:-}" ]; then
+  config="$(realpath "$2")"
+else
+  config="$work/demo.toml"
+  printf '[model]\npath = "%s"\ndevice = "cpu"\nmax_batch = 8\nbatch_timeout_ms = 10\n[preprocess]\nsize = 512\n[encode]\nformat = "jpeg"\nquality = 90\n[hotfolder]\nroot = "hf"\n' \
+    "$PWD/models/restore.pt" > "$config"
+fi
+# The config as given, with the hot folder moved to the scratch root and the listener on a
+# free port (its relative paths stay relative to its own folder).
+port="$("$HOTPIPE_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+addr="127.0.0.1:$port"
+target/release/hotpipe run --config "$config" --set "hotfolder.root=$work/hf" \
+  --set "metrics.listen=$addr" 2> "$work/log" &
 pid=$!
 for _ in $(seq 300); do grep -q "hot folder ready" "$work/log" && break; sleep 0.1; done
 grep -q "hot folder ready" "$work/log" || { cat "$work/log"; exit 1; }
-addr="$(sed -n 's|.*metrics on http://\([^/]*\)/.*|\1|p' "$work/log" | head -1)"
 "$HOTPIPE_PYTHON" - "$work" "$n" "$addr" <<'PY'
 import os, sys, time, urllib.request, statistics, re
 from PIL import Image
@@ -56,9 +60,12 @@ def infer_sum_count(m):
 def one(name):
     src, dst = os.path.join(stage, name), os.path.join(hf, "inbox", name)
     out = os.path.join(hf, "outbox", name)  # same stem; the demo config encodes JPEG
+    failed = os.path.join(hf, "failed", name + ".error.json")
     t0 = time.perf_counter()
     os.rename(src, dst)
     while not os.path.exists(out):
+        if os.path.exists(failed):
+            sys.exit(f"{name} failed (this config's job does not succeed on the synthetic inputs): {open(failed).read()}")
         time.sleep(0.0005)
     return (time.perf_counter() - t0) * 1000
 one("lat0000.jpg"); time.sleep(0.3)

@@ -12,14 +12,12 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 W=/tmp/w1; mkdir -p $W
 python3 make_data.py astronaut.png $W/D400 400 7
 python3 make_model.py $W/m.pt 48 8 >/dev/null
-for prec in fp32 bf16 fp16; do
-cat > $W/$prec.toml <<EOT
+cat > $W/w1.toml <<EOT
 [model]
 path = "$W/m.pt"
 device = "cuda:0"
 max_batch = 8
 batch_timeout_ms = 5
-precision = "$prec"
 [preprocess]
 size = 512
 [encode]
@@ -30,20 +28,19 @@ decode_threads = 12
 fit_threads = 2
 encode_threads = 4
 EOT
-done
-run_hp() { rm -rf $W/o_$1; ./hotpipe process --quiet --config $W/$1.toml --out $W/o_$1 $W/D400 2>>"$OUT/hotpipe.log" | head -1; }
+run_hp() { rm -rf $W/o_$1; ./hotpipe process --quiet --config $W/w1.toml --set model.precision=$1 --out $W/o_$1 $W/D400 2>>"$OUT/hotpipe.log" | head -1; }
 run_peer() { rm -rf $W/p; python3 peers.py $W/m.pt $W/D400 $W/p cuda $1 16 8 512 2>>"$OUT/peers.log"; }
 for r in 1 2; do
   for p in fp32 bf16 fp16; do echo "round $r hotpipe_$p: $(run_hp $p)"; done
   for v in model_only dataloader model_only_bf16 model_only_fp16 gpu_codec; do echo "round $r $(run_peer $v)"; done
 done 2>&1 | tee "$OUT/w1.txt"
-HOTPIPE_LOG=info ./hotpipe process --config $W/fp32.toml --out $W/o_tel $W/D400 2>&1 | grep -A12 "stage telemetry" | tee "$OUT/telemetry.txt"
+HOTPIPE_LOG=info ./hotpipe process --config $W/w1.toml --out $W/o_tel $W/D400 2>&1 | grep -A12 "stage telemetry" | tee "$OUT/telemetry.txt"
 
 # Face crop on the GPU (issue 5: >= 10x the peer): the default job, same 100 images.
 python3 make_data.py astronaut.png $W/F100 100 7
-sed -e 's/^device = "auto"/device = "cuda:0"/' -e "s|^weights = \"models/mtcnn\"|weights = \"$PWD/mtcnn\"|" pipeline.toml > $W/face.toml
+face=(--config pipeline.toml --set face_crop.device=cuda:0 --set "face_crop.weights=$PWD/mtcnn")
 rm -rf /tmp/site; python3 -m pip install -q --no-deps --no-index --target /tmp/site wheels/*.whl 2>>"$OUT/peers.log"
 for r in 1 2; do
-  rm -rf $W/fo; echo "round $r hotpipe_face: $(./hotpipe process --quiet --config $W/face.toml --out $W/fo $W/F100 2>>"$OUT/hotpipe.log" | grep -E '^done ')"
+  rm -rf $W/fo; echo "round $r hotpipe_face: $(./hotpipe process --quiet "${face[@]}" --out $W/fo $W/F100 2>>"$OUT/hotpipe.log" | grep -E '^done ')"
   rm -rf $W/fp; echo "round $r $(PYTHONPATH=/tmp/site python3 mtcnn_peer.py $W/F100 $W/fp cuda 512 64 2>>"$OUT/peers.log" | grep '^peer=')"
 done 2>&1 | tee "$OUT/face.txt"
