@@ -5,6 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
+# What only the tests need: headless Chromium for the status page's test.
+if ! command -v chromium >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "[test] installing chromium (the status page is tested in a real browser)" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
 # A test whose fixture is missing fails here instead of skipping (CUDA tests still skip:
 # CI has no GPU).
 export HOTPIPE_TEST_STRICT=1

@@ -1,4 +1,5 @@
-//! `/metrics` and `/healthz` over a tiny HTTP/1.0 server on one thread: a scrape every
+//! `/metrics`, `/healthz` and the status page `/` ([`super::page`]) over a tiny HTTP/1.0
+//! server on one thread: a scrape every
 //! few seconds needs no async runtime, and a server that answers one request at a time
 //! with short timeouts and a fixed request buffer cannot be made to hold memory or
 //! threads per connection. Loopback by default (`[metrics] listen`).
@@ -120,7 +121,21 @@ impl Server {
         let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
         let mut buf = [0u8; 2048];
         let req = Request::parse(read_head(&mut s, &mut buf));
+        let mut extra = String::new();
         let (status, ctype, body) = match req.path {
+            "/" => {
+                // Its policy (nothing loads or runs from anywhere), and no caching of
+                // figures that change every second.
+                extra = format!(
+                    "Content-Security-Policy: {}\r\nCache-Control: no-store\r\n",
+                    super::page::CSP
+                );
+                (
+                    "200 OK",
+                    "text/html; charset=utf-8",
+                    super::page::render(&self.shared),
+                )
+            }
             "/metrics" => {
                 let ctype = if req.openmetrics {
                     OPENMETRICS
@@ -139,7 +154,7 @@ impl Server {
             _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
         };
         let head = format!(
-            "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
             body.len()
         );
         let _ = s
@@ -162,8 +177,12 @@ fn read_head<'b>(s: &mut TcpStream, buf: &'b mut [u8]) -> &'b str {
     let mut n = 0;
     while n < buf.len() {
         match s.read(&mut buf[n..]) {
-            Ok(0) | Err(_) => break,
+            Ok(0) => break,
             Ok(k) => n += k,
+            // A signal landed on this thread (signal-hook's handlers may run on any);
+            // a socket read with a timeout is not restarted by SA_RESTART.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
         }
         if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].ends_with(b"\n\n") {
             break;

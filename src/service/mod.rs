@@ -20,6 +20,8 @@
 //! in `work/` and is resumed by the next start.
 
 pub mod http;
+mod page;
+pub mod recent;
 pub mod signals;
 pub mod systemd;
 
@@ -100,6 +102,8 @@ pub struct Shared {
     /// Pinged whenever an outcome has been handled: what the claimer waits on while a
     /// crash suspect runs alone.
     settled: (Sender<()>, Receiver<()>),
+    /// The status page's phase, model and recent outcomes.
+    pub recent: recent::Recent,
 }
 
 impl Shared {
@@ -119,6 +123,7 @@ impl Shared {
             settled: bounded(1),
             retry_waiting: AtomicU64::new(0),
             retry_reason: Mutex::new(String::new()),
+            recent: recent::Recent::default(),
         }
     }
 
@@ -329,6 +334,13 @@ impl Session {
         match o.result {
             Ok(paths) => {
                 shared.done.fetch_add(1, Ordering::Relaxed);
+                let out = paths.first().and_then(|p| p.file_name());
+                shared.recent.record(
+                    &name.to_string_lossy(),
+                    true,
+                    o.item.started.elapsed().as_millis() as u64,
+                    &out.unwrap_or_default().to_string_lossy(),
+                );
                 tracing::info!(file = ?o.item.path, output = ?paths.first(), ms = o.item.started.elapsed().as_millis() as u64, "done");
             }
             Err(e) if changed_since_read(&o.item) => match unclaim(&self.layout, &name) {
@@ -351,6 +363,12 @@ impl Session {
             Err(e) => match fail_item(&self.layout, &name, &e.reason, e.stage) {
                 Ok(to) => {
                     shared.failed.fetch_add(1, Ordering::Relaxed);
+                    shared.recent.record(
+                        &name.to_string_lossy(),
+                        false,
+                        o.item.started.elapsed().as_millis() as u64,
+                        &format!("{}: {}", e.stage, e.reason),
+                    );
                     tracing::warn!(file = ?e.path, stage = %e.stage, reason = %e.reason, moved_to = ?to, "failed");
                 }
                 Err(err) => {
@@ -450,6 +468,8 @@ impl Claimer {
             }
             Ok(Begin::Failed(reason)) => {
                 self.shared.failed.fetch_add(1, Ordering::Relaxed);
+                let detail = format!("claim: {reason}");
+                (self.shared.recent).record(&name.to_string_lossy(), false, 0, &detail);
                 tracing::warn!(file = ?name, stage = "claim", %reason, "failed");
                 true
             }
@@ -624,6 +644,7 @@ pub fn run(config: &ConfigSource, signals: Receiver<Signal>) -> Result<(), Servi
                         "hot folder ready"
                     );
                     notifier.send("READY=1\nSTATUS=watching the inbox");
+                    shared.recent.set_running(&info.model, &format!("{:?}", info.devices));
                 }
             },
             recv(outcomes) -> o => match o {
@@ -663,6 +684,7 @@ fn stop(
     notifier: &systemd::Notifier,
 ) -> Result<(), ServiceError> {
     notifier.send("STOPPING=1\nSTATUS=finishing items in flight");
+    shared.recent.set_phase(recent::Phase::Stopping);
     let grace = Duration::from_secs(session.hf.shutdown_grace_s);
     // The grace is the config's promise; the unit's TimeoutStopSec (derived from it at
     // install time) may be older than the config.
@@ -743,6 +765,7 @@ fn reload(
     notifier: &systemd::Notifier,
 ) -> Result<(Session, bool), ServiceError> {
     notifier.reloading("reloading the config");
+    shared.recent.set_phase(recent::Phase::Reloading);
     let new = match load(source) {
         Ok(c) => c,
         Err(e) => {
@@ -751,6 +774,7 @@ fn reload(
                 "READY=1\nSTATUS=reload failed, running the previous config: {}",
                 first_line(&e.to_string())
             ));
+            shared.recent.set_phase(recent::Phase::Ready);
             return Ok((session, false));
         }
     };

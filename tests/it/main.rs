@@ -25,4 +25,5 @@ mod peers;
 mod process;
 mod progress;
 mod quality;
+mod status;
 mod systemd;

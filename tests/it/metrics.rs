@@ -167,7 +167,7 @@ pub fn scrape(addr: &str, openmetrics: bool) -> Option<Exposition> {
 
 /// `hotpipe run` on a hot folder at `dir/hf` (no model, 64x64 JPEG outputs, metrics on
 /// a free port), started and ready.
-fn start(dir: &Path) -> Daemon {
+pub fn start(dir: &Path) -> Daemon {
     let cfg = write(
         &dir.join("p.toml"),
         "[preprocess]\nsize = 64\n\n[encode]\nformat = \"jpeg\"\n\n[pipeline]\ndecode_threads = 1\nfit_threads = 1\nencode_threads = 2\nchannel_capacity = 4\n\n[hotfolder]\nroot = \"hf\"\nsettle_ms = 0\nretry_s = 1\nshutdown_grace_s = 5\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
@@ -179,7 +179,7 @@ fn start(dir: &Path) -> Daemon {
 
 /// Wait until the sample line `line` (e.g. `hotpipe_files_done_total 3`) is exposed: an
 /// input reaches done/ inside the sink a moment before its outcome is counted.
-fn wait_line(addr: &str, line: &str) {
+pub fn wait_line(addr: &str, line: &str) {
     let needle = format!("\n{line}\n");
     assert!(
         wait_until(Duration::from_secs(30), || get(addr, "/metrics", false)
