@@ -71,6 +71,11 @@ if [ "$uninstall" -eq 1 ]; then
   exit 0
 fi
 
+# Under sudo, the venv is the one the invoking user's scripts/setup.sh built.
+if [ -n "${SUDO_USER:-}" ] && [ -z "${HOTPIPE_CACHE:-}" ]; then
+  HOTPIPE_CACHE="$(getent passwd "$SUDO_USER" | cut -d: -f6)/.cache/hotpipe"
+  export HOTPIPE_CACHE
+fi
 source scripts/env.sh
 bin="${bin:-$here/target/release/hotpipe}"
 [ -x "$bin" ] || die "build first: scripts/setup.sh"
