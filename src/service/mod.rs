@@ -330,18 +330,17 @@ impl Session {
         shared.in_flight.fetch_sub(1, Ordering::Relaxed);
         shared.touch();
         let name = o.item.path.file_name().unwrap_or_default().to_os_string();
+        let ms = o.item.started.elapsed().as_millis() as u64;
         let _ = shared.settled.0.try_send(());
         match o.result {
             Ok(paths) => {
                 shared.done.fetch_add(1, Ordering::Relaxed);
                 let out = paths.first().and_then(|p| p.file_name());
-                shared.recent.record(
-                    &name.to_string_lossy(),
-                    true,
-                    o.item.started.elapsed().as_millis() as u64,
-                    &out.unwrap_or_default().to_string_lossy(),
-                );
-                tracing::info!(file = ?o.item.path, output = ?paths.first(), ms = o.item.started.elapsed().as_millis() as u64, "done");
+                let out = out.unwrap_or_default().to_string_lossy();
+                shared
+                    .recent
+                    .record(&name.to_string_lossy(), true, ms, &out);
+                tracing::info!(file = ?o.item.path, output = ?paths.first(), ms, "done");
             }
             Err(e) if changed_since_read(&o.item) => match unclaim(&self.layout, &name) {
                 Ok(()) => {
@@ -363,12 +362,10 @@ impl Session {
             Err(e) => match fail_item(&self.layout, &name, &e.reason, e.stage) {
                 Ok(to) => {
                     shared.failed.fetch_add(1, Ordering::Relaxed);
-                    shared.recent.record(
-                        &name.to_string_lossy(),
-                        false,
-                        o.item.started.elapsed().as_millis() as u64,
-                        &format!("{}: {}", e.stage, e.reason),
-                    );
+                    let why = format!("{}: {}", e.stage, e.reason);
+                    shared
+                        .recent
+                        .record(&name.to_string_lossy(), false, ms, &why);
                     tracing::warn!(file = ?e.path, stage = %e.stage, reason = %e.reason, moved_to = ?to, "failed");
                 }
                 Err(err) => {
@@ -469,7 +466,8 @@ impl Claimer {
             Ok(Begin::Failed(reason)) => {
                 self.shared.failed.fetch_add(1, Ordering::Relaxed);
                 let detail = format!("claim: {reason}");
-                (self.shared.recent).record(&name.to_string_lossy(), false, 0, &detail);
+                let shown = name.to_string_lossy();
+                self.shared.recent.record(&shown, false, 0, &detail);
                 tracing::warn!(file = ?name, stage = "claim", %reason, "failed");
                 true
             }
