@@ -770,7 +770,7 @@ fn reload(
             tracing::error!(error = %e, "config reload failed; keeping the running config");
             notifier.send(&format!(
                 "READY=1\nSTATUS=reload failed, running the previous config: {}",
-                first_line(&e.to_string())
+                crate::vocab::error::first_line(&e.to_string())
             ));
             shared.recent.set_phase(recent::Phase::Ready);
             return Ok((session, false));
@@ -794,12 +794,6 @@ fn reload(
         }
     };
     Ok((next, true))
-}
-
-/// The first line of an error (a config error can quote a whole TOML snippet): what fits
-/// systemd's one-line `STATUS=`.
-fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or_default()
 }
 
 #[cfg(test)]

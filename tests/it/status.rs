@@ -6,21 +6,11 @@
 //! may run: no `<script>`, and a policy that forbids any. The screenshot is kept in
 //! `target/test-output/status_page.png`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use crate::common::*;
 use crate::metrics::{get, scrape, start, wait_line};
-
-fn chromium() -> Option<PathBuf> {
-    let out = Command::new("sh")
-        .args(["-c", "command -v chromium"])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
 
 /// Chromium, headless, with a profile of its own (runs in parallel with other tests).
 fn browse(chromium: &Path, profile: &Path, args: &[&str]) -> String {
@@ -57,7 +47,7 @@ fn by_id<'a>(dom: &'a str, id: &str) -> &'a str {
 
 #[test]
 fn status_page_in_chromium_agrees_with_metrics() {
-    let Some(chromium) = chromium() else {
+    let Some(chromium) = which("chromium") else {
         skip("chromium not installed (apt-get install chromium; scripts/setup.sh does)");
         return;
     };

@@ -234,16 +234,12 @@ exec /lib/systemd/systemd --system --unit=hp-test.target --log-target=null
 
     /// `bash -c SCRIPT` inside the namespaces, as root.
     fn sh(&self, script: &str) -> Cli {
-        let r = Command::new("nsenter")
+        Command::new("nsenter")
             .args(["-t", &self.pid.to_string(), "-m", "-p", "-u", "-i", "--"])
             .args(["bash", "-c", script])
             .output()
-            .unwrap();
-        Cli {
-            code: r.status.code(),
-            stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
-        }
+            .unwrap()
+            .into()
     }
 
     /// Like [`Systemd::sh`], and it must succeed.
@@ -288,11 +284,7 @@ fn can_boot_systemd() -> Result<(), &'static str> {
         return Err("booting a systemd in namespaces needs root");
     }
     for tool in ["unshare", "nsenter", "patchelf", "systemd-analyze"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map_or(true, |o| !o.status.success())
-        {
+        if which(tool).is_none() {
             return Err("needs unshare, nsenter, patchelf and systemd-analyze");
         }
     }

@@ -152,18 +152,34 @@ pub struct Cli {
     pub stderr: String,
 }
 
+impl From<std::process::Output> for Cli {
+    fn from(r: std::process::Output) -> Cli {
+        Cli {
+            code: r.status.code(),
+            stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
+        }
+    }
+}
+
+/// Where `tool` is on `PATH`, if it is.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let out = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
 /// Run `hotpipe ARGS...` to its end.
 pub fn cli<I, S>(args: I) -> Cli
 where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    let r = hotpipe().args(args).output().unwrap();
-    Cli {
-        code: r.status.code(),
-        stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
-    }
+    hotpipe().args(args).output().unwrap().into()
 }
 
 /// `hotpipe process --quiet --config CFG --out OUT INPUTS...`, which must have run to the
