@@ -67,7 +67,7 @@ fn preprocess() -> PreprocessConfig {
 }
 
 fn target() -> Option<ScaleTarget> {
-    ScaleTarget::for_fit(&preprocess(), false)
+    ScaleTarget::for_fit(&preprocess(), hotpipe::config::DctScaling::Auto, false)
 }
 
 fn decode(c: &mut Criterion) {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up what is missing on a fresh Debian machine and build hotpipe (release).
-#   - Debian packages the build needs (only when missing; needs root or sudo)
+#   - Debian packages the build needs (only when missing; needs root or sudo), libheif-dev among them
 #   - a Python venv with torch==2.11.0 (the libtorch hotpipe links), in a cache outside
 #     the checkout so CI and fresh clones reuse it: $HOTPIPE_CACHE (~/.cache/hotpipe)
 #   - the demo model models/restore.pt (make_model.py from the bench fixtures, 8 channels, 2 layers)
@@ -18,6 +18,8 @@ for p in pkg-config cmake nasm patchelf; do
   command -v "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 command -v cc >/dev/null 2>&1 || need_pkgs+=(build-essential)
+# HEIC/HEIF and AVIF decoding links Debian's libheif (with its libde265, dav1d, aom codecs).
+dpkg -s libheif-dev >/dev/null 2>&1 || need_pkgs+=(libheif-dev)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3 python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing Debian packages: ${need_pkgs[*]}"

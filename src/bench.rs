@@ -286,7 +286,7 @@ where
 const DETECT_FRAMES: usize = 16;
 
 fn scale_target(cfg: &Config) -> Option<ScaleTarget> {
-    ScaleTarget::for_fit(&cfg.preprocess, cfg.face_crop.is_some())
+    ScaleTarget::for_fit(&cfg.preprocess, cfg.decode.dct_scaling, cfg.face_crop.is_some())
 }
 
 /// Measure `cfg` on the images in `folder`.

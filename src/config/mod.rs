@@ -33,7 +33,7 @@ mod pipeline;
 mod preprocess;
 
 pub use crate::vocab::device::DeviceChoice;
-pub use decode::DecodeConfig;
+pub use decode::{DctScaling, DecodeConfig};
 pub use encode::{EncodeConfig, Format};
 pub use face_crop::{
     DEFAULT_DETECT_SIZE, DEFAULT_REFINE_SIZE, FaceCropConfig, FaceSelect, NoFacePolicy,
@@ -257,7 +257,7 @@ impl Config {
             .map(|m| model::validate(cx, m, cuda_count))
             .transpose()?;
         let preprocess = preprocess::validate(cx, &raw.preprocess)?;
-        let decode = decode::validate(cx, &raw.decode)?;
+        let decode = decode::validate(cx, &raw.decode, preprocess.pad_color)?;
         let encode = encode::validate(cx, &raw.encode)?;
         let mut pipeline = pipeline::validate(cx, &raw.pipeline, available_cores())?;
         let face_crop = (raw.face_crop.as_ref())

@@ -10,17 +10,46 @@
 //! `BENCHMARKS.md`), and it is what PIL uses, so outputs look like the peers'. Chroma is
 //! subsampled 4:2:0, PIL's default at this quality. It compresses straight into a slice
 //! sized by libjpeg-turbo's worst-case bound, so no reallocation ever happens mid-image.
+//!
+//! Every output is tagged sRGB with an embedded profile (the decoder converted every input
+//! to sRGB, so the tag is true, and viewers that assume another space for untagged files,
+//! as some print and Apple tools do, show the colours meant). Nothing else of the input's
+//! metadata is written: GPS positions and camera serial numbers stay with the photo.
 
 use image::ImageEncoder;
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::{CompressionType, FilterType, PngEncoder};
 use image::codecs::webp::WebPEncoder;
 
+use std::sync::OnceLock;
+
 use crate::config::{EncodeConfig, Format};
+
+/// moxcms's sRGB profile, encoded once (ICC v4, a few hundred bytes).
+fn srgb_icc() -> &'static [u8] {
+    static ICC: OnceLock<Vec<u8>> = OnceLock::new();
+    ICC.get_or_init(|| {
+        moxcms::ColorProfile::new_srgb()
+            .encode()
+            .expect("the built-in sRGB profile encodes")
+    })
+}
+
+/// The JPEG APP2 segment that carries `icc` (one chunk: profiles here are far under the
+/// 65519-byte chunk limit).
+fn icc_segment(icc: &[u8]) -> Vec<u8> {
+    let mut seg = vec![0xFF, 0xE2];
+    seg.extend(((2 + 14 + icc.len()) as u16).to_be_bytes());
+    seg.extend(b"ICC_PROFILE\0\x01\x01");
+    seg.extend(icc);
+    seg
+}
 
 pub struct Encoder {
     cfg: EncodeConfig,
     buf: Vec<u8>,
+    /// The sRGB profile's APP2 segment, spliced in after a libjpeg-turbo JPEG's SOI.
+    app2: Vec<u8>,
     /// libjpeg-turbo compressor for JPEG output; `None` when it could not be set up, and
     /// then the `image` crate's encoder is used.
     tj: Option<turbojpeg::Compressor>,
@@ -45,6 +74,7 @@ impl Encoder {
         Encoder {
             cfg,
             buf: Vec::new(),
+            app2: icc_segment(srgb_icc()),
             tj,
         }
     }
@@ -68,9 +98,13 @@ impl Encoder {
             let bound = tj
                 .buf_len(w, h)
                 .map_err(|e| format!("JPEG encoding failed: {e}"))?;
+            // libjpeg-turbo writes the JPEG `k` bytes in, `k` being the APP2 segment's
+            // length; SOI and the segment then go in front, overwriting the SOI it wrote,
+            // and the rest follows on directly: the profile costs no copy of the image.
+            let k = self.app2.len();
             // Grows once to the bound for this output size, then is reused as is.
-            if self.buf.len() < bound {
-                self.buf.resize(bound, 0);
+            if self.buf.len() < bound + k {
+                self.buf.resize(bound + k, 0);
             }
             let img = turbojpeg::Image {
                 pixels,
@@ -80,23 +114,34 @@ impl Encoder {
                 format: turbojpeg::PixelFormat::RGB,
             };
             let n = tj
-                .compress_to_slice(img, &mut self.buf)
+                .compress_to_slice(img, &mut self.buf[k..])
                 .map_err(|e| format!("JPEG encoding failed: {e}"))?;
-            return Ok(&self.buf[..n]);
+            self.buf[..2].copy_from_slice(&[0xFF, 0xD8]);
+            self.buf[2..2 + k].copy_from_slice(&self.app2);
+            return Ok(&self.buf[..k + n]);
         }
         self.buf.clear();
         let color = image::ExtendedColorType::Rgb8;
+        let icc = srgb_icc().to_vec();
         let r = match self.cfg.format {
-            Format::Jpeg => JpegEncoder::new_with_quality(&mut self.buf, self.cfg.quality)
-                .write_image(pixels, w, h, color),
-            Format::Png => PngEncoder::new_with_quality(
-                &mut self.buf,
-                CompressionType::Fast,
-                FilterType::Adaptive,
-            )
-            .write_image(pixels, w, h, color),
+            Format::Jpeg => {
+                let mut e = JpegEncoder::new_with_quality(&mut self.buf, self.cfg.quality);
+                e.set_icc_profile(icc).expect("JPEG takes a profile");
+                e.write_image(pixels, w, h, color)
+            }
+            Format::Png => {
+                let mut e = PngEncoder::new_with_quality(
+                    &mut self.buf,
+                    CompressionType::Fast,
+                    FilterType::Adaptive,
+                );
+                e.set_icc_profile(icc).expect("PNG takes a profile");
+                e.write_image(pixels, w, h, color)
+            }
             Format::Webp => {
-                WebPEncoder::new_lossless(&mut self.buf).write_image(pixels, w, h, color)
+                let mut e = WebPEncoder::new_lossless(&mut self.buf);
+                e.set_icc_profile(icc).expect("WebP takes a profile");
+                e.write_image(pixels, w, h, color)
             }
         };
         r.map_err(|e| format!("{:?} encoding failed: {e}", self.cfg.format))?;
@@ -117,6 +162,14 @@ mod tests {
                 quality: 95,
             });
             let bytes = e.encode(&px, 16, 16).unwrap().to_vec();
+            let mut dec = image::ImageReader::new(std::io::Cursor::new(&bytes))
+                .with_guessed_format()
+                .unwrap()
+                .into_decoder()
+                .unwrap();
+            use image::ImageDecoder;
+            let icc = dec.icc_profile().unwrap().expect("tagged");
+            assert_eq!(icc, srgb_icc(), "{format:?} carries the sRGB profile");
             let img = image::load_from_memory(&bytes).unwrap().into_rgb8();
             assert_eq!(img.dimensions(), (16, 16));
             if format != Format::Jpeg {

@@ -1,30 +1,37 @@
-//! Decode: bytes of a JPEG, PNG or WebP file to a packed RGB8 [`Frame`] in a pooled buffer.
+//! Decode: the bytes of a photo to a packed sRGB RGB8 [`Frame`] in a pooled buffer.
+//!
+//! Formats: JPEG, PNG, WebP, BMP, GIF (first frame), TIFF (8 and 16 bits; none, LZW,
+//! Deflate, PackBits and JPEG compression), HEIC/HEIF and AVIF. What the model sees must
+//! be the photo, so the decode is faithful: embedded ICC profiles are converted to sRGB,
+//! CMYK is converted (through its profile when it has one), 16-bit samples are rounded,
+//! alpha is composited as `decode.alpha` says, and the EXIF orientation is applied, so a
+//! phone photo is upright (see [`colour`] for each conversion and why).
 //!
 //! Inputs are untrusted: dimensions and the decoder's allocations are bounded by the
 //! `[decode]` limits, checked from the header before any pixel buffer is touched, so a
-//! 50000 x 50000 header costs nothing. Every pixel buffer of a decode (the frame, its
-//! EXIF-rotated copy, the decoder's native pixels before conversion to RGB8) comes from
-//! the frame pool in one request, under its byte budget (`decode.frame_budget_mib`): a
-//! decode that could never fit fails at once, one that fits waits for room while
-//! holding no buffer, which is what keeps the waiting free of deadlock (see [`BufPool`]). EXIF orientation is applied, so a phone photo is
-//! upright before it is fitted. Greyscale, CMYK, alpha (composited on white) and 16-bit
-//! inputs are converted to RGB8.
+//! 50000 x 50000 header costs nothing, in every format. Every pixel buffer of a decode
+//! (the frame, its EXIF-rotated copy, the decoder's native pixels before conversion) comes
+//! from the frame pool in one request, under its byte budget (`decode.frame_budget_mib`):
+//! a decode that could never fit fails at once, one that fits waits for room while
+//! holding no buffer, which is what keeps the waiting free of deadlock (see [`BufPool`]).
 //!
-//! Two codecs, split by what each is best at (measured: see `BENCHMARKS.md`):
-//! - **JPEG (YCbCr, greyscale, RGB) goes through libjpeg-turbo 3** (the `turbojpeg` crate,
-//!   built from its bundled source). It is the faster full decoder and, above all, it can
-//!   decode at 1/2, 1/4 or 1/8 scale in the DCT domain: when the image is at least twice
-//!   the model's input, most pixels would be thrown away by the resize anyway, and not
-//!   computing them is the largest single saving in the CPU stages. The scale is chosen
-//!   per image by [`ScaleTarget::reduction`] so that the part the fit stage keeps is never
-//!   smaller than the output (the resize still does the last, exact step, so quality stays
-//!   within a fraction of a dB-scale difference of a full decode; a test checks PSNR).
-//!   libjpeg-turbo does not read EXIF, so the orientation is parsed here from the APP1
-//!   segment ([`jpeg_orientation`]).
-//! - **CMYK/YCCK JPEGs, PNG and WebP go through the `image` crate** (zune-jpeg, png,
-//!   image-webp), with `image::Limits`. libjpeg-turbo can only emit CMYK pixels for CMYK
-//!   files, and such files are rare enough that a second code path for them is not worth
-//!   it; zune-jpeg converts them to RGB.
+//! Three codecs, split by what each is best at (measured: see `BENCHMARKS.md`):
+//! - **JPEG goes through libjpeg-turbo 3** ([`jpeg`]). It is the faster full decoder and,
+//!   above all, it can decode at 1/2, 1/4 or 1/8 scale in the DCT domain: when the image is
+//!   several times the model's input, most pixels would be thrown away by the resize
+//!   anyway, and not computing them is the largest single saving in the CPU stages. The
+//!   scale is chosen per image by [`ScaleTarget::reduction`] so that the part the fit stage
+//!   keeps stays at least twice the output (`decode.dct_scaling`): a reduced IDCT is a
+//!   poor low-pass filter, and only with that margin does the resize's own filter do the
+//!   antialiasing (measured against a careful resize of the full decode: `BENCHMARKS.md`).
+//! - **HEIC/HEIF and AVIF go through libheif** ([`heif`]).
+//! - **Everything else goes through the `image` crate** (png, image-webp, tiff, gif, bmp),
+//!   with `image::Limits`; so do JPEGs libjpeg-turbo refuses only for stray bytes between
+//!   markers (zune-jpeg is more lenient there).
+
+mod colour;
+mod heif;
+mod jpeg;
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -32,13 +39,15 @@ use std::sync::Arc;
 use image::metadata::Orientation;
 use image::{ColorType, ImageDecoder, ImageFormat, ImageReader, Limits};
 
-use crate::config::{DecodeConfig, FitMode, PreprocessConfig};
+use crate::config::{DctScaling, DecodeConfig, FitMode, PreprocessConfig};
 use crate::stages::fit::{Rect, source_rect};
 use crate::stages::read::Input;
 use crate::vocab::error::{Stage, StageError};
 use crate::vocab::item::{Frame, Item};
 use crate::vocab::pool::{BufPool, OverBudget, PooledBuf};
 use crate::vocab::stage::StageWorker;
+use colour::{Colour, Native, Source};
+pub use jpeg::jpeg_orientation;
 
 /// Progressive JPEGs with more scans than this are refused: each scan re-reads the whole
 /// coefficient buffer, so a crafted file with thousands of tiny scans is a cheap way to
@@ -46,31 +55,43 @@ use crate::vocab::stage::StageWorker;
 const MAX_JPEG_SCANS: u32 = 500;
 
 /// What the decoded frame will be fitted to, so a JPEG can be decoded at a reduced scale
-/// without dropping below it.
+/// without losing what the fit needs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ScaleTarget {
     pub width: u32,
     pub height: u32,
-    /// The fit mode whose source rectangle must keep at least `width x height` pixels.
+    /// The fit mode whose source rectangle must keep `oversample` times the target.
     pub fit: FitMode,
+    /// How many source pixels per output pixel a reduced decode must keep, at least.
+    pub oversample: f64,
 }
 
 impl ScaleTarget {
-    /// The target for the fit `pre` describes, or `None` (decode every pixel) when a stage
-    /// between decode and fit picks the region (the face crop): that region may be a small
-    /// part of the image, and cut from a reduced decode it would be upscaled and blurred
-    /// (tests/facecrop.rs measured 26 dB against a crop of the full decode).
-    pub fn for_fit(pre: &PreprocessConfig, region_chosen_later: bool) -> Option<ScaleTarget> {
+    /// The target for the fit `pre` describes, or `None` (decode every pixel) when
+    /// `dct` is off or a stage between decode and fit picks the region (the face crop):
+    /// that region may be a small part of the image, and cut from a reduced decode it
+    /// would be upscaled and blurred (tests/facecrop.rs measured 26 dB against a crop of
+    /// the full decode).
+    pub fn for_fit(
+        pre: &PreprocessConfig,
+        dct: DctScaling,
+        region_chosen_later: bool,
+    ) -> Option<ScaleTarget> {
+        let oversample = match dct {
+            DctScaling::Off => return None,
+            DctScaling::Auto => 2.0,
+            DctScaling::Fast => 1.0,
+        };
         (!region_chosen_later).then_some(ScaleTarget {
             width: pre.width,
             height: pre.height,
             fit: pre.fit,
+            oversample,
         })
     }
 
     /// The largest DCT reduction (1, 2, 4 or 8) that keeps the source rectangle of an
-    /// upright `w x h` image at least as large as the target on both axes; 1 when the image
-    /// is less than twice the target.
+    /// upright `w x h` image at least `oversample` times the target on both axes.
     pub fn reduction(&self, w: u32, h: u32) -> u32 {
         let full = Rect {
             x0: 0.0,
@@ -86,15 +107,16 @@ impl ScaleTarget {
         [8u32, 4, 2]
             .into_iter()
             .find(|&d| {
-                // libjpeg-turbo rounds scaled sizes up; a rounded-up size is still >= target
+                // libjpeg-turbo rounds scaled sizes up; a rounded-up size is still enough
                 // when the exact quotient is, so the exact test is the safe one.
-                slack >= d as f64
+                slack >= d as f64 * self.oversample
             })
             .unwrap_or(1)
     }
 }
 
-/// One decode worker's state: limits, codec handles and the pool its buffers come from.
+/// One decode worker's state: limits, codec handles, colour transforms, and the pool its
+/// buffers come from.
 pub struct Decoder {
     cfg: DecodeConfig,
     pool: Arc<BufPool>,
@@ -103,6 +125,11 @@ pub struct Decoder {
     target: Option<ScaleTarget>,
     /// The reduction used for the last decoded image (1 = full decode), for statistics.
     last_reduction: u32,
+    colour: Colour,
+    /// The last JPEG's ICC profile, reassembled from its segments (kept for its capacity).
+    icc: Vec<u8>,
+    /// What transparent pixels are composited over (`decode.alpha`).
+    background: [u8; 3],
 }
 
 impl Decoder {
@@ -114,11 +141,14 @@ impl Decoder {
             })
             .ok();
         Decoder {
+            background: cfg.background,
             cfg,
             pool,
             tj,
             target: None,
             last_reduction: 1,
+            colour: Colour::default(),
+            icc: Vec::new(),
         }
     }
 
@@ -170,6 +200,9 @@ impl Decoder {
     /// limits", "truncated").
     pub fn decode(&mut self, data: &[u8]) -> Result<Frame, StageError> {
         self.last_reduction = 1;
+        if heif::is_heif(data) {
+            return self.decode_heif(data);
+        }
         if data.starts_with(&[0xFF, 0xD8, 0xFF]) && self.tj.is_some() {
             let r = self.decode_turbo(data);
             if r.is_err() {
@@ -198,85 +231,29 @@ impl Decoder {
         self.decode_image(data)
     }
 
-    /// JPEG through libjpeg-turbo. `Ok(None)`: a JPEG it cannot turn into RGB (CMYK,
-    /// YCCK), for the `image` path.
-    fn decode_turbo(&mut self, data: &[u8]) -> Result<Option<Frame>, StageError> {
-        let Some(tj) = self.tj.as_mut() else {
-            return Ok(None);
-        };
-        let header = tj.read_header(data).map_err(|e| jpeg_error(&e))?;
-        if matches!(
-            header.colorspace,
-            turbojpeg::Colorspace::CMYK | turbojpeg::Colorspace::YCCK
-        ) {
-            return Ok(None);
-        }
-        let (w, h) = (
-            u32::try_from(header.width).map_err(|_| too_large())?,
-            u32::try_from(header.height).map_err(|_| too_large())?,
-        );
-        // A full-size RGB frame bounds the output; a progressive file also holds every
-        // DCT coefficient (2 bytes per sample, up to 3 samples per pixel) while decoding,
-        // whatever the output scale.
-        let per_px = if header.is_progressive { 6 } else { 3 };
-        self.check_size(w, h, per_px)?;
-        let orientation = jpeg_orientation(data).unwrap_or(Orientation::NoTransforms);
-        let (uw, uh) = if swaps_axes(orientation) {
-            (h, w)
-        } else {
-            (w, h)
-        };
-        let d = match self.target {
-            Some(t) if !header.is_lossless => t.reduction(uw, uh),
-            _ => 1,
-        };
-        let factor = turbojpeg::ScalingFactor::new(1, d as usize);
-        let tj = self.tj.as_mut().expect("checked above");
-        tj.set_scaling_factor(factor).map_err(|e| jpeg_error(&e))?;
-        let (sw, sh) = (factor.scale(header.width), factor.scale(header.height));
-        let len = sw * sh * 3;
-        let rotated = if orientation == Orientation::NoTransforms {
-            0
-        } else {
-            len
-        };
-        let [mut out, dst, _] = buffers(&self.pool, (sw as u32, sh as u32), len, rotated, 0)?;
-        let img = turbojpeg::Image {
-            pixels: &mut out[..],
-            width: sw,
-            pitch: sw * 3,
-            height: sh,
-            format: turbojpeg::PixelFormat::RGB,
-        };
-        tj.decompress(data, img).map_err(|e| jpeg_error(&e))?;
-        self.last_reduction = d;
-        let (sw, sh) = (sw as u32, sh as u32);
-        let (pixels, fw, fh) = apply_orientation(out, dst, sw, sh, orientation);
-        Ok(Some(Frame {
-            pixels,
-            width: fw,
-            height: fh,
-            orig_width: uw,
-            orig_height: uh,
-        }))
-    }
-
     /// Everything else through the `image` crate, under `image::Limits`.
     fn decode_image(&mut self, data: &[u8]) -> Result<Frame, StageError> {
         let reader = ImageReader::new(Cursor::new(data))
             .with_guessed_format()
             .map_err(|e| StageError::io("cannot read", e))?;
         let format = match reader.format() {
-            Some(f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP)) => f,
+            Some(
+                f @ (ImageFormat::Jpeg
+                | ImageFormat::Png
+                | ImageFormat::WebP
+                | ImageFormat::Bmp
+                | ImageFormat::Gif
+                | ImageFormat::Tiff),
+            ) => f,
             Some(f) => {
                 return Err(StageError::Unsupported(format!(
-                    "{f:?} images are not supported (JPEG, PNG, WebP are)"
+                    "{f:?} images are not supported ({SUPPORTED} are)"
                 )));
             }
             None => {
-                return Err(StageError::BadInput(
-                    "not a recognised image (JPEG, PNG or WebP expected)".to_string(),
-                ));
+                return Err(StageError::BadInput(format!(
+                    "not a recognised image ({SUPPORTED} expected)"
+                )));
             }
         };
         let mut reader = reader;
@@ -286,10 +263,14 @@ impl Decoder {
         self.check_size(w, h, 3)?;
         let rgb_len = w as usize * h as usize * 3;
         let orientation = dec.orientation().unwrap_or(Orientation::NoTransforms);
+        let icc = dec.icc_profile().ok().flatten();
         let color = dec.color_type();
-        let native_len = match color {
-            ColorType::Rgb8 => 0,
-            _ => usize::try_from(dec.total_bytes()).map_err(|_| too_large())?,
+        let (layout, sixteen) = native_layout(color)?;
+        // RGB8 without a profile is written straight into the frame.
+        let native_len = if layout == Native::Rgb && !sixteen && icc.is_none() {
+            0
+        } else {
+            usize::try_from(dec.total_bytes()).map_err(|_| too_large())?
         };
         let rotate = orientation != Orientation::NoTransforms;
         // Native pixels of 3 or more bytes each are done with before the rotation, so
@@ -307,7 +288,15 @@ impl Decoder {
         } else {
             dec.read_image(&mut native)
                 .map_err(|e| describe(format, e))?;
-            to_rgb8(color, &native, &mut out)?;
+            let src = Source {
+                px: &native,
+                width: w as usize,
+                stride: native_len / h as usize,
+                layout,
+                sixteen,
+                icc: icc.as_deref(),
+            };
+            self.colour.to_srgb(&src, &mut out, self.background)?;
             if rotate_into_native {
                 native.truncate(rgb_len);
                 dst = native;
@@ -322,6 +311,28 @@ impl Decoder {
             orig_height: h,
         })
     }
+}
+
+/// The formats named in "not supported" messages.
+const SUPPORTED: &str = "JPEG, PNG, WebP, HEIC/HEIF, AVIF, TIFF, BMP, GIF";
+
+/// How the `image` crate's pixels of `color` are laid out, and whether they are 16-bit.
+fn native_layout(color: ColorType) -> Result<(Native, bool), StageError> {
+    Ok(match color {
+        ColorType::L8 => (Native::Gray, false),
+        ColorType::La8 => (Native::GrayAlpha, false),
+        ColorType::Rgb8 => (Native::Rgb, false),
+        ColorType::Rgba8 => (Native::Rgba, false),
+        ColorType::L16 => (Native::Gray, true),
+        ColorType::La16 => (Native::GrayAlpha, true),
+        ColorType::Rgb16 => (Native::Rgb, true),
+        ColorType::Rgba16 => (Native::Rgba, true),
+        other => {
+            return Err(StageError::Unsupported(format!(
+                "colour type {other:?} is not supported (8 or 16 bits per sample are)"
+            )));
+        }
+    })
 }
 
 /// The decode stage: each item's mapped bytes to a frame. The item's start hook runs
@@ -349,22 +360,6 @@ impl StageWorker for Decoder {
     }
 }
 
-/// libjpeg-turbo's message, phrased for the user. Its warnings (a truncated file, corrupt
-/// data) are errors here: the pipeline would rather fail an item than feed a half-grey
-/// image to the model.
-fn jpeg_error(e: &turbojpeg::Error) -> StageError {
-    let msg = match e {
-        turbojpeg::Error::TurboJpegError(m) => m.clone(),
-        other => other.to_string(),
-    };
-    StageError::BadInput(
-        if msg.contains("Premature end") || msg.contains("premature end") {
-            "truncated JPEG file".to_string()
-        } else {
-            format!("invalid JPEG data: {msg}")
-        },
-    )
-}
 
 /// Every buffer one `w x h` decode needs, from the pool in one request: the RGB8 frame
 /// (`frame` bytes), a copy to rotate it into (`rotated`, 0 for none) and the decoder's
@@ -441,48 +436,15 @@ fn swaps_axes(o: Orientation) -> bool {
     )
 }
 
-/// The EXIF orientation of a JPEG, read from its APP1 "Exif" segment; `None` when there
-/// is none or it is malformed (treated as upright, as every viewer does). Only the marker
-/// segments before the first scan are walked, each skipped by its length, so the cost is a
-/// few dozen bytes read however large the file.
-pub fn jpeg_orientation(data: &[u8]) -> Option<Orientation> {
-    let mut pos = 2; // after SOI
-    loop {
-        // Markers may be preceded by any number of 0xFF fill bytes.
-        while *data.get(pos)? == 0xFF && *data.get(pos + 1)? == 0xFF {
-            pos += 1;
-        }
-        if *data.get(pos)? != 0xFF {
-            return None;
-        }
-        let marker = *data.get(pos + 1)?;
-        match marker {
-            // Start of scan or end of image: the metadata segments are all before these.
-            0xDA | 0xD9 => return None,
-            // Standalone markers carry no length.
-            0x01 | 0xD0..=0xD7 => {
-                pos += 2;
-                continue;
-            }
-            _ => {}
-        }
-        let len = u16::from_be_bytes([*data.get(pos + 2)?, *data.get(pos + 3)?]) as usize;
-        if len < 2 {
-            return None;
-        }
-        let seg = data.get(pos + 4..pos + 2 + len)?;
-        if marker == 0xE1 && seg.starts_with(b"Exif\0\0") {
-            return Orientation::from_exif_chunk(&seg[6..]);
-        }
-        pos += 2 + len;
-    }
-}
 
 fn format_name(f: ImageFormat) -> &'static str {
     match f {
         ImageFormat::Jpeg => "JPEG",
         ImageFormat::Png => "PNG",
         ImageFormat::WebP => "WebP",
+        ImageFormat::Tiff => "TIFF",
+        ImageFormat::Gif => "GIF",
+        ImageFormat::Bmp => "BMP",
         _ => "image",
     }
 }
@@ -501,55 +463,6 @@ fn describe(format: ImageFormat, e: image::ImageError) -> StageError {
     }
 }
 
-/// Convert decoder output of another colour type to packed RGB8. Alpha is composited on
-/// white: transparent product shots and logos are drawn on white far more often than on
-/// black, and a model never sees the checkerboard a viewer would show.
-fn to_rgb8(color: ColorType, src: &[u8], dst: &mut PooledBuf) -> Result<(), StageError> {
-    let over_white = |c: u16, a: u16| ((c * a + 255 * (255 - a) + 127) / 255) as u8;
-    match color {
-        ColorType::L8 => {
-            for (d, &l) in dst.chunks_exact_mut(3).zip(src.iter()) {
-                d.fill(l);
-            }
-        }
-        ColorType::La8 => {
-            for (d, s) in dst.chunks_exact_mut(3).zip(src.chunks_exact(2)) {
-                d.fill(over_white(s[0] as u16, s[1] as u16));
-            }
-        }
-        ColorType::Rgba8 => {
-            for (d, s) in dst.chunks_exact_mut(3).zip(src.chunks_exact(4)) {
-                let a = s[3] as u16;
-                d[0] = over_white(s[0] as u16, a);
-                d[1] = over_white(s[1] as u16, a);
-                d[2] = over_white(s[2] as u16, a);
-            }
-        }
-        ColorType::L16 | ColorType::La16 | ColorType::Rgb16 | ColorType::Rgba16 => {
-            // Native-endian u16 samples; keep the high byte. Read in place: a converted
-            // copy would be as large as the native pixels and outside the frame budget.
-            let ch = color.channel_count() as usize;
-            for (d, s) in dst.chunks_exact_mut(3).zip(src.chunks_exact(2 * ch)) {
-                let hi = |k: usize| u16::from_ne_bytes([s[2 * k], s[2 * k + 1]]) >> 8;
-                let (r, g, b, a) = match ch {
-                    1 => (hi(0), hi(0), hi(0), 255),
-                    2 => (hi(0), hi(0), hi(0), hi(1)),
-                    3 => (hi(0), hi(1), hi(2), 255),
-                    _ => (hi(0), hi(1), hi(2), hi(3)),
-                };
-                d[0] = over_white(r, a);
-                d[1] = over_white(g, a);
-                d[2] = over_white(b, a);
-            }
-        }
-        other => {
-            return Err(StageError::Unsupported(format!(
-                "colour type {other:?} is not supported"
-            )));
-        }
-    }
-    Ok(())
-}
 
 /// Apply an EXIF orientation: write the upright image into `dst`, return its size.
 pub fn orient(src: &[u8], w: u32, h: u32, o: Orientation, dst: &mut [u8]) -> (u32, u32) {
@@ -587,6 +500,8 @@ mod tests {
             max_file_bytes: 256 << 20,
             frame_budget_bytes: 1 << 30,
             frame_budget_from_memory: None,
+            dct_scaling: DctScaling::Auto,
+            background: [255; 3],
         }
     }
 
@@ -664,7 +579,7 @@ mod tests {
     }
 
     #[test]
-    fn sixteen_bit_samples_keep_the_high_byte() {
+    fn sixteen_bit_samples_are_rounded() {
         let mut d = Decoder::new(cfg(), BufPool::new(4));
         let ne = |v: &[u16]| v.iter().flat_map(|x| x.to_ne_bytes()).collect::<Vec<u8>>();
         let rgba = ne(&[
@@ -815,32 +730,38 @@ mod tests {
     fn scaled_decode_keeps_the_target_and_original_size() {
         let (w, h) = (2048usize, 1200usize);
         let jpeg = jpeg_rgb(&halves(w, h), w, h);
-        let target = |fit| ScaleTarget {
+        let target = |fit, oversample| ScaleTarget {
             width: 512,
             height: 512,
             fit,
+            oversample,
         };
-        // Crop: shorter side 1200 / 512 = 2.3 -> 1/2. Pad: longer side 2048 / 512 = 4 -> 1/4.
-        for (fit, d, sw, sh) in [
-            (FitMode::Crop, 2, 1024, 600),
-            (FitMode::Pad, 4, 512, 300),
-            (FitMode::Stretch, 2, 1024, 600),
+        // Crop: shorter side 1200 / 512 = 2.3. Pad: longer side 2048 / 512 = 4. "fast"
+        // reduces while the image keeps the target's size, "auto" twice that.
+        for (fit, oversample, d, sw, sh) in [
+            (FitMode::Crop, 1.0, 2, 1024, 600),
+            (FitMode::Pad, 1.0, 4, 512, 300),
+            (FitMode::Stretch, 1.0, 2, 1024, 600),
+            (FitMode::Crop, 2.0, 1, 2048, 1200),
+            (FitMode::Pad, 2.0, 2, 1024, 600),
         ] {
-            let mut dec = Decoder::new(cfg(), BufPool::new(8)).with_scaling(Some(target(fit)));
+            let t = Some(target(fit, oversample));
+            let mut dec = Decoder::new(cfg(), BufPool::new(8)).with_scaling(t);
             let f = dec.decode(&jpeg).unwrap();
-            assert_eq!(dec.last_reduction(), d, "{fit:?}");
-            assert_eq!((f.width, f.height), (sw, sh), "{fit:?}");
+            assert_eq!(dec.last_reduction(), d, "{fit:?} {oversample}");
+            assert_eq!((f.width, f.height), (sw, sh), "{fit:?} {oversample}");
             assert_eq!((f.orig_width, f.orig_height), (2048, 1200));
             assert!(near(px(&f, 2, 2), [230, 20, 20]));
         }
         // Less than twice the target: full decode.
         let small = jpeg_rgb(&halves(900, 700), 900, 700);
-        let mut dec =
-            Decoder::new(cfg(), BufPool::new(8)).with_scaling(Some(target(FitMode::Crop)));
+        let t = Some(target(FitMode::Crop, 1.0));
+        let mut dec = Decoder::new(cfg(), BufPool::new(8)).with_scaling(t);
         let f = dec.decode(&small).unwrap();
         assert_eq!((dec.last_reduction(), f.width, f.height), (1, 900, 700));
-        assert_eq!(target(FitMode::Crop).reduction(4096, 4096), 8);
-        assert_eq!(target(FitMode::Crop).reduction(1023, 4096), 1);
+        assert_eq!(target(FitMode::Crop, 1.0).reduction(4096, 4096), 8);
+        assert_eq!(target(FitMode::Crop, 2.0).reduction(4096, 4096), 4);
+        assert_eq!(target(FitMode::Crop, 1.0).reduction(1023, 4096), 1);
     }
 
     #[test]
