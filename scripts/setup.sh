@@ -38,11 +38,13 @@ if ! "$HOTPIPE_VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version_
   mkdir -p "$HOTPIPE_CACHE"
   python3 -m venv "$HOTPIPE_VENV"
   "$HOTPIPE_VENV/bin/python" -m pip install -q --upgrade pip
-  "$HOTPIPE_VENV/bin/python" -m pip install -q "torch==$HOTPIPE_TORCH_VERSION" numpy pillow "prometheus_client==0.26.0"
+  "$HOTPIPE_VENV/bin/python" -m pip install -q "torch==$HOTPIPE_TORCH_VERSION" numpy pillow "prometheus_client==0.26.0" "pillow-heif==1.8.1"
 fi
 # prometheus_client: the tests parse /metrics with the official client's parsers.
-"$HOTPIPE_VENV/bin/python" -c "import numpy, PIL, prometheus_client" 2>/dev/null \
-  || "$HOTPIPE_VENV/bin/python" -m pip install -q numpy pillow "prometheus_client==0.26.0"
+# pillow-heif (BSD-3-Clause; its wheel bundles libheif, x265 and libde265): the colour tests
+# write HEIC with it (tests/it/colour_corpus.py).
+"$HOTPIPE_VENV/bin/python" -c "import numpy, PIL, prometheus_client, pillow_heif" 2>/dev/null \
+  || "$HOTPIPE_VENV/bin/python" -m pip install -q numpy pillow "prometheus_client==0.26.0" "pillow-heif==1.8.1"
 
 if [ ! -f models/restore.pt ]; then
   log "writing the demo model models/restore.pt"

@@ -12,6 +12,17 @@ if ! command -v chromium >/dev/null 2>&1; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 fi
+# ICC profiles for the colour tests (tests/it/colour_corpus.py reads them from
+# /usr/share/color/icc): colord-data (CC0) and Ghostscript's libgs-common (AGPL-3+).
+need_icc=()
+[ -f /usr/share/color/icc/colord/AdobeRGB1998.icc ] || need_icc+=(colord-data)
+[ -f /usr/share/color/icc/ghostscript/default_cmyk.icc ] || need_icc+=(libgs-common)
+if [ ${#need_icc[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "[test] installing ${need_icc[*]} (ICC profiles for the colour tests)" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_icc[@]}" >/dev/null
+fi
 # A test whose fixture is missing fails here instead of skipping (CUDA tests still skip:
 # CI has no GPU).
 export HOTPIPE_TEST_STRICT=1

@@ -109,8 +109,8 @@ pub struct BenchReport {
     /// The model file (`None` without `[model]`) and the devices it is configured on.
     pub model: Option<PathBuf>,
     pub devices: Vec<String>,
-    /// Images per DCT reduction (index 0: full decode, 1: 1/2, 2: 1/4, 3: 1/8).
-    pub reductions: [usize; 4],
+    /// Images per DCT scale (index M - 1: decoded at M/8; index 7: full decode).
+    pub scales: [usize; 8],
     pub decode_fit_full: Rate,
     pub decode_fit_scaled: Rate,
     pub decode_fit: Rate,
@@ -155,7 +155,6 @@ impl BenchReport {
     /// What `bench --json` prints: each measured stage under its own key (`null` when it
     /// did not run), the bound and the figures the text derives from them.
     pub fn to_json(&self) -> serde_json::Value {
-        let [full, half, quarter, eighth] = self.reductions;
         let bound = self.bound();
         let detect = self.detect.as_ref().map(|(r, on_cpu)| {
             let mut j = r.to_json();
@@ -167,7 +166,9 @@ impl BenchReport {
             "cores": self.cores,
             "model": self.model.as_ref().map(|p| p.to_string_lossy()),
             "devices": self.devices,
-            "jpeg_reductions": { "full": full, "half": half, "quarter": quarter, "eighth": eighth },
+            "jpeg_scales": (1..=8)
+                .map(|m| (format!("{m}/8"), self.scales[m - 1].into()))
+                .collect::<serde_json::Map<String, serde_json::Value>>(),
             "decode_fit_full": self.decode_fit_full.to_json(),
             "decode_fit_scaled": self.decode_fit_scaled.to_json(),
             "decode_fit": self.decode_fit.to_json(),
@@ -226,10 +227,14 @@ impl fmt::Display for BenchReport {
                 "-"
             )?;
         }
-        let [r1, r2, r4, r8] = self.reductions;
+        let scales: Vec<String> = (1..=8)
+            .filter(|&m| self.scales[m - 1] > 0)
+            .map(|m| format!("{m}/8: {}", self.scales[m - 1]))
+            .collect();
         writeln!(
             f,
-            "JPEG DCT scaling: full {r1}, 1/2 {r2}, 1/4 {r4}, 1/8 {r8} images; it made decode+fit {:.2}x faster on one thread",
+            "JPEG DCT scaling (images per scale): {}; it made decode+fit {:.2}x faster on one thread",
+            scales.join(", "),
             self.decode_fit_scaled.images_per_s() / self.decode_fit_full.images_per_s().max(1e-9)
         )?;
         let b = self.bound();
@@ -286,7 +291,11 @@ where
 const DETECT_FRAMES: usize = 16;
 
 fn scale_target(cfg: &Config) -> Option<ScaleTarget> {
-    ScaleTarget::for_fit(&cfg.preprocess, cfg.decode.dct_scaling, cfg.face_crop.is_some())
+    ScaleTarget::for_fit(
+        &cfg.preprocess,
+        cfg.decode.dct_scaling,
+        cfg.face_crop.is_some(),
+    )
 }
 
 /// Measure `cfg` on the images in `folder`.
@@ -320,7 +329,7 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
         devices: (cfg.model.iter())
             .flat_map(|m| m.devices.iter().map(ToString::to_string))
             .collect(),
-        reductions: sample.reductions,
+        scales: sample.scales,
         decode_fit_full,
         decode_fit_scaled,
         decode_fit: decode_fit_n,
@@ -335,8 +344,8 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
 /// the later stages start from.
 struct Sample {
     files: Vec<PathBuf>,
-    /// Images per DCT reduction, as in [`BenchReport::reductions`].
-    reductions: [usize; 4],
+    /// Images per DCT scale, as in [`BenchReport::scales`].
+    scales: [usize; 8],
     /// Up to 64 rows fitted from the first images: the inference input.
     fitted: Vec<Vec<u8>>,
 }
@@ -344,7 +353,7 @@ struct Sample {
 impl Sample {
     fn load(cfg: &Config, folder: &Path, paths: &[PathBuf]) -> Result<Sample, BenchError> {
         let mut first_err = String::from("the folder is empty");
-        let mut reductions = [0usize; 4];
+        let mut scales = [0usize; 8];
         let mut good = Vec::new();
         let mut fitted: Vec<Vec<u8>> = Vec::new();
         let mut dec =
@@ -363,7 +372,7 @@ impl Sample {
             };
             match dec.decode(input.bytes()) {
                 Ok(frame) => {
-                    reductions[dec.last_reduction().trailing_zeros() as usize] += 1;
+                    scales[dec.last_scale() as usize - 1] += 1;
                     if fitted.len() < 64 {
                         let mut row = vec![0u8; fit.row_bytes()];
                         if fit.fit(&frame, None, &mut row).is_ok() {
@@ -381,7 +390,7 @@ impl Sample {
         }
         Ok(Sample {
             files: good,
-            reductions,
+            scales,
             fitted,
         })
     }

@@ -92,20 +92,21 @@ impl Fitter {
     /// The rectangle of `frame` that `region` (original-image coordinates) or, without
     /// one, the whole image becomes after the fit mode.
     pub fn plan(&self, frame: &Frame, region: Option<Region>) -> Rect {
-        let sx = frame.width as f64 / frame.orig_width.max(1) as f64;
-        let sy = frame.height as f64 / frame.orig_height.max(1) as f64;
+        let k = frame.scale;
         let base = match region {
             Some(r) => Rect {
-                x0: r.x0 as f64 * sx,
-                y0: r.y0 as f64 * sy,
-                x1: r.x1 as f64 * sx,
-                y1: r.y1 as f64 * sy,
+                x0: r.x0 as f64 * k,
+                y0: r.y0 as f64 * k,
+                x1: r.x1 as f64 * k,
+                y1: r.y1 as f64 * k,
             },
+            // The image's own extent, which a scaled decode's rounded-up last pixel
+            // reaches past.
             None => Rect {
                 x0: 0.0,
                 y0: 0.0,
-                x1: frame.width as f64,
-                y1: frame.height as f64,
+                x1: frame.orig_width as f64 * k,
+                y1: frame.orig_height as f64 * k,
             },
         };
         source_rect(base, self.cfg.fit, self.cfg.width, self.cfg.height)

@@ -84,6 +84,11 @@ pub struct Frame {
     /// sidecars refer to). Equal to `width`/`height` for a full decode.
     pub orig_width: u32,
     pub orig_height: u32,
+    /// Frame pixels per original pixel, on both axes: M/8 for a JPEG decoded at M/8 in the
+    /// DCT domain, 1 otherwise. Exact, unlike `width / orig_width`: libjpeg-turbo rounds
+    /// the scaled size up, so the last column covers only part of a scaled pixel, and
+    /// mapping by the rounded size would stretch the image by up to a pixel.
+    pub scale: f64,
 }
 
 /// What happened to one item, reported once by whichever stage finished it.

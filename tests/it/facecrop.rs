@@ -431,6 +431,7 @@ fn boxes_are_in_original_pixels_when_the_frame_was_decoded_smaller() {
             height: 512,
             orig_width: orig,
             orig_height: orig,
+            scale: 512.0 / orig as f64,
         }
     };
     // The same pixels, once as the full image and once as a 2x DCT-scaled decode of a

@@ -16,6 +16,7 @@ mod common;
 
 mod budget;
 mod cli;
+mod colour;
 mod cuda;
 mod facecrop;
 mod hotfolder;

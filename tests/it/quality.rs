@@ -13,8 +13,8 @@ use crate::common::{self, psnr};
 use std::path::Path;
 
 use hotpipe::config::Config;
-use hotpipe::stages::decode::{Decoder, ScaleTarget};
 use hotpipe::config::FitMode;
+use hotpipe::stages::decode::{Decoder, ScaleTarget};
 use hotpipe::stages::fit::{Fitter, Rect, source_rect};
 use hotpipe::vocab::pool::BufPool;
 
@@ -44,7 +44,7 @@ fn scaled_decode_keeps_psnr_against_full_decode() {
     for path in &files {
         let bytes = std::fs::read(path).unwrap();
         let frame = dec.decode(&bytes).unwrap();
-        let d = dec.last_reduction();
+        let d = dec.last_scale();
         fit.fit(&frame, None, &mut ours).unwrap();
         drop(frame);
 
@@ -61,15 +61,15 @@ fn scaled_decode_keeps_psnr_against_full_decode() {
             .unwrap();
         let p = psnr(&ours, &reference);
         let name = path.file_name().unwrap().to_string_lossy();
-        if d > 1 {
+        if d < 8 {
             scaled += 1;
             worst = worst.min(p);
             sum += p;
-            println!("{name}: {w} x {h}, 1/{d}: {p:.2} dB");
+            println!("{name}: {w} x {h}, {d}/8: {p:.2} dB");
         } else {
             unscaled_worst = unscaled_worst.min(p);
         }
-        assert!(p >= 35.0, "{name} ({w} x {h}, 1/{d}): {p:.2} dB < 35 dB");
+        assert!(p >= 35.0, "{name} ({w} x {h}, {d}/8): {p:.2} dB < 35 dB");
     }
     let mean = sum / scaled.max(1) as f64;
     println!(
@@ -205,8 +205,16 @@ fn dct_rule_keeps_full_decode_fidelity_on_high_detail_photos() {
     let mut lanczos = Fitter::new(lanczos_pre);
     let mut fit = Fitter::new(base.preprocess.clone());
     // off, auto, fast, then the factors in between.
-    let auto = ScaleTarget::for_fit(&cfg("auto").preprocess, cfg("auto").decode.dct_scaling, false);
-    let fast = ScaleTarget::for_fit(&cfg("fast").preprocess, cfg("fast").decode.dct_scaling, false);
+    let auto = ScaleTarget::for_fit(
+        &cfg("auto").preprocess,
+        cfg("auto").decode.dct_scaling,
+        false,
+    );
+    let fast = ScaleTarget::for_fit(
+        &cfg("fast").preprocess,
+        cfg("fast").decode.dct_scaling,
+        false,
+    );
     let with = |o: f64| auto.map(|t| ScaleTarget { oversample: o, ..t });
     let modes = [None, auto, fast, with(1.25), with(1.5), with(1.75)];
     let mut stats = vec![[0.0f64; 2]; modes.len()];
@@ -240,9 +248,9 @@ fn dct_rule_keeps_full_decode_fidelity_on_high_detail_photos() {
             let (p, s) = (psnr(&ours, &reference), ssim(&ours, &reference, 384));
             stats[m][0] += p / sizes.len() as f64;
             stats[m][1] += s / sizes.len() as f64;
-            reduced[m] += usize::from(dec.last_reduction() > 1);
+            reduced[m] += usize::from(dec.last_scale() < 8);
             let o = target.map_or(0.0, |t| t.oversample);
-            line += &format!(" [{o} 1/{} {p:.2} {s:.4}]", dec.last_reduction());
+            line += &format!(" [{o} {}/8 {p:.2} {s:.4}]", dec.last_scale());
         }
         println!("{line}");
     }
@@ -257,8 +265,18 @@ fn dct_rule_keeps_full_decode_fidelity_on_high_detail_photos() {
         );
     }
     let (off, auto, fast) = (stats[0], stats[1], stats[2]);
-    assert!(auto[0] >= off[0] - 0.3, "auto {:.2} dB vs full {:.2} dB", auto[0], off[0]);
-    assert!(auto[1] >= off[1] - 0.005, "auto SSIM {:.4} vs {:.4}", auto[1], off[1]);
+    assert!(
+        auto[0] >= off[0] - 0.3,
+        "auto {:.2} dB vs full {:.2} dB",
+        auto[0],
+        off[0]
+    );
+    assert!(
+        auto[1] >= off[1] - 0.005,
+        "auto SSIM {:.4} vs {:.4}",
+        auto[1],
+        off[1]
+    );
     assert!(reduced[1] >= 3, "auto reduced only {} photos", reduced[1]);
     assert!(
         fast[0] < off[0] - 0.3,

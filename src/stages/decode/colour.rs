@@ -42,7 +42,9 @@ pub enum Native {
     Rgb,
     Rgba,
     /// 4 channels of ink; `inverted`: stored as 255 - ink (Adobe JPEGs).
-    Cmyk { inverted: bool },
+    Cmyk {
+        inverted: bool,
+    },
 }
 
 impl Native {
@@ -124,7 +126,7 @@ impl Default for Colour {
 impl Colour {
     /// Convert `src` to packed sRGB RGB8 in `out` (`width * rows * 3` bytes, `src` holding
     /// at least that many rows), compositing any alpha over `background`.
-    pub fn to_srgb(
+    pub fn convert(
         &mut self,
         src: &Source<'_>,
         out: &mut [u8],
@@ -157,8 +159,7 @@ impl Colour {
             match &t {
                 Some(t) => {
                     let converted = &mut self.row_out[..w * out_ch];
-                    t.transform(row8, converted)
-                        .map_err(|e| colour_error(&e))?;
+                    t.transform(row8, converted).map_err(|e| colour_error(&e))?;
                     finish(converted, out_ch == 4, orow, background);
                 }
                 None => plain(row8, src.layout, orow, background),
@@ -197,7 +198,11 @@ impl Colour {
         let mut h = DefaultHasher::new();
         icc.hash(&mut h);
         let key = h.finish();
-        if let Some((_, _, t)) = self.cache.iter().find(|(k, l, _)| *k == key && *l == layout) {
+        if let Some((_, _, t)) = self
+            .cache
+            .iter()
+            .find(|(k, l, _)| *k == key && *l == layout)
+        {
             return t.clone();
         }
         let t = build(icc, layout, &self.srgb);
@@ -357,7 +362,7 @@ mod tests {
             icc,
         };
         Colour::default()
-            .to_srgb(&source, &mut out, [255, 255, 255])
+            .convert(&source, &mut out, [255, 255, 255])
             .unwrap();
         out
     }
@@ -369,17 +374,19 @@ mod tests {
             .iter()
             .flat_map(|v| v.to_ne_bytes())
             .collect();
-        assert_eq!(convert(&px, 4, Native::Gray, true, None), [
-            0, 0, 0, 1, 1, 1, 254, 254, 254, 255, 255, 255
-        ]);
+        assert_eq!(
+            convert(&px, 4, Native::Gray, true, None),
+            [0, 0, 0, 1, 1, 1, 254, 254, 254, 255, 255, 255]
+        );
     }
 
     #[test]
     fn alpha_composites_over_the_background_and_cmyk_follows_pil() {
         let rgba = [200, 100, 0, 128, 10, 20, 30, 255, 1, 2, 3, 0];
-        assert_eq!(convert(&rgba, 3, Native::Rgba, false, None), [
-            227, 177, 127, 10, 20, 30, 255, 255, 255
-        ]);
+        assert_eq!(
+            convert(&rgba, 3, Native::Rgba, false, None),
+            [227, 177, 127, 10, 20, 30, 255, 255, 255]
+        );
         // No ink is white, full black is black; Adobe-inverted storage flips both.
         let cmyk = [0, 0, 0, 0, 0, 0, 0, 255, 255, 0, 0, 0];
         assert_eq!(
@@ -399,7 +406,10 @@ mod tests {
         let p3 = ColorProfile::new_display_p3().encode().unwrap();
         let px = [255u8, 0, 0, 128, 128, 128, 10, 200, 30];
         let mut c = Colour::default();
-        assert!(c.transform(&srgb, Native::Rgb).is_none(), "sRGB is the identity");
+        assert!(
+            c.transform(&srgb, Native::Rgb).is_none(),
+            "sRGB is the identity"
+        );
         assert_eq!(convert(&px, 3, Native::Rgb, false, Some(&srgb)), px);
         let out = convert(&px, 3, Native::Rgb, false, Some(&p3));
         // P3 red is outside sRGB: clipped to full red. Grey stays grey.
@@ -416,7 +426,10 @@ mod tests {
     #[test]
     fn unusable_profiles_are_ignored() {
         let px = [1u8, 2, 3];
-        assert_eq!(convert(&px, 1, Native::Rgb, false, Some(b"not a profile")), px);
+        assert_eq!(
+            convert(&px, 1, Native::Rgb, false, Some(b"not a profile")),
+            px
+        );
         let grey = ColorProfile::new_gray_with_gamma(2.2).encode().unwrap();
         assert_eq!(convert(&px, 1, Native::Rgb, false, Some(&grey)), px);
     }

@@ -10,8 +10,7 @@
 //! budget (a buffer taken and not written) for as long as libheif holds it.
 
 use libheif_rs::{
-    ColorPrimaries, ColorSpace, FileTypeResult, HeifContext, LibHeif, RgbChroma,
-    check_file_type,
+    ColorPrimaries, ColorSpace, FileTypeResult, HeifContext, LibHeif, RgbChroma, check_file_type,
 };
 
 use super::colour::{Native, Source};
@@ -58,8 +57,7 @@ impl Decoder {
             .interleaved
             .ok_or_else(|| StageError::Unsupported("HEIF image without RGB pixels".into()))?;
         let (pw, ph) = (plane.width as usize, plane.height as usize);
-        if (pw, ph) != (w as usize, h as usize) || plane.storage_bits_per_pixel as usize != ch * 8
-        {
+        if (pw, ph) != (w as usize, h as usize) || plane.storage_bits_per_pixel as usize != ch * 8 {
             return Err(StageError::Unsupported(format!(
                 "HEIF image decoded to {pw} x {ph} at {} bits per pixel, expected {w} x {h} at {}",
                 plane.storage_bits_per_pixel,
@@ -79,7 +77,7 @@ impl Decoder {
             sixteen: false,
             icc: icc.as_deref(),
         };
-        self.colour.to_srgb(&src, &mut out, self.background)?;
+        self.colour.convert(&src, &mut out, self.background)?;
         drop(img);
         drop(reserved);
         Ok(Frame {
@@ -88,6 +86,7 @@ impl Decoder {
             height: h,
             orig_width: w,
             orig_height: h,
+            scale: 1.0,
         })
     }
 }
@@ -107,6 +106,14 @@ fn nclx_profile(handle: &libheif_rs::ImageHandle) -> Option<Vec<u8>> {
 fn heif_error(what: &str, e: &libheif_rs::HeifError) -> StageError {
     use libheif_rs::HeifErrorCode as C;
     let msg = format!("cannot {what} HEIF/AVIF file: {}", e.message);
+    if matches!(
+        e.sub_code,
+        libheif_rs::HeifErrorSubCode::SecurityLimitExceeded
+    ) {
+        // libheif's own size limits (32768 x 32768 in 1.15), checked while parsing, before
+        // hotpipe's: the same class and wording as the decode limits.
+        return StageError::OverLimit(format!("over the decode limits: {}", e.message));
+    }
     match e.code {
         C::UnsupportedFeature | C::UnsupportedFileType | C::DecoderPluginError => {
             StageError::Unsupported(msg)

@@ -80,7 +80,10 @@ pub fn markers(data: &[u8], icc: &mut Vec<u8>) -> Markers {
         }
     }
     if count > 0 && !bad && chunks[1..=count].iter().all(Option::is_some) {
-        chunks[1..=count].iter().flatten().for_each(|c| icc.extend_from_slice(c));
+        chunks[1..=count]
+            .iter()
+            .flatten()
+            .for_each(|c| icc.extend_from_slice(c));
         m.icc = true;
     } else if count > 0 {
         tracing::warn!("JPEG's ICC profile is incomplete; ignored, colours taken as sRGB");
@@ -128,11 +131,11 @@ impl Decoder {
         } else {
             (w, h)
         };
-        let d = match self.target {
-            Some(t) if !header.is_lossless => t.reduction(uw, uh),
-            _ => 1,
+        let eighths = match self.target {
+            Some(t) if !header.is_lossless => t.scale(uw, uh),
+            _ => 8,
         };
-        let factor = turbojpeg::ScalingFactor::new(1, d as usize);
+        let factor = turbojpeg::ScalingFactor::new(eighths as usize, 8);
         let tj = self.tj.as_mut().expect("checked above");
         tj.set_scaling_factor(factor).map_err(|e| jpeg_error(&e))?;
         let (sw, sh) = (factor.scale(header.width), factor.scale(header.height));
@@ -158,7 +161,7 @@ impl Decoder {
             pixels,
         };
         tj.decompress(data, img).map_err(|e| jpeg_error(&e))?;
-        self.last_reduction = d;
+        self.last_scale = eighths;
         let icc = m.icc.then_some(&self.icc[..]);
         if cmyk {
             let src = Source {
@@ -169,7 +172,7 @@ impl Decoder {
                 sixteen: false,
                 icc,
             };
-            self.colour.to_srgb(&src, &mut out, self.background)?;
+            self.colour.convert(&src, &mut out, self.background)?;
         } else if let Some(icc) = icc {
             self.colour.rgb_in_place(&mut out, sw, icc);
         }
@@ -181,6 +184,7 @@ impl Decoder {
             height: fh,
             orig_width: uw,
             orig_height: uh,
+            scale: eighths as f64 / 8.0,
         }))
     }
 }

@@ -90,9 +90,11 @@ impl ScaleTarget {
         })
     }
 
-    /// The largest DCT reduction (1, 2, 4 or 8) that keeps the source rectangle of an
-    /// upright `w x h` image at least `oversample` times the target on both axes.
-    pub fn reduction(&self, w: u32, h: u32) -> u32 {
+    /// The smallest DCT scale, in eighths (1 to 8; 8 is a full decode), that keeps the
+    /// source rectangle of an upright `w x h` image at least `oversample` times the target
+    /// on both axes. libjpeg-turbo decodes at any M/8 (its reduced IDCTs), so the scale
+    /// follows the image closely instead of jumping from 1/1 to 1/2.
+    pub fn scale(&self, w: u32, h: u32) -> u32 {
         let full = Rect {
             x0: 0.0,
             y0: 0.0,
@@ -104,14 +106,11 @@ impl ScaleTarget {
         // the scale factor (output pixels per source pixel) is what matters, and it is the
         // same for the whole rectangle.
         let slack = ((r.x1 - r.x0) / self.width as f64).min((r.y1 - r.y0) / self.height as f64);
-        [8u32, 4, 2]
-            .into_iter()
-            .find(|&d| {
-                // libjpeg-turbo rounds scaled sizes up; a rounded-up size is still enough
-                // when the exact quotient is, so the exact test is the safe one.
-                slack >= d as f64 * self.oversample
-            })
-            .unwrap_or(1)
+        // libjpeg-turbo rounds scaled sizes up; a rounded-up size is still enough when the
+        // exact product is, so the exact test is the safe one.
+        (1..8u32)
+            .find(|&m| slack * m as f64 / 8.0 >= self.oversample)
+            .unwrap_or(8)
     }
 }
 
@@ -123,8 +122,8 @@ pub struct Decoder {
     /// `None` when libjpeg-turbo could not be initialised; JPEGs then go through `image`.
     tj: Option<turbojpeg::Decompressor>,
     target: Option<ScaleTarget>,
-    /// The reduction used for the last decoded image (1 = full decode), for statistics.
-    last_reduction: u32,
+    /// The DCT scale of the last decoded image, in eighths (8 = full decode).
+    last_scale: u32,
     colour: Colour,
     /// The last JPEG's ICC profile, reassembled from its segments (kept for its capacity).
     icc: Vec<u8>,
@@ -146,7 +145,7 @@ impl Decoder {
             pool,
             tj,
             target: None,
-            last_reduction: 1,
+            last_scale: 8,
             colour: Colour::default(),
             icc: Vec::new(),
         }
@@ -159,9 +158,9 @@ impl Decoder {
         self
     }
 
-    /// The DCT reduction applied to the last image decoded (1, 2, 4 or 8).
-    pub fn last_reduction(&self) -> u32 {
-        self.last_reduction
+    /// The DCT scale the last image was decoded at, in eighths (8: every pixel).
+    pub fn last_scale(&self) -> u32 {
+        self.last_scale
     }
 
     fn limits(&self) -> Limits {
@@ -199,7 +198,7 @@ impl Decoder {
     /// Decode `data`. The error is a reason for the user ("not an image", "over the
     /// limits", "truncated").
     pub fn decode(&mut self, data: &[u8]) -> Result<Frame, StageError> {
-        self.last_reduction = 1;
+        self.last_scale = 8;
         if heif::is_heif(data) {
             return self.decode_heif(data);
         }
@@ -220,7 +219,7 @@ impl Decoder {
                 // zune-jpeg. Every other corruption fails: zune-jpeg accepts a damaged
                 // scan and fills the rest grey, and a grey image must not reach outbox/.
                 Err(StageError::BadInput(reason)) if reason.contains("extraneous bytes") => {
-                    self.last_reduction = 1;
+                    self.last_scale = 8;
                     return self
                         .decode_image(data)
                         .map_err(|_| StageError::BadInput(reason));
@@ -263,7 +262,10 @@ impl Decoder {
         self.check_size(w, h, 3)?;
         let rgb_len = w as usize * h as usize * 3;
         let orientation = dec.orientation().unwrap_or(Orientation::NoTransforms);
-        let icc = dec.icc_profile().ok().flatten();
+        let icc = match format {
+            ImageFormat::Tiff => tiff_icc(data),
+            _ => dec.icc_profile().ok().flatten(),
+        };
         let color = dec.color_type();
         let (layout, sixteen) = native_layout(color)?;
         // RGB8 without a profile is written straight into the frame.
@@ -296,7 +298,7 @@ impl Decoder {
                 sixteen,
                 icc: icc.as_deref(),
             };
-            self.colour.to_srgb(&src, &mut out, self.background)?;
+            self.colour.convert(&src, &mut out, self.background)?;
             if rotate_into_native {
                 native.truncate(rgb_len);
                 dst = native;
@@ -309,8 +311,17 @@ impl Decoder {
             height: h,
             orig_width: w,
             orig_height: h,
+            scale: 1.0,
         })
     }
+}
+
+/// A TIFF's ICC profile (tag 34675), read with the tiff crate itself: the `image` crate's
+/// TIFF decoder (0.25.10) returns none for profiles the tiff crate reads fine (measured on
+/// Pillow-written TIFFs). Only the first IFD is parsed, under the tiff crate's limits.
+fn tiff_icc(data: &[u8]) -> Option<Vec<u8>> {
+    let mut d = tiff::decoder::Decoder::new(Cursor::new(data)).ok()?;
+    d.get_tag_u8_vec(tiff::tags::Tag::IccProfile).ok()
 }
 
 /// The formats named in "not supported" messages.
@@ -359,7 +370,6 @@ impl StageWorker for Decoder {
         }
     }
 }
-
 
 /// Every buffer one `w x h` decode needs, from the pool in one request: the RGB8 frame
 /// (`frame` bytes), a copy to rotate it into (`rotated`, 0 for none) and the decoder's
@@ -436,7 +446,6 @@ fn swaps_axes(o: Orientation) -> bool {
     )
 }
 
-
 fn format_name(f: ImageFormat) -> &'static str {
     match f {
         ImageFormat::Jpeg => "JPEG",
@@ -462,7 +471,6 @@ fn describe(format: ImageFormat, e: image::ImageError) -> StageError {
         other => StageError::BadInput(format!("invalid {format} data: {other}")),
     }
 }
-
 
 /// Apply an EXIF orientation: write the upright image into `dst`, return its size.
 pub fn orient(src: &[u8], w: u32, h: u32, o: Orientation, dst: &mut [u8]) -> (u32, u32) {
@@ -736,32 +744,32 @@ mod tests {
             fit,
             oversample,
         };
-        // Crop: shorter side 1200 / 512 = 2.3. Pad: longer side 2048 / 512 = 4. "fast"
-        // reduces while the image keeps the target's size, "auto" twice that.
-        for (fit, oversample, d, sw, sh) in [
-            (FitMode::Crop, 1.0, 2, 1024, 600),
-            (FitMode::Pad, 1.0, 4, 512, 300),
-            (FitMode::Stretch, 1.0, 2, 1024, 600),
-            (FitMode::Crop, 2.0, 1, 2048, 1200),
-            (FitMode::Pad, 2.0, 2, 1024, 600),
+        // Crop: shorter side 1200 / 512 = 2.34. Pad: longer side 2048 / 512 = 4. "fast"
+        // keeps the target's size, "auto" twice that: the smallest M/8 that does.
+        for (fit, oversample, m, sw, sh) in [
+            (FitMode::Crop, 1.0, 4, 1024, 600),
+            (FitMode::Pad, 1.0, 2, 512, 300),
+            (FitMode::Stretch, 1.0, 4, 1024, 600),
+            (FitMode::Crop, 2.0, 7, 1792, 1050),
+            (FitMode::Pad, 2.0, 4, 1024, 600),
         ] {
             let t = Some(target(fit, oversample));
             let mut dec = Decoder::new(cfg(), BufPool::new(8)).with_scaling(t);
             let f = dec.decode(&jpeg).unwrap();
-            assert_eq!(dec.last_reduction(), d, "{fit:?} {oversample}");
+            assert_eq!(dec.last_scale(), m, "{fit:?} {oversample}");
             assert_eq!((f.width, f.height), (sw, sh), "{fit:?} {oversample}");
             assert_eq!((f.orig_width, f.orig_height), (2048, 1200));
             assert!(near(px(&f, 2, 2), [230, 20, 20]));
         }
         // Less than twice the target: full decode.
         let small = jpeg_rgb(&halves(900, 700), 900, 700);
-        let t = Some(target(FitMode::Crop, 1.0));
+        let t = Some(target(FitMode::Crop, 2.0));
         let mut dec = Decoder::new(cfg(), BufPool::new(8)).with_scaling(t);
         let f = dec.decode(&small).unwrap();
-        assert_eq!((dec.last_reduction(), f.width, f.height), (1, 900, 700));
-        assert_eq!(target(FitMode::Crop, 1.0).reduction(4096, 4096), 8);
-        assert_eq!(target(FitMode::Crop, 2.0).reduction(4096, 4096), 4);
-        assert_eq!(target(FitMode::Crop, 1.0).reduction(1023, 4096), 1);
+        assert_eq!((dec.last_scale(), f.width, f.height), (8, 900, 700));
+        assert_eq!(target(FitMode::Crop, 1.0).scale(4096, 4096), 1);
+        assert_eq!(target(FitMode::Crop, 2.0).scale(4096, 4096), 2);
+        assert_eq!(target(FitMode::Crop, 2.0).scale(1100, 4096), 8);
     }
 
     #[test]
