@@ -141,6 +141,7 @@ fn encode(c: &mut Criterion) {
     let jpeg_cfg = EncodeConfig {
         format: Format::Jpeg,
         quality: 90,
+        keep_metadata: false,
     };
     let mut turbo = Encoder::new(jpeg_cfg.clone());
     g.bench_function("jpeg q90 libjpeg-turbo", |b| {
@@ -153,6 +154,7 @@ fn encode(c: &mut Criterion) {
     let mut png = Encoder::new(EncodeConfig {
         format: Format::Png,
         quality: 90,
+        keep_metadata: false,
     });
     g.bench_function("png fast", |b| {
         b.iter(|| png.encode(black_box(&px), 512, 512).unwrap().len())

@@ -237,10 +237,15 @@ fn frame_pool<W: StageWorker>(cfg: &Config, detectors: &[W]) -> Arc<BufPool> {
 
 /// JPEGs may be decoded at a DCT-reduced scale that still covers the fit; not with a
 /// detect stage, which picks the region after decoding (see `ScaleTarget::for_fit`).
+/// The decoders keep each input's filtered EXIF only when the encoder is to write it.
 fn decoders(cfg: &Config, pool: &Arc<BufPool>, region_chosen_later: bool) -> Vec<Decoder> {
     let target = ScaleTarget::for_fit(&cfg.preprocess, cfg.decode.dct_scaling, region_chosen_later);
     (0..cfg.pipeline.decode_threads)
-        .map(|_| Decoder::new(cfg.decode.clone(), Arc::clone(pool)).with_scaling(target))
+        .map(|_| {
+            Decoder::new(cfg.decode.clone(), Arc::clone(pool))
+                .with_scaling(target)
+                .with_exif(cfg.encode.keep_metadata)
+        })
         .collect()
 }
 

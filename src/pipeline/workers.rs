@@ -75,8 +75,8 @@ impl Emit<RowLease<Item>> for Commit {
     }
 }
 
-/// Encode: one inferred row to the configured format. The bytes go out in a pooled
-/// buffer, so steady state allocates nothing.
+/// Encode: one inferred row to the configured format, with its item's filtered EXIF when
+/// there is one. The bytes go out in a pooled buffer, so steady state allocates nothing.
 pub struct EncodeWorker {
     pub encoder: Encoder,
     pub pool: Arc<BufPool>,
@@ -90,10 +90,14 @@ impl StageWorker for EncodeWorker {
         Stage::Encode
     }
 
-    fn process(&mut self, _item: &mut Item, job: Inferred) -> Result<PooledBuf, StageError> {
+    fn process(&mut self, item: &mut Item, job: Inferred) -> Result<PooledBuf, StageError> {
+        // The input's EXIF (only there with `encode.keep_metadata`) is not needed after
+        // this: taken, so it is freed before the publish.
+        let exif = item.exif.take();
+        let (w, h) = (job.out.width(), job.out.height());
         let bytes = self
             .encoder
-            .encode(job.out.row(job.row), job.out.width(), job.out.height())
+            .encode_with(job.out.row(job.row), w, h, exif.as_deref())
             .map_err(StageError::Failed)?;
         let mut buf = self.pool.get(bytes.len());
         buf.copy_from_slice(bytes);

@@ -14,7 +14,11 @@
 //! Every output is tagged sRGB with an embedded profile (the decoder converted every input
 //! to sRGB, so the tag is true, and viewers that assume another space for untagged files,
 //! as some print and Apple tools do, show the colours meant). Nothing else of the input's
-//! metadata is written: GPS positions and camera serial numbers stay with the photo.
+//! metadata is written by default: GPS positions and camera serial numbers stay with the
+//! photo. With `encode.keep_metadata` the input's EXIF is written too, filtered to what
+//! is safe to publish ([`crate::stages::metadata`] decides what that is): as an APP1
+//! segment in a JPEG, before the profile, an `eXIf` chunk in a PNG, an `EXIF` chunk in a
+//! WebP.
 
 use image::ImageEncoder;
 use image::codecs::jpeg::JpegEncoder;
@@ -24,6 +28,7 @@ use image::codecs::webp::WebPEncoder;
 use std::sync::OnceLock;
 
 use crate::config::{EncodeConfig, Format};
+use crate::stages::metadata;
 
 /// moxcms's sRGB profile, encoded once (ICC v4, a few hundred bytes).
 fn srgb_icc() -> &'static [u8] {
@@ -90,44 +95,96 @@ impl Encoder {
         self.cfg.format.extension()
     }
 
-    /// Encode `pixels` (`w x h` packed RGB8). The returned slice is valid until the next
-    /// call.
+    /// Encode `pixels` (`w x h` packed RGB8) with no metadata but the profile. The
+    /// returned slice is valid until the next call.
     pub fn encode(&mut self, pixels: &[u8], w: u32, h: u32) -> Result<&[u8], String> {
-        if let Some(tj) = self.tj.as_mut() {
-            let (w, h) = (w as usize, h as usize);
-            let bound = tj
-                .buf_len(w, h)
-                .map_err(|e| format!("JPEG encoding failed: {e}"))?;
-            // libjpeg-turbo writes the JPEG `k` bytes in, `k` being the APP2 segment's
-            // length; SOI and the segment then go in front, overwriting the SOI it wrote,
-            // and the rest follows on directly: the profile costs no copy of the image.
-            let k = self.app2.len();
-            // Grows once to the bound for this output size, then is reused as is.
-            if self.buf.len() < bound + k {
-                self.buf.resize(bound + k, 0);
-            }
-            let img = turbojpeg::Image {
-                pixels,
-                width: w,
-                pitch: w * 3,
-                height: h,
-                format: turbojpeg::PixelFormat::RGB,
-            };
-            let n = tj
-                .compress_to_slice(img, &mut self.buf[k..])
-                .map_err(|e| format!("JPEG encoding failed: {e}"))?;
-            self.buf[..2].copy_from_slice(&[0xFF, 0xD8]);
-            self.buf[2..2 + k].copy_from_slice(&self.app2);
-            return Ok(&self.buf[..k + n]);
+        self.encode_with(pixels, w, h, None)
+    }
+
+    /// [`Encoder::encode`], carrying `exif` (a TIFF structure, already filtered by
+    /// `stages::metadata`) when `encode.keep_metadata` is on. An EXIF too large for a JPEG
+    /// APP1 segment is left out with a warning: the image matters more than its EXIF.
+    pub fn encode_with(
+        &mut self,
+        pixels: &[u8],
+        w: u32,
+        h: u32,
+        exif: Option<&[u8]>,
+    ) -> Result<&[u8], String> {
+        let exif = exif.filter(|e| self.cfg.keep_metadata && self.exif_fits(e));
+        if self.tj.is_some() {
+            return self.encode_turbo(pixels, w, h, exif);
         }
+        self.encode_image(pixels, w, h, exif)
+    }
+
+    fn exif_fits(&self, exif: &[u8]) -> bool {
+        let fits = self.cfg.format != Format::Jpeg || exif.len() <= metadata::MAX_JPEG_EXIF;
+        if !fits {
+            tracing::warn!(
+                "the input's EXIF is {} bytes, more than a JPEG APP1 segment holds ({}): output written without it",
+                exif.len(),
+                metadata::MAX_JPEG_EXIF
+            );
+        }
+        fits
+    }
+
+    fn encode_turbo(
+        &mut self,
+        pixels: &[u8],
+        w: u32,
+        h: u32,
+        exif: Option<&[u8]>,
+    ) -> Result<&[u8], String> {
+        let tj = self.tj.as_mut().expect("called with libjpeg-turbo");
+        let (w, h) = (w as usize, h as usize);
+        let bound = tj
+            .buf_len(w, h)
+            .map_err(|e| format!("JPEG encoding failed: {e}"))?;
+        // libjpeg-turbo writes the JPEG `k` bytes in, `k` being the length of the segments
+        // spliced in (the EXIF's APP1 when there is one, then the profile's APP2); SOI and
+        // the segments then go in front, overwriting the SOI it wrote, and the rest follows
+        // on directly: the metadata costs no copy of the image.
+        let app1 = exif.map_or(0, |e| 4 + metadata::EXIF_HEADER.len() + e.len());
+        let k = app1 + self.app2.len();
+        // Grows to the largest bound and prefix seen, then is reused as is.
+        if self.buf.len() < bound + k {
+            self.buf.resize(bound + k, 0);
+        }
+        let img = turbojpeg::Image {
+            pixels,
+            width: w,
+            pitch: w * 3,
+            height: h,
+            format: turbojpeg::PixelFormat::RGB,
+        };
+        let n = tj
+            .compress_to_slice(img, &mut self.buf[k..])
+            .map_err(|e| format!("JPEG encoding failed: {e}"))?;
+        self.buf[..2].copy_from_slice(&[0xFF, 0xD8]);
+        if let Some(exif) = exif {
+            app1_into(&mut self.buf[2..2 + app1], exif);
+        }
+        self.buf[2 + app1..2 + k].copy_from_slice(&self.app2);
+        Ok(&self.buf[..k + n])
+    }
+
+    /// Through the `image` crate's encoders, which write the profile and EXIF chunks
+    /// themselves.
+    fn encode_image(
+        &mut self,
+        pixels: &[u8],
+        w: u32,
+        h: u32,
+        exif: Option<&[u8]>,
+    ) -> Result<&[u8], String> {
         self.buf.clear();
         let color = image::ExtendedColorType::Rgb8;
-        let icc = srgb_icc().to_vec();
         let r = match self.cfg.format {
             Format::Jpeg => {
                 let mut e = JpegEncoder::new_with_quality(&mut self.buf, self.cfg.quality);
-                e.set_icc_profile(icc).expect("JPEG takes a profile");
-                e.write_image(pixels, w, h, color)
+                tag(&mut e, exif).and_then(|()| e.write_image(pixels, w, h, color))
             }
             Format::Png => {
                 let mut e = PngEncoder::new_with_quality(
@@ -135,18 +192,38 @@ impl Encoder {
                     CompressionType::Fast,
                     FilterType::Adaptive,
                 );
-                e.set_icc_profile(icc).expect("PNG takes a profile");
-                e.write_image(pixels, w, h, color)
+                tag(&mut e, exif).and_then(|()| e.write_image(pixels, w, h, color))
             }
             Format::Webp => {
                 let mut e = WebPEncoder::new_lossless(&mut self.buf);
-                e.set_icc_profile(icc).expect("WebP takes a profile");
-                e.write_image(pixels, w, h, color)
+                tag(&mut e, exif).and_then(|()| e.write_image(pixels, w, h, color))
             }
         };
         r.map_err(|e| format!("{:?} encoding failed: {e}", self.cfg.format))?;
         Ok(&self.buf)
     }
+}
+
+/// Give an `image` encoder the sRGB profile and, when kept, the EXIF (each of JPEG, PNG
+/// and WebP takes both in image 0.25.10).
+fn tag(e: &mut impl ImageEncoder, exif: Option<&[u8]>) -> image::ImageResult<()> {
+    e.set_icc_profile(srgb_icc().to_vec())
+        .map_err(image::ImageError::Unsupported)?;
+    if let Some(exif) = exif {
+        e.set_exif_metadata(exif.to_vec())
+            .map_err(image::ImageError::Unsupported)?;
+    }
+    Ok(())
+}
+
+/// Write the APP1 segment that carries `exif` into `dst`, which is exactly its length
+/// (`exif` fits: [`metadata::MAX_JPEG_EXIF`]).
+fn app1_into(dst: &mut [u8], exif: &[u8]) {
+    let header = metadata::EXIF_HEADER;
+    dst[..2].copy_from_slice(&[0xFF, 0xE1]);
+    dst[2..4].copy_from_slice(&((2 + header.len() + exif.len()) as u16).to_be_bytes());
+    dst[4..4 + header.len()].copy_from_slice(header);
+    dst[4 + header.len()..].copy_from_slice(exif);
 }
 
 #[cfg(test)]
@@ -160,6 +237,7 @@ mod tests {
             let mut e = Encoder::new(EncodeConfig {
                 format,
                 quality: 95,
+                keep_metadata: false,
             });
             let bytes = e.encode(&px, 16, 16).unwrap().to_vec();
             let mut dec = image::ImageReader::new(std::io::Cursor::new(&bytes))
@@ -191,6 +269,7 @@ mod tests {
         let cfg = EncodeConfig {
             format: Format::Jpeg,
             quality: 90,
+            keep_metadata: false,
         };
         let mut e = Encoder::new(cfg.clone());
         assert!(e.tj.is_some(), "libjpeg-turbo is built in");
@@ -212,6 +291,70 @@ mod tests {
                 .max()
                 .unwrap();
             assert!(err <= 16, "max error {err}");
+        }
+    }
+
+    /// A small valid EXIF (Make "AB"), as `stages::metadata` hands it over.
+    const EXIF: &[u8] = b"II\x2a\0\x08\0\0\0\x01\0\x0f\x01\x02\0\x03\0\0\0AB\0\0\0\0\0\0";
+
+    /// The EXIF and profile an output carries, as the `image` crate's decoders read them.
+    fn metadata_of(bytes: &[u8]) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        use image::ImageDecoder;
+        let mut dec = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .unwrap()
+            .into_decoder()
+            .unwrap();
+        (dec.exif_metadata().unwrap(), dec.icc_profile().unwrap())
+    }
+
+    #[test]
+    fn exif_is_written_in_each_format_only_when_kept() {
+        let px: Vec<u8> = (0..16 * 16 * 3).map(|i| (i % 251) as u8).collect();
+        for format in [Format::Jpeg, Format::Png, Format::Webp] {
+            for keep_metadata in [false, true] {
+                let cfg = EncodeConfig {
+                    format,
+                    quality: 90,
+                    keep_metadata,
+                };
+                let mut encoders = vec![Encoder::new(cfg.clone())];
+                if format == Format::Jpeg {
+                    encoders.push(Encoder::new(cfg).without_turbojpeg());
+                }
+                for mut e in encoders {
+                    let bytes = e.encode_with(&px, 16, 16, Some(EXIF)).unwrap().to_vec();
+                    let (exif, icc) = metadata_of(&bytes);
+                    let want = keep_metadata.then(|| EXIF.to_vec());
+                    assert_eq!(exif, want, "{format:?}, keep {keep_metadata}");
+                    assert_eq!(icc.as_deref(), Some(srgb_icc()), "{format:?} still tagged");
+                    let img = image::load_from_memory(&bytes).unwrap();
+                    assert_eq!((img.width(), img.height()), (16, 16));
+                    // The next image without EXIF has none: nothing is left behind.
+                    let bytes = e.encode(&px, 16, 16).unwrap().to_vec();
+                    assert_eq!(metadata_of(&bytes).0, None);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exif_too_large_for_a_jpeg_is_left_out_but_not_from_a_png() {
+        let px = vec![128u8; 16 * 16 * 3];
+        let mut big = EXIF.to_vec();
+        big.resize(crate::stages::metadata::MAX_JPEG_EXIF + 1, 0);
+        let fits = &big[..big.len() - 1];
+        for format in [Format::Jpeg, Format::Png] {
+            let mut e = Encoder::new(EncodeConfig {
+                format,
+                quality: 90,
+                keep_metadata: true,
+            });
+            let bytes = e.encode_with(&px, 16, 16, Some(&big)).unwrap().to_vec();
+            let kept = metadata_of(&bytes).0;
+            assert_eq!(kept.is_some(), format == Format::Png, "{format:?}");
+            let bytes = e.encode_with(&px, 16, 16, Some(fits)).unwrap().to_vec();
+            assert_eq!(metadata_of(&bytes).0.as_deref(), Some(fits), "{format:?}");
         }
     }
 }

@@ -6,4 +6,5 @@
 pub mod decode;
 pub mod encode;
 pub mod fit;
+pub mod metadata;
 pub mod read;

@@ -38,6 +38,10 @@ pub struct Item {
     /// The input file as the read stage found it: a file that differs from this later
     /// was changed after its claim (a writer that paused), and its result is not trusted.
     pub source: Option<SourceStat>,
+    /// The input's EXIF, filtered to what is safe to publish (`encode.keep_metadata`, see
+    /// `stages::metadata`): set by decode, written and dropped by encode. `None` unless
+    /// the key is on, so by default nothing of the input's metadata travels.
+    pub exif: Option<Vec<u8>>,
 }
 
 /// Size and modification time of an input file when it was read.
@@ -70,6 +74,7 @@ impl Item {
             region: None,
             sidecar: None,
             source: None,
+            exif: None,
         }
     }
 }

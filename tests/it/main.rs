@@ -21,6 +21,7 @@ mod cuda;
 mod facecrop;
 mod hotfolder;
 mod journald;
+mod metadata;
 mod metrics;
 mod peers;
 mod process;

@@ -1,12 +1,15 @@
 //! Scaled JPEG decoding must not cost visible accuracy.
 //!
-//! On the reference data (`make_data.py astronaut.png D 100 7`, generated here with the
-//! venv's Python), hotpipe's fitted 512 x 512 model inputs (libjpeg-turbo, DCT-scaled when
-//! the image is at least twice the target, then the SIMD resize) are compared with a
-//! reference that decodes every pixel (the `image` crate, an independent decoder) and
-//! resizes with the same filter and geometry. Required: PSNR at least 35 dB on every image
-//! and at least 40 dB on average over the images that were decoded at a reduced scale (the
-//! others differ only by the two decoders' rounding, and would inflate an average).
+//! Two checks. The geometry: on the reference data (`make_data.py astronaut.png D 100 7`,
+//! generated here with the venv's Python), hotpipe's fitted 512 x 512 model inputs
+//! (libjpeg-turbo with `dct_scaling = "fast"`, which scales most of these photos, then the
+//! SIMD resize) are compared with a reference that decodes every pixel (the `image` crate,
+//! an independent decoder) and resizes with the same filter and geometry. Required: PSNR at
+//! least 35 dB on every image and at least 45 dB on average over the images decoded at a
+//! reduced scale (the others differ only by the two decoders' rounding, and would inflate
+//! an average); a scaled frame mapped by its rounded-up size instead of its exact scale
+//! measured 43.5 dB. The rule: `auto` on high-detail photos, against a careful resize of
+//! the full decode (the second test).
 
 use crate::common::{self, psnr};
 
@@ -27,7 +30,7 @@ fn scaled_decode_keeps_psnr_against_full_decode() {
     assert_eq!(files.len(), 100);
     // The reference job's fit, with the product's decode limits.
     let cfg = Config::from_toml(
-        "[preprocess]\nsize = 512\nfit = \"crop\"\nfilter = \"bilinear\"\n",
+        "[preprocess]\nsize = 512\nfit = \"crop\"\nfilter = \"bilinear\"\n[decode]\ndct_scaling = \"fast\"\n",
         "quality",
         Path::new("."),
         0,
@@ -77,7 +80,7 @@ fn scaled_decode_keeps_psnr_against_full_decode() {
         files.len()
     );
     assert!(scaled >= 30, "the reference set should exercise scaling");
-    assert!(mean >= 40.0, "mean PSNR {mean:.2} dB < 40 dB");
+    assert!(mean >= 45.0, "mean PSNR {mean:.2} dB < 45 dB");
 }
 
 /// A deterministic high-detail "photo": multi-octave value noise whose amplitude falls off

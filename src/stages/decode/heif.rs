@@ -15,6 +15,7 @@ use libheif_rs::{
 
 use super::colour::{Native, Source};
 use super::{Decoder, buffers};
+use crate::stages::metadata;
 use crate::vocab::error::StageError;
 use crate::vocab::item::Frame;
 
@@ -36,6 +37,7 @@ impl Decoder {
             .primary_image_handle()
             .map_err(|e| heif_error("read", &e))?;
         let (w, h) = (handle.width(), handle.height());
+        self.capture_exif(|| metadata::from_heif(&handle));
         let alpha = handle.has_alpha_channel();
         let ch = if alpha { 4 } else { 3 };
         // libheif's own pixels: the decoded YCbCr planes (up to 16 bits a sample) and the

@@ -1,19 +1,23 @@
 //! JPEG through libjpeg-turbo 3: every colour space (YCbCr, grey, RGB, CMYK, YCCK), at
 //! full or DCT-reduced scale, with what libjpeg-turbo does not read itself taken from the
-//! marker segments: the EXIF orientation (APP1), the ICC profile (APP2, possibly split
-//! over several segments) and the Adobe marker (APP14) that says CMYK is stored inverted.
+//! marker segments: the EXIF (APP1: its orientation, and all of it for
+//! `encode.keep_metadata`), the ICC profile (APP2, possibly split over several segments)
+//! and the Adobe marker (APP14) that says CMYK is stored inverted.
 
 use image::metadata::Orientation;
 
 use super::colour::{Native, Source};
 use super::{Decoder, apply_orientation, buffers, swaps_axes, too_large};
+use crate::stages::metadata;
 use crate::vocab::error::StageError;
 use crate::vocab::item::Frame;
 
 /// What the marker segments before the first scan say.
 #[derive(Debug, Default)]
-pub struct Markers {
+pub struct Markers<'a> {
     pub orientation: Option<Orientation>,
+    /// The first EXIF APP1's TIFF structure (for `encode.keep_metadata`).
+    pub exif: Option<&'a [u8]>,
     /// An Adobe APP14 segment is present (CMYK samples are stored inverted).
     pub adobe: bool,
     /// Whether an ICC profile was found and reassembled into the caller's buffer.
@@ -58,7 +62,7 @@ fn segments(data: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
 /// Read the markers of `data`; an ICC profile is reassembled into `icc` (cleared first).
 /// A profile whose chunks are missing, repeated or out of range is dropped: half a
 /// profile would convert colours wrongly, and no profile means sRGB.
-pub fn markers(data: &[u8], icc: &mut Vec<u8>) -> Markers {
+pub fn markers<'a>(data: &'a [u8], icc: &mut Vec<u8>) -> Markers<'a> {
     let mut m = Markers::default();
     icc.clear();
     let mut chunks: [Option<&[u8]>; 256] = [None; 256];
@@ -66,8 +70,11 @@ pub fn markers(data: &[u8], icc: &mut Vec<u8>) -> Markers {
     let mut bad = false;
     for (marker, seg) in segments(data) {
         match marker {
-            0xE1 if m.orientation.is_none() && seg.starts_with(b"Exif\0\0") => {
-                m.orientation = Orientation::from_exif_chunk(&seg[6..]);
+            0xE1 if seg.starts_with(b"Exif\0\0") => {
+                m.exif = m.exif.or(Some(&seg[6..]));
+                if m.orientation.is_none() {
+                    m.orientation = Orientation::from_exif_chunk(&seg[6..]);
+                }
             }
             0xE2 if seg.starts_with(b"ICC_PROFILE\0") && seg.len() >= 14 => {
                 let (seq, n) = (seg[12] as usize, seg[13] as usize);
@@ -125,6 +132,7 @@ impl Decoder {
         };
         self.check_size(w, h, per_px)?;
         let m = markers(data, &mut self.icc);
+        self.capture_exif(|| m.exif.and_then(metadata::filter));
         let orientation = m.orientation.unwrap_or(Orientation::NoTransforms);
         let (uw, uh) = if swaps_axes(orientation) {
             (h, w)
@@ -245,7 +253,8 @@ mod tests {
             vec![icc_chunk(1, 1, b"a"), icc_chunk(1, 1, b"b")],
             vec![icc_chunk(0, 1, b"zero")],
         ] {
-            let m = markers(&with_segments(&broken), &mut icc);
+            let f = with_segments(&broken);
+            let m = markers(&f, &mut icc);
             assert!(!m.icc && icc.is_empty(), "{broken:?}");
         }
     }
