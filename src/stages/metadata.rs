@@ -383,7 +383,7 @@ mod tests {
     use exif::{Context, Field, In, Reader, Tag, Value};
 
     use super::*;
-    use crate::config::{DctScaling, DecodeConfig};
+    use crate::config::DecodeConfig;
     use crate::stages::decode::Decoder;
     use crate::vocab::pool::BufPool;
 
@@ -643,19 +643,6 @@ mod tests {
         assert_eq!(from_heif_block(&[0, 0, 1, 0, 1, 2]), None);
     }
 
-    fn decode_cfg() -> DecodeConfig {
-        DecodeConfig {
-            max_width: 4096,
-            max_height: 4096,
-            max_alloc_bytes: 256 << 20,
-            max_file_bytes: 256 << 20,
-            frame_budget_bytes: 1 << 30,
-            frame_budget_from_memory: None,
-            dct_scaling: DctScaling::Auto,
-            background: [255; 3],
-        }
-    }
-
     /// A 32 x 16 picture in `format` through the `image` crate, carrying `exif`.
     fn with_exif(format: image::ImageFormat, exif: &[u8]) -> Vec<u8> {
         use image::ImageEncoder;
@@ -748,8 +735,8 @@ mod tests {
         let eoi = jpeg.len() - 2;
         jpeg.splice(eoi..eoi, [0x00, 0x11]);
         let inputs = inputs.into_iter().chain([("JPEG (zune-jpeg)", jpeg)]);
-        let mut plain = Decoder::new(decode_cfg(), BufPool::new(4));
-        let mut keeping = Decoder::new(decode_cfg(), BufPool::new(4)).with_exif(true);
+        let mut plain = Decoder::new(DecodeConfig::for_tests(), BufPool::new(4));
+        let mut keeping = Decoder::new(DecodeConfig::for_tests(), BufPool::new(4)).with_exif(true);
         for (what, data) in inputs {
             plain.decode(&data).unwrap();
             assert_eq!(plain.take_exif(), None, "{what}: not kept by default");

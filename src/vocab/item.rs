@@ -96,6 +96,20 @@ pub struct Frame {
     pub scale: f64,
 }
 
+impl Frame {
+    /// A frame of every pixel of its image (no DCT-domain downscale).
+    pub fn full(pixels: PooledBuf, width: u32, height: u32) -> Frame {
+        Frame {
+            pixels,
+            width,
+            height,
+            orig_width: width,
+            orig_height: height,
+            scale: 1.0,
+        }
+    }
+}
+
 /// What happened to one item, reported once by whichever stage finished it.
 #[derive(Debug)]
 pub struct Outcome {

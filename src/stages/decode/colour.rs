@@ -169,10 +169,15 @@ impl Colour {
     }
 
     /// Convert packed RGB8 pixels (`width` per row) from the profile `icc` to sRGB in
-    /// place. A grey profile is accepted too (a greyscale JPEG that libjpeg-turbo already
-    /// expanded to RGB): its curve is applied to each channel.
-    pub fn rgb_in_place(&mut self, px: &mut [u8], width: usize, icc: &[u8]) {
-        if let Some(t) = self.transform(icc, Native::Rgb) {
+    /// place. `grey`: the pixels are a grey image the decoder expanded to RGB (a greyscale
+    /// JPEG), so its profile is a grey one and its curve is applied to each channel; a
+    /// grey profile on colour pixels is ignored like any profile for other pixels.
+    pub fn rgb_in_place(&mut self, px: &mut [u8], width: usize, icc: &[u8], grey: bool) {
+        let layout = if grey { Native::Gray } else { Native::Rgb };
+        let Some(t) = self.transform(icc, layout) else {
+            return;
+        };
+        if !grey {
             self.row8.resize(width * 3, 0);
             for row in px.chunks_exact_mut(width * 3) {
                 self.row8.copy_from_slice(row);
@@ -181,8 +186,8 @@ impl Colour {
                     return;
                 }
             }
-        } else if let Some(t) = self.transform(icc, Native::Gray) {
-            let levels: Vec<u8> = (0..=255).collect();
+        } else {
+            let levels: [u8; 256] = std::array::from_fn(|i| i as u8);
             let mut lut = [0u8; 768];
             if t.transform(&levels, &mut lut).is_ok() {
                 for p in px.chunks_exact_mut(3) {
@@ -225,9 +230,8 @@ fn build(icc: &[u8], layout: Native, srgb: &ColorProfile) -> Cached {
         }
     };
     if profile.color_space != layout.colour_space() {
-        // Quietly: the Gray probe of `rgb_in_place` asks for what an RGB profile is not.
-        tracing::debug!(
-            "embedded ICC profile is for {:?}, the pixels are {layout:?}",
+        tracing::warn!(
+            "embedded ICC profile ignored: it is for {:?} pixels, these are {layout:?}",
             profile.color_space
         );
         return None;
@@ -419,7 +423,7 @@ mod tests {
         assert!(out[6] < 10 && out[7] > 200, "{out:?}");
         // In place gives the same.
         let mut inplace = px;
-        c.rgb_in_place(&mut inplace, 3, &p3);
+        c.rgb_in_place(&mut inplace, 3, &p3, false);
         assert_eq!(inplace.to_vec(), out);
     }
 
@@ -432,5 +436,9 @@ mod tests {
         );
         let grey = ColorProfile::new_gray_with_gamma(2.2).encode().unwrap();
         assert_eq!(convert(&px, 1, Native::Rgb, false, Some(&grey)), px);
+        // In place too: a grey profile's curve must not be applied to colour pixels.
+        let mut colour = [10u8, 200, 30];
+        Colour::default().rgb_in_place(&mut colour, 1, &grey, false);
+        assert_eq!(colour, [10, 200, 30]);
     }
 }

@@ -9,6 +9,8 @@
 //! its own, which the frame budget does not hand out: its size is reserved from the
 //! budget (a buffer taken and not written) for as long as libheif holds it.
 
+use std::sync::OnceLock;
+
 use libheif_rs::{
     ColorPrimaries, ColorSpace, FileTypeResult, HeifContext, LibHeif, RgbChroma, check_file_type,
 };
@@ -68,7 +70,7 @@ impl Decoder {
         }
         let profile = handle.color_profile_raw();
         let icc = match &profile {
-            Some(p) => Some(p.data.clone()),
+            Some(p) => Some(&p.data[..]),
             None => nclx_profile(&handle),
         };
         let src = Source {
@@ -77,32 +79,28 @@ impl Decoder {
             stride: plane.stride,
             layout: if alpha { Native::Rgba } else { Native::Rgb },
             sixteen: false,
-            icc: icc.as_deref(),
+            icc,
         };
-        self.colour.convert(&src, &mut out, self.background)?;
+        self.colour.convert(&src, &mut out, self.cfg.background)?;
         drop(img);
         drop(reserved);
-        Ok(Frame {
-            pixels: out,
-            width: w,
-            height: h,
-            orig_width: w,
-            orig_height: h,
-            scale: 1.0,
-        })
+        Ok(Frame::full(out, w, h))
     }
 }
 
 /// A profile for a HEIF image that states its colours only as CICP (`nclx`) primaries:
 /// Display P3 (the iPhone's) and BT.2020 are converted; BT.709 is sRGB's own primaries.
-fn nclx_profile(handle: &libheif_rs::ImageHandle) -> Option<Vec<u8>> {
+fn nclx_profile(handle: &libheif_rs::ImageHandle) -> Option<&'static [u8]> {
+    // Encoded once per process, not per photo.
+    static P3: OnceLock<Option<Vec<u8>>> = OnceLock::new();
+    static BT2020: OnceLock<Option<Vec<u8>>> = OnceLock::new();
     let nclx = handle.color_profile_nclx()?;
-    let profile = match nclx.color_primaries() {
-        ColorPrimaries::SMPTE_EG_432_1 => moxcms::ColorProfile::new_display_p3(),
-        ColorPrimaries::ITU_R_BT_2020_2_and_2100_0 => moxcms::ColorProfile::new_bt2020(),
+    let (cell, make): (_, fn() -> moxcms::ColorProfile) = match nclx.color_primaries() {
+        ColorPrimaries::SMPTE_EG_432_1 => (&P3, moxcms::ColorProfile::new_display_p3),
+        ColorPrimaries::ITU_R_BT_2020_2_and_2100_0 => (&BT2020, moxcms::ColorProfile::new_bt2020),
         _ => return None,
     };
-    profile.encode().ok()
+    cell.get_or_init(|| make().encode().ok()).as_deref()
 }
 
 fn heif_error(what: &str, e: &libheif_rs::HeifError) -> StageError {

@@ -98,14 +98,6 @@ pub fn markers<'a>(data: &'a [u8], icc: &mut Vec<u8>) -> Markers<'a> {
     m
 }
 
-/// The EXIF orientation of a JPEG; `None` when there is none or it is malformed (treated
-/// as upright, as every viewer does).
-pub fn jpeg_orientation(data: &[u8]) -> Option<Orientation> {
-    segments(data)
-        .find(|(marker, seg)| *marker == 0xE1 && seg.starts_with(b"Exif\0\0"))
-        .and_then(|(_, seg)| Orientation::from_exif_chunk(&seg[6..]))
-}
-
 impl Decoder {
     /// A JPEG through libjpeg-turbo; `Ok(None)` when it is not available.
     pub(super) fn decode_turbo(&mut self, data: &[u8]) -> Result<Option<Frame>, StageError> {
@@ -180,9 +172,10 @@ impl Decoder {
                 sixteen: false,
                 icc,
             };
-            self.colour.convert(&src, &mut out, self.background)?;
+            self.colour.convert(&src, &mut out, self.cfg.background)?;
         } else if let Some(icc) = icc {
-            self.colour.rgb_in_place(&mut out, sw, icc);
+            let grey = header.colorspace == turbojpeg::Colorspace::Gray;
+            self.colour.rgb_in_place(&mut out, sw, icc, grey);
         }
         drop(ink);
         let (pixels, fw, fh) = apply_orientation(out, dst, size.0, size.1, orientation);

@@ -50,7 +50,6 @@ use crate::vocab::item::{Frame, Item};
 use crate::vocab::pool::{BufPool, OverBudget, PooledBuf};
 use crate::vocab::stage::StageWorker;
 use colour::{Colour, Native, Source};
-pub use jpeg::jpeg_orientation;
 
 /// Progressive JPEGs with more scans than this are refused: each scan re-reads the whole
 /// coefficient buffer, so a crafted file with thousands of tiny scans is a cheap way to
@@ -132,8 +131,6 @@ pub struct Decoder {
     colour: Colour,
     /// The last JPEG's ICC profile, reassembled from its segments (kept for its capacity).
     icc: Vec<u8>,
-    /// What transparent pixels are composited over (`decode.alpha`).
-    background: [u8; 3],
     /// Whether the input's EXIF is kept for the output (`encode.keep_metadata`).
     keep_exif: bool,
     /// The last image's EXIF, filtered; handed to its item by [`StageWorker::process`].
@@ -149,7 +146,6 @@ impl Decoder {
             })
             .ok();
         Decoder {
-            background: cfg.background,
             cfg,
             pool,
             tj,
@@ -302,8 +298,9 @@ impl Decoder {
         };
         let color = dec.color_type();
         let (layout, sixteen) = native_layout(color)?;
-        // RGB8 without a profile is written straight into the frame.
-        let native_len = if layout == Native::Rgb && !sixteen && icc.is_none() {
+        // RGB8 is written straight into the frame (and converted there, if it has a
+        // profile): no second buffer, no copy.
+        let native_len = if layout == Native::Rgb && !sixteen {
             0
         } else {
             usize::try_from(dec.total_bytes()).map_err(|_| too_large())?
@@ -321,6 +318,9 @@ impl Decoder {
             buffers(&self.pool, (w, h), rgb_len, rotated, native_len)?;
         if native_len == 0 {
             dec.read_image(&mut out).map_err(|e| describe(format, e))?;
+            if let Some(icc) = &icc {
+                self.colour.rgb_in_place(&mut out, w as usize, icc, false);
+            }
         } else {
             dec.read_image(&mut native)
                 .map_err(|e| describe(format, e))?;
@@ -332,21 +332,14 @@ impl Decoder {
                 sixteen,
                 icc: icc.as_deref(),
             };
-            self.colour.convert(&src, &mut out, self.background)?;
+            self.colour.convert(&src, &mut out, self.cfg.background)?;
             if rotate_into_native {
                 native.truncate(rgb_len);
                 dst = native;
             }
         }
         let (out, w, h) = apply_orientation(out, dst, w, h, orientation);
-        Ok(Frame {
-            pixels: out,
-            width: w,
-            height: h,
-            orig_width: w,
-            orig_height: h,
-            scale: 1.0,
-        })
+        Ok(Frame::full(out, w, h))
     }
 }
 
@@ -537,16 +530,7 @@ mod tests {
     use super::*;
 
     fn cfg() -> DecodeConfig {
-        DecodeConfig {
-            max_width: 4096,
-            max_height: 4096,
-            max_alloc_bytes: 256 << 20,
-            max_file_bytes: 256 << 20,
-            frame_budget_bytes: 1 << 30,
-            frame_budget_from_memory: None,
-            dct_scaling: DctScaling::Auto,
-            background: [255; 3],
-        }
+        DecodeConfig::for_tests()
     }
 
     fn png(w: u32, h: u32, color: image::ExtendedColorType, px: &[u8]) -> Vec<u8> {
@@ -754,10 +738,12 @@ mod tests {
     #[test]
     fn exif_rotated_jpeg_is_upright() {
         let jpeg = jpeg_rgb(&halves(64, 32), 64, 32);
-        assert_eq!(jpeg_orientation(&jpeg), None);
+        let mut icc = Vec::new();
+        assert_eq!(jpeg::markers(&jpeg, &mut icc).orientation, None);
         // 6 = rotate 90 degrees clockwise to display: the left (red) half goes on top.
         let rotated = with_exif_orientation(&jpeg, 6);
-        assert_eq!(jpeg_orientation(&rotated), Some(Orientation::Rotate90));
+        let m = jpeg::markers(&rotated, &mut icc);
+        assert_eq!(m.orientation, Some(Orientation::Rotate90));
         let mut d = Decoder::new(cfg(), BufPool::new(8));
         let f = d.decode(&rotated).unwrap();
         assert_eq!((f.width, f.height), (32, 64));
