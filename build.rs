@@ -23,6 +23,8 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("src/runtime/cuda/shim.cpp")
+        // The TorchScript schema reader (src/runtime/schema/): only torch/script.h.
+        .file("src/runtime/schema/schema.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
@@ -30,4 +32,5 @@ fn main() {
         .warnings(false)
         .compile("hotpipe_cuda_shim");
     println!("cargo:rerun-if-changed=src/runtime/cuda/shim.cpp");
+    println!("cargo:rerun-if-changed=src/runtime/schema/schema.cpp");
 }

@@ -23,3 +23,18 @@ if [ -z "${HOTPIPE_SHARED_BENCH:-}" ]; then
   unset _hp_root
 fi
 export HOTPIPE_SHARED_BENCH
+
+# Install Debian packages: as root directly, else through sudo; with neither, say what
+# to run as root and fail (a bare "sudo: command not found" explains nothing).
+hp_apt_install() {
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+      printf 'missing Debian packages: %s\nrun as root: apt-get update && apt-get install -y %s\n(or install sudo and run this again)\n' "$*" "$*" >&2
+      return 1
+    fi
+    sudo="sudo"
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}

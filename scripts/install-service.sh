@@ -10,7 +10,8 @@
 #                               built with, copied from the build's PyTorch venv; the
 #                               binary finds them by its own RUNPATH, $ORIGIN/../lib/...),
 #                               share/models/mtcnn (the face crop's weights),
-#                               share/doc/hotpipe, share/hotpipe/pipeline.toml (the default)
+#                               share/doc/hotpipe, share/hotpipe/pipeline.toml (the default),
+#                               share/hotpipe/python (the Python backend's worker module)
 #   /etc/hotpipe/pipeline.toml  the config (written once; an existing one is kept and the
 #                               new default goes beside it as pipeline.toml.dist)
 #   /var/lib/hotpipe            the hot folder (StateDirectory=): inbox/, outbox/, ...
@@ -105,6 +106,7 @@ install -m 0755 "$bin" "$prefix/bin/hotpipe.new"
 patchelf --set-rpath '$ORIGIN/../lib/torch/lib' "$prefix/bin/hotpipe.new"
 mv -f "$prefix/bin/hotpipe.new" "$prefix/bin/hotpipe"
 copy_tree models/mtcnn "$prefix/share/models/mtcnn"
+copy_tree python/hotpipe_worker "$prefix/share/hotpipe/python/hotpipe_worker"
 install -m 0644 README.md "$prefix/share/doc/hotpipe/README.md"
 # The default config, its paths pointing at the installed models and the state directory.
 sed -e "s|^weights = \"models/mtcnn\"|weights = \"$prefix/share/models/mtcnn\"|" \

@@ -23,9 +23,7 @@ dpkg -s libheif-dev >/dev/null 2>&1 || need_pkgs+=(libheif-dev)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3 python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing Debian packages: ${need_pkgs[*]}"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+  hp_apt_install "${need_pkgs[@]}"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
   log "installing the Rust toolchain (rustup)"

@@ -7,10 +7,8 @@ scripts/setup.sh
 source scripts/env.sh
 # What only the tests need: headless Chromium for the status page's test.
 if ! command -v chromium >/dev/null 2>&1; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   echo "[test] installing chromium (the status page is tested in a real browser)" >&2
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  hp_apt_install chromium
 fi
 # ICC profiles for the colour tests (tests/it/colour_corpus.py reads them from
 # /usr/share/color/icc): colord-data (CC0) and Ghostscript's libgs-common (AGPL-3+).
@@ -18,10 +16,8 @@ need_icc=()
 [ -f /usr/share/color/icc/colord/AdobeRGB1998.icc ] || need_icc+=(colord-data)
 [ -f /usr/share/color/icc/ghostscript/default_cmyk.icc ] || need_icc+=(libgs-common)
 if [ ${#need_icc[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   echo "[test] installing ${need_icc[*]} (ICC profiles for the colour tests)" >&2
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_icc[@]}" >/dev/null
+  hp_apt_install "${need_icc[@]}"
 fi
 # A test whose fixture is missing fails here instead of skipping (CUDA tests still skip:
 # CI has no GPU).

@@ -315,7 +315,13 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
     let decode_fit_n = decode_fit_on("read+decode+fit (DCT-scaled JPEG)", pl.decode_threads, true);
     let detect = detect(cfg, &files, folder, min)?;
     let inferred = infer(cfg, sample.fitted, min)?;
-    let encode = encode(cfg, inferred.outputs, inferred.out_hw, min);
+    let encode = encode(
+        cfg,
+        inferred.outputs,
+        inferred.out_chw,
+        inferred.per_input,
+        min,
+    );
     let pipeline = if opts.pipeline {
         Some(whole_pipeline(cfg, paths)?)
     } else {
@@ -504,8 +510,10 @@ struct Inferred {
     rate: Option<Rate>,
     /// The model's output rows (without a model: the fitted rows themselves).
     outputs: Vec<Vec<u8>>,
-    /// The outputs' height and width.
-    out_hw: (u32, u32),
+    /// Channels and size of each output, `(C', H', W')`.
+    out_chw: (usize, u32, u32),
+    /// Outputs per input (K): the encode rate is per input, K encodes each.
+    per_input: usize,
 }
 
 /// Inference on the first configured device, batches of `max_batch` fitted images.
@@ -514,7 +522,12 @@ fn infer(cfg: &Config, fitted: Vec<Vec<u8>>, min_time: Duration) -> Result<Infer
         return Ok(Inferred {
             rate: None,
             outputs: fitted,
-            out_hw: (cfg.preprocess.height, cfg.preprocess.width),
+            out_chw: (
+                cfg.preprocess.channels,
+                cfg.preprocess.height,
+                cfg.preprocess.width,
+            ),
+            per_input: 1,
         });
     };
     let pl = &cfg.pipeline;
@@ -532,9 +545,11 @@ fn infer(cfg: &Config, fitted: Vec<Vec<u8>>, min_time: Duration) -> Result<Infer
         .flat_map(|i| fitted[i % fitted.len()].iter().copied())
         .collect();
     let x = Tensor::from_slice(&rows)
-        .view([batch as i64, h, w, 3])
+        .view([batch as i64, h, w, cfg.preprocess.channels as i64])
         .to_device(dev);
     let (oh, ow) = model.output_hw();
+    let oc = model.output_channels();
+    let per_input = model.outputs_per_input();
     let kind = model.kind();
     // On its own thread, as in the pipeline: measured here (light model, batch 1, CPU),
     // the same loop ran about 5x slower on the main thread, which had set up the
@@ -545,9 +560,10 @@ fn infer(cfg: &Config, fitted: Vec<Vec<u8>>, min_time: Duration) -> Result<Infer
         .map_err(|_| BenchError::Infer("the inference thread panicked".into()))?;
     let (y, images, elapsed) = timed.map_err(BenchError::Infer)?;
     let y = y.to_device(Device::Cpu);
-    let row = (oh * ow * 3) as usize;
-    let mut flat = vec![0u8; batch * row];
-    y.copy_data_u8(&mut flat, batch * row);
+    let row = (oh * ow * oc) as usize;
+    let len = batch * per_input * row;
+    let mut flat = vec![0u8; len];
+    y.copy_data_u8(&mut flat, len);
     let threads = if dev == Device::Cpu {
         pl.infer_threads
     } else {
@@ -561,7 +577,8 @@ fn infer(cfg: &Config, fitted: Vec<Vec<u8>>, min_time: Duration) -> Result<Infer
             elapsed,
         }),
         outputs: flat.chunks_exact(row).map(<[u8]>::to_vec).collect(),
-        out_hw: (oh as u32, ow as u32),
+        out_chw: (oc as usize, oh as u32, ow as u32),
+        per_input,
     })
 }
 
@@ -581,7 +598,8 @@ fn time_forward(
             tch::Cuda::synchronize(i as i64);
         }
     };
-    let run = || model.forward_u8(x).map_err(|e| torch_message(&e));
+    let rows = vec![None; batch];
+    let run = || model.forward_u8(x, &rows).map_err(|e| torch_message(&e));
     // Warm-up: TorchScript's profiling executor optimises the graph over the first
     // calls, and cuDNN picks its algorithms; timing those would understate the steady
     // state several times over.
@@ -600,25 +618,38 @@ fn time_forward(
     Ok((y, images, start.elapsed()))
 }
 
-/// Encode `outputs` (rows of `out_hw` pixels) with `pipeline.encode_threads` threads.
-fn encode(cfg: &Config, outputs: Vec<Vec<u8>>, out_hw: (u32, u32), min_time: Duration) -> Rate {
+/// Encode the inferred outputs with `pipeline.encode_threads` threads; the rate is in
+/// inputs per second (K encodes each, for a model with K outputs per input).
+fn encode(
+    cfg: &Config,
+    outputs: Vec<Vec<u8>>,
+    out_chw: (usize, u32, u32),
+    per_input: usize,
+    min_time: Duration,
+) -> Rate {
     let pl = &cfg.pipeline;
     let outputs = Arc::new(outputs);
     let (done, elapsed) = run_for(pl.encode_threads, outputs.len(), min_time, || {
         let outputs = Arc::clone(&outputs);
         let mut enc = Encoder::new(cfg.encode.clone());
-        let (oh, ow) = out_hw;
+        let (oc, oh, ow) = out_chw;
         Box::new(move |i| {
-            let _ = enc.encode(&outputs[i % outputs.len()], ow, oh);
+            let _ = enc.encode_with(&outputs[i % outputs.len()], (ow, oh, oc), None);
         })
     });
     Rate {
-        name: format!(
-            "encode ({:?}, quality {})",
-            cfg.encode.format, cfg.encode.quality
-        ),
+        name: match per_input {
+            1 => format!(
+                "encode ({:?}, quality {})",
+                cfg.encode.format, cfg.encode.quality
+            ),
+            k => format!(
+                "encode ({:?}, quality {}, {k} outputs per input)",
+                cfg.encode.format, cfg.encode.quality
+            ),
+        },
         threads: pl.encode_threads.max(1),
-        images: done,
+        images: done / per_input,
         elapsed,
     }
 }

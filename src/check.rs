@@ -25,6 +25,8 @@ pub struct CheckReport {
     pub cuda_devices: usize,
     /// The model's input, `(width, height)`, with the fit mode and filter.
     pub input: (u32, u32),
+    /// Channels of each input: 3 (RGB), or 4 (RGBA) with `decode.alpha = "keep"`.
+    pub input_channels: usize,
     pub fit: FitMode,
     pub filter: Filter,
     pub format: Format,
@@ -52,6 +54,8 @@ pub struct FaceCropFound {
 #[derive(Debug, Clone)]
 pub struct ModelFound {
     pub path: PathBuf,
+    /// A Python pipeline (`entry`), run in worker processes.
+    pub python: Option<String>,
     pub batch: usize,
     pub devices: Vec<DeviceRun>,
 }
@@ -63,8 +67,22 @@ pub struct DeviceRun {
     pub precision: Kind,
     /// `(height, width)` of the model's output.
     pub output_hw: (i64, i64),
+    /// Channels of each output: 1, 3 or 4 (what the encoder writes: grey, RGB, RGBA).
+    pub output_channels: i64,
+    /// Outputs per input (K): the model returns `N*K` images for `N`.
+    pub outputs_per_input: usize,
     pub output_shape: Vec<i64>,
     pub dummy_ms: f64,
+}
+
+/// What `c` channels of pixels are, for people.
+pub fn channel_name(c: i64) -> &'static str {
+    match c {
+        1 => "grey",
+        3 => "RGB",
+        4 => "RGBA",
+        _ => "unknown",
+    }
 }
 
 /// A config enum's name as the file spells it: `CatmullRom` is `catmull-rom`.
@@ -99,6 +117,7 @@ pub fn check(cfg: &Config) -> Result<CheckReport, PipelineError> {
         config: cfg.source.clone(),
         cuda_devices: cuda_device_count(),
         input: (p.width, p.height),
+        input_channels: p.channels,
         fit: p.fit,
         filter: p.filter,
         format: cfg.encode.format,
@@ -128,14 +147,26 @@ fn check_model(cfg: &Config) -> Result<Option<ModelFound>, PipelineError> {
         }
         let _no_grad = tch::no_grad_guard();
         let x = Tensor::zeros(
-            [batch as i64, p.height as i64, p.width as i64, 3],
-            (Kind::Uint8, dev),
+            [
+                batch as i64,
+                p.height as i64,
+                p.width as i64,
+                p.channels as i64,
+            ],
+            // A Python pipeline's batch goes through its worker's shared memory from
+            // the host: no CUDA context in hotpipe for it.
+            (
+                Kind::Uint8,
+                if model.is_python() { Device::Cpu } else { dev },
+            ),
         );
         let t = Instant::now();
-        let y = model.forward_u8(&x).map_err(|e| PipelineError::Model {
-            path: m.path.clone(),
-            message: format!("dummy batch of {batch} failed: {}", torch_message(&e)),
-        })?;
+        let y = model
+            .forward_u8(&x, &vec![None; batch])
+            .map_err(|e| PipelineError::Model {
+                path: m.path.clone(),
+                message: format!("dummy batch of {batch} failed: {}", torch_message(&e)),
+            })?;
         if let Device::Cuda(i) = dev {
             tch::Cuda::synchronize(i as i64);
         }
@@ -143,12 +174,15 @@ fn check_model(cfg: &Config) -> Result<Option<ModelFound>, PipelineError> {
             device: dev,
             precision: model.kind(),
             output_hw: model.output_hw(),
+            output_channels: model.output_channels(),
+            outputs_per_input: model.outputs_per_input(),
             output_shape: y.size(),
             dummy_ms: t.elapsed().as_secs_f64() * 1e3,
         });
     }
     Ok(Some(ModelFound {
         path: m.path.clone(),
+        python: m.python.as_ref().map(|p| p.entry.clone()),
         batch,
         devices,
     }))
@@ -175,6 +209,8 @@ impl CheckReport {
                         "device": device_name(d.device),
                         "precision": precision_name(d.precision),
                         "output_hw": [d.output_hw.0, d.output_hw.1],
+                        "output_channels": d.output_channels,
+                        "outputs_per_input": d.outputs_per_input,
                         "output_shape": d.output_shape,
                         "dummy_batch_ms": d.dummy_ms,
                     })
@@ -182,6 +218,7 @@ impl CheckReport {
                 .collect();
             serde_json::json!({
                 "path": m.path.to_string_lossy(),
+                "python_entry": m.python,
                 "batch": m.batch,
                 "devices": devices,
             })
@@ -193,6 +230,7 @@ impl CheckReport {
             "input": {
                 "width": self.input.0,
                 "height": self.input.1,
+                "channels": self.input_channels,
                 "fit": config_name(self.fit),
                 "filter": config_name(self.filter),
             },
@@ -242,19 +280,47 @@ impl fmt::Display for CheckReport {
         };
         for d in &m.devices {
             let (oh, ow) = d.output_hw;
-            writeln!(f, "model: {}", m.path.display())?;
-            writeln!(
-                f,
-                "  device: {}, precision {:?}",
-                device_name(d.device),
-                d.precision
-            )?;
-            writeln!(
-                f,
-                "  input:  N x 3 x {} x {} float in [0, 1]",
-                self.input.1, self.input.0
-            )?;
-            writeln!(f, "  output: N x 3 x {oh} x {ow}")?;
+            let ch = channel_name(self.input_channels as i64);
+            let (w, h, c) = (self.input.0, self.input.1, self.input_channels);
+            match &m.python {
+                Some(entry) => {
+                    writeln!(
+                        f,
+                        "model: {entry} (Python pipeline, a worker process per device)"
+                    )?;
+                    writeln!(f, "  device: {}", device_name(d.device))?;
+                    writeln!(
+                        f,
+                        "  input:  N x {h} x {w} x {c} uint8 ({ch}), in shared memory"
+                    )?;
+                }
+                None => {
+                    writeln!(f, "model: {}", m.path.display())?;
+                    writeln!(
+                        f,
+                        "  device: {}, precision {:?}",
+                        device_name(d.device),
+                        d.precision
+                    )?;
+                    writeln!(f, "  input:  N x {c} x {h} x {w} float in [0, 1] ({ch})")?;
+                }
+            }
+            if d.outputs_per_input == 1 {
+                writeln!(
+                    f,
+                    "  output: N x {} x {oh} x {ow} ({}, encoded as such)",
+                    d.output_channels,
+                    channel_name(d.output_channels)
+                )?;
+            } else {
+                writeln!(
+                    f,
+                    "  output: N*{k} x {} x {oh} x {ow} ({}, encoded as such): {k} outputs per input, written <name>_1 .. <name>_{k}",
+                    d.output_channels,
+                    channel_name(d.output_channels),
+                    k = d.outputs_per_input
+                )?;
+            }
             writeln!(
                 f,
                 "  batch: {} (dummy batch ran in {:.1} ms, output {:?})",

@@ -10,14 +10,15 @@
 //! - [`stages`], [`facecrop`], [`runtime`]: the stage types (read, decode, detect, fit,
 //!   encode) and the model runtime (runtime plan, batch slots, inference workers);
 //! - [`pipeline`]: the plan of stages and queues, run by one stage runner;
-//! - [`hotfolder`], [`service`], [`process`], [`check`], [`bench`]: the folder protocol,
-//!   `hotpipe run`, and the one-shot commands.
+//! - [`hotfolder`], [`service`], [`process`], [`jobs`], [`check`], [`bench`]: the folder
+//!   protocol, `hotpipe run`, and the one-shot commands (with `process`'s jobs).
 
 pub mod bench;
 pub mod check;
 pub mod config;
 pub mod facecrop;
 pub mod hotfolder;
+pub mod jobs;
 pub mod pipeline;
 pub mod process;
 pub mod runtime;

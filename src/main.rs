@@ -23,6 +23,9 @@ use hotpipe::service::ServiceError;
 const EXIT_CONFIG: u8 = 78;
 /// Any failure that is neither a config nor a usage error.
 const EXIT_FAILURE: u8 = 1;
+/// A usage error, as clap exits with: here a `--param` or `--manifest` row that the
+/// `[params]` schema refuses.
+const EXIT_USAGE: u8 = 2;
 
 const AFTER_HELP: &str = "\
 Config lookup, in order (a file named by 1 or 2 must exist; of 3 and 4, the first that does):
@@ -79,8 +82,18 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Input files and folders (folders are read recursively, hidden entries skipped).
-        #[arg(required = true)]
+        #[arg(required_unless_present = "manifest")]
         inputs: Vec<PathBuf>,
+        /// Set a parameter declared in [params.schema] for every image (repeatable), e.g.
+        /// --param prompt="a red coat" --param seed=7
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+        /// One image per row with its own parameters: JSON Lines, e.g.
+        /// {"image": "faces/a.jpg", "prompt": "a red coat", "seed": 7}, or a .csv with a
+        /// header row (image,prompt,seed); paths are relative to the manifest; its values
+        /// override --param
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
         /// No progress bar or progress lines.
         #[arg(long)]
         quiet: bool,
@@ -184,8 +197,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// 78 when the error, or one it wraps, says the config is wrong; 1 otherwise.
+/// 78 when the error, or one it wraps, says the config is wrong; 2 for parameters the
+/// schema refuses; 1 otherwise.
 fn exit_status(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| c.is::<hotpipe::jobs::JobsError>()) {
+        return EXIT_USAGE;
+    }
     let config = e.chain().any(|c| {
         c.is::<ConfigError>()
             || matches!(
@@ -208,9 +225,18 @@ fn real_main(command: Command, named: Option<(PathBuf, NamedBy)>) -> anyhow::Res
             cfg,
             out,
             inputs,
+            params,
+            manifest,
             quiet,
             json,
-        } => process(source(cfg)?, &out, &inputs, quiet, json),
+        } => {
+            let what = ProcessInputs {
+                inputs: &inputs,
+                params: &params,
+                manifest: manifest.as_deref(),
+            };
+            process(source(cfg)?, &out, &what, quiet, json)
+        }
         Command::Bench {
             cfg,
             seconds,
@@ -250,17 +276,26 @@ fn real_main(command: Command, named: Option<(PathBuf, NamedBy)>) -> anyhow::Res
     }
 }
 
+/// What `process` runs: its inputs, `--param`s and `--manifest`.
+struct ProcessInputs<'a> {
+    inputs: &'a [PathBuf],
+    params: &'a [String],
+    manifest: Option<&'a std::path::Path>,
+}
+
 fn process(
     source: ConfigSource,
     out: &std::path::Path,
-    inputs: &[PathBuf],
+    what: &ProcessInputs<'_>,
     quiet: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let cfg = source.load()?;
-    let inputs = hotpipe::process::collect_inputs(inputs).map_err(anyhow::Error::msg)?;
+    let inputs = hotpipe::process::collect_inputs(what.inputs).map_err(anyhow::Error::msg)?;
+    let jobs = hotpipe::jobs::plan(cfg.params.as_ref(), inputs, what.params, what.manifest)?;
     let opts = hotpipe::process::RunOptions { progress: !quiet };
-    let s = hotpipe::process::run(&cfg, inputs, out, opts).context("pipeline failed to start")?;
+    let s =
+        hotpipe::process::run_jobs(&cfg, jobs, out, opts).context("pipeline failed to start")?;
     tracing::info!("stage telemetry\n{}", s.report);
     if json {
         println!("{}", s.to_json());

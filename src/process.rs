@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::hotfolder::publish::DirSink;
+use crate::jobs::Job;
 use crate::pipeline::{Pipeline, RuntimeInfo};
 use crate::vocab::error::{ItemError, PipelineError};
 use crate::vocab::item::Item;
@@ -180,10 +181,24 @@ pub struct RunOptions {
     pub progress: bool,
 }
 
-/// Process `inputs` into `out_dir`.
+/// Process `inputs` into `out_dir`, with no parameters of their own (benches, tests).
 pub fn run(
     cfg: &Config,
     inputs: Vec<PathBuf>,
+    out_dir: &Path,
+    opts: RunOptions,
+) -> Result<Summary, PipelineError> {
+    let jobs = inputs
+        .into_iter()
+        .map(|path| Job { path, params: None })
+        .collect();
+    run_jobs(cfg, jobs, out_dir, opts)
+}
+
+/// Process `jobs` (see [`crate::jobs`]) into `out_dir`.
+pub fn run_jobs(
+    cfg: &Config,
+    jobs: Vec<Job>,
     out_dir: &Path,
     opts: RunOptions,
 ) -> Result<Summary, PipelineError> {
@@ -196,15 +211,17 @@ pub fn run(
         durable: false,
     });
     let mut pipeline = Pipeline::start(cfg, sink)?;
-    let total = inputs.len();
+    let total = jobs.len();
     let started = Instant::now();
     let tx = pipeline.sender();
     pipeline.close_input();
     let feeder = std::thread::Builder::new()
         .name("hp-feed".into())
         .spawn(move || {
-            for (i, p) in inputs.into_iter().enumerate() {
-                if tx.send(Item::new(i as u64, p)).is_err() {
+            for (i, job) in jobs.into_iter().enumerate() {
+                let mut item = Item::new(i as u64, job.path);
+                item.params = job.params;
+                if tx.send(item).is_err() {
                     break;
                 }
             }

@@ -50,8 +50,9 @@ pub struct DecodeConfig {
     /// The memory the default budget was derived from, when it was (not configured).
     pub frame_budget_from_memory: Option<u64>,
     pub dct_scaling: DctScaling,
-    /// What transparent pixels are composited over, in sRGB (`decode.alpha`).
-    pub background: [u8; 3],
+    /// What transparent pixels are composited over, in sRGB (`decode.alpha`); `None`
+    /// (`alpha = "keep"`): frames are RGBA and the model takes 4 channels.
+    pub background: Option<[u8; 3]>,
 }
 
 /// The smallest configurable budget: below this, ordinary photos would not fit.
@@ -68,11 +69,21 @@ const DEFAULT_BUDGET_RANGE: (u64, u64) = (256 << 20, 4 << 30);
 /// When the memory cannot be read (not Linux, no /proc): as if it were 4 GiB.
 const DEFAULT_BUDGET_UNKNOWN: u64 = 1 << 30;
 
-/// `pad_color`: `[preprocess] pad_color`, what `alpha = "pad_color"` composites over.
+/// What the other sections say that `decode.alpha` must agree with.
+pub(super) struct Neighbours {
+    /// `[preprocess] pad_color`, what `alpha = "pad_color"` composites over.
+    pub pad_color: [u8; 3],
+    /// A `[face_crop]` is configured: its detector takes opaque RGB frames.
+    pub face_crop: bool,
+    /// No `[model]` and JPEG output: kept alpha would reach an encoder that cannot
+    /// write it (with a model, its output channels decide, checked when it is loaded).
+    pub rgba_to_jpeg: bool,
+}
+
 pub(super) fn validate(
     cx: &Ctx,
     d: &RawDecode,
-    pad_color: [u8; 3],
+    n: &Neighbours,
 ) -> Result<DecodeConfig, ConfigError> {
     let (frame_budget_bytes, frame_budget_from_memory) = frame_budget(cx, d)?;
     let dct_scaling = cx.choice(
@@ -88,9 +99,29 @@ pub(super) fn validate(
     let background = cx.choice(
         &d.alpha,
         "decode.alpha",
-        &[("white", [255; 3]), ("pad_color", pad_color)],
-        [255; 3],
+        &[
+            ("white", Some([255; 3])),
+            ("pad_color", Some(n.pad_color)),
+            ("keep", None),
+        ],
+        Some([255; 3]),
     )?;
+    if let (None, Some(a)) = (background, &d.alpha) {
+        if n.face_crop {
+            return cx.err(
+                a.span(),
+                "decode.alpha",
+                "is \"keep\", which [face_crop] cannot take: its detector works on opaque RGB frames (set it to \"white\" or \"pad_color\", or remove [face_crop])",
+            );
+        }
+        if n.rgba_to_jpeg {
+            return cx.err(
+                a.span(),
+                "decode.alpha",
+                "is \"keep\" with no [model], so the outputs are RGBA, which JPEG cannot carry (set [encode] format to \"png\" or \"webp\")",
+            );
+        }
+    }
     Ok(DecodeConfig {
         dct_scaling,
         background,
@@ -110,6 +141,14 @@ pub(super) fn validate(
     })
 }
 
+impl DecodeConfig {
+    /// Bytes per pixel of decoded frames, and so of the model's input: 3 (RGB), or 4
+    /// (RGBA) when `alpha = "keep"`. The one place this is decided.
+    pub fn channels(&self) -> usize {
+        if self.background.is_some() { 3 } else { 4 }
+    }
+}
+
 #[cfg(test)]
 impl DecodeConfig {
     /// Small limits and a fixed 1 GiB budget, for the decoder's unit tests.
@@ -122,7 +161,7 @@ impl DecodeConfig {
             frame_budget_bytes: 1 << 30,
             frame_budget_from_memory: None,
             dct_scaling: DctScaling::Auto,
-            background: [255; 3],
+            background: Some([255; 3]),
         }
     }
 }
@@ -243,6 +282,35 @@ mod tests {
             );
             assert!(e.contains(&format!("is {bad}")), "{e}");
         }
+    }
+
+    #[test]
+    fn alpha_keep_gives_four_channels_and_refuses_what_cannot_take_them() {
+        let c = parse("").unwrap();
+        assert_eq!(
+            (c.decode.background, c.preprocess.channels),
+            (Some([255; 3]), 3)
+        );
+        let c = parse("[preprocess]\npad_color = [1, 2, 3]\n[decode]\nalpha = \"pad_color\"\n")
+            .unwrap();
+        assert_eq!(c.decode.background, Some([1, 2, 3]));
+        let c = parse("[decode]\nalpha = \"keep\"\n[encode]\nformat = \"png\"\n").unwrap();
+        assert_eq!((c.decode.background, c.preprocess.channels), (None, 4));
+        let e = parse("[decode]\nalpha = \"keep\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 2") && e.contains("decode.alpha") && e.contains("JPEG cannot carry"),
+            "{e}"
+        );
+        let e = parse("[face_crop]\n[decode]\nalpha = \"keep\"\n[encode]\nformat = \"png\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[face_crop] cannot take"), "{e}");
+        let e = parse("[decode]\nalpha = \"clear\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"keep\""), "the choices are listed: {e}");
     }
 
     #[test]

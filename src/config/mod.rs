@@ -21,6 +21,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use toml::Spanned;
 
 mod decode;
 mod encode;
@@ -28,6 +29,7 @@ mod face_crop;
 mod hotfolder;
 mod metrics;
 mod model;
+mod params;
 mod parse;
 mod pipeline;
 mod preprocess;
@@ -40,7 +42,8 @@ pub use face_crop::{
 };
 pub use hotfolder::{HotfolderConfig, OnSuccess, WatcherKind};
 pub use metrics::MetricsConfig;
-pub use model::{BatchSize, ModelConfig, Precision};
+pub use model::{BatchSize, ModelConfig, Precision, PythonModel};
+pub use params::{MAX_PARAMS_BYTES, ParamError, ParamKind, ParamSpec, ParamsConfig};
 pub use parse::{Override, OverrideSyntax, available_cores};
 pub use pipeline::PipelineConfig;
 pub use preprocess::{Filter, FitMode, PreprocessConfig};
@@ -158,7 +161,7 @@ impl ConfigSource {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    model: Option<model::RawModel>,
+    model: Option<Spanned<model::RawModel>>,
     #[serde(default)]
     preprocess: preprocess::RawPreprocess,
     #[serde(default)]
@@ -168,6 +171,7 @@ struct RawConfig {
     #[serde(default)]
     pipeline: pipeline::RawPipeline,
     face_crop: Option<face_crop::RawFaceCrop>,
+    params: Option<params::RawParams>,
     hotfolder: Option<hotfolder::RawHotfolder>,
     metrics: Option<metrics::RawMetrics>,
 }
@@ -183,6 +187,9 @@ pub struct Config {
     pub encode: EncodeConfig,
     pub pipeline: PipelineConfig,
     pub face_crop: Option<FaceCropConfig>,
+    /// `[params]`: what each item may carry to the model; `None` when not declared (then
+    /// items carry nothing and parameters files are not looked for).
+    pub params: Option<ParamsConfig>,
     /// `[hotfolder]`: the daemon's folders and timing (`hotpipe run` needs it).
     pub hotfolder: Option<HotfolderConfig>,
     /// `[metrics]`: where the daemon serves `/metrics` and `/healthz`.
@@ -254,14 +261,23 @@ impl Config {
         // Sections are checked in this order and the first error wins, so a file with
         // several mistakes always reports the same one.
         let model = (raw.model.as_ref())
-            .map(|m| model::validate(cx, m, cuda_count))
+            .map(|m| model::validate(cx, m.get_ref(), m.span(), cuda_count))
             .transpose()?;
-        let preprocess = preprocess::validate(cx, &raw.preprocess)?;
-        let decode = decode::validate(cx, &raw.decode, preprocess.pad_color)?;
+        let mut preprocess = preprocess::validate(cx, &raw.preprocess)?;
         let encode = encode::validate(cx, &raw.encode)?;
+        let neighbours = decode::Neighbours {
+            pad_color: preprocess.pad_color,
+            face_crop: raw.face_crop.is_some(),
+            rgba_to_jpeg: model.is_none() && encode.format == Format::Jpeg,
+        };
+        let decode = decode::validate(cx, &raw.decode, &neighbours)?;
+        preprocess.channels = decode.channels();
         let mut pipeline = pipeline::validate(cx, &raw.pipeline, available_cores())?;
         let face_crop = (raw.face_crop.as_ref())
             .map(|f| face_crop::validate(cx, f, model.as_ref(), cuda_count))
+            .transpose()?;
+        let params = (raw.params.as_ref())
+            .map(|p| params::validate(cx, p))
             .transpose()?;
         let hotfolder = (raw.hotfolder.as_ref())
             .map(|h| hotfolder::validate(cx, h))
@@ -286,6 +302,7 @@ impl Config {
             encode,
             pipeline,
             face_crop,
+            params,
             hotfolder,
             metrics,
         })

@@ -1,4 +1,5 @@
-//! `[model]`: the TorchScript file, the device(s) it runs on, batching and precision.
+//! `[model]`: the TorchScript file (or, with `backend = "python"`, the Python pipeline
+//! class and its interpreter), the device(s) it runs on, batching and precision.
 //! Optional: without it the pipeline only decodes, fits and re-encodes.
 
 use std::path::PathBuf;
@@ -12,7 +13,20 @@ use super::{ConfigError, DeviceChoice};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawModel {
-    path: Spanned<String>,
+    #[serde(default)]
+    backend: Option<Spanned<String>>,
+    #[serde(default)]
+    path: Option<Spanned<String>>,
+    #[serde(default)]
+    entry: Option<Spanned<String>>,
+    #[serde(default)]
+    python: Option<Spanned<String>>,
+    #[serde(default)]
+    options: Option<Spanned<toml::Table>>,
+    #[serde(default)]
+    batch_timeout_s: Option<Spanned<i64>>,
+    #[serde(default)]
+    max_attempts: Option<Spanned<i64>>,
     #[serde(default)]
     device: Option<Spanned<DeviceSpec>>,
     #[serde(default)]
@@ -54,24 +68,77 @@ pub enum BatchSize {
 
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
+    /// The TorchScript file; for a Python pipeline, the file its `entry` names.
     pub path: PathBuf,
+    /// `backend = "python"`: the pipeline class and how its workers run.
+    pub python: Option<PythonModel>,
     pub devices: Vec<DeviceChoice>,
     pub max_batch: BatchSize,
     pub batch_timeout_ms: u64,
     pub precision: Precision,
 }
 
+/// `backend = "python"`: a pipeline class run in supervised worker processes, one per
+/// device (`runtime::python`).
+#[derive(Debug, Clone)]
+pub struct PythonModel {
+    /// `path/to/pipeline.py:ClassName`, the path resolved against the config's folder.
+    pub entry: String,
+    /// The interpreter: `python`, else `$HOTPIPE_PYTHON`, else the active venv's, else
+    /// `python3` on the PATH.
+    pub interpreter: PathBuf,
+    /// Given to the class's constructor, as JSON.
+    pub options: serde_json::Value,
+    /// A batch that takes longer kills its worker (0: no limit).
+    pub batch_timeout_s: u64,
+    /// How often one image may take a worker down before it fails.
+    pub max_attempts: u32,
+}
+
+/// Keys that only one backend reads: naming one under the other is a mistake to report,
+/// not to ignore.
+const PYTHON_ONLY: &str = "applies to backend = \"python\" only";
+
 /// `cuda_count` is how many CUDA devices exist, so "cuda:3" on a one-GPU machine is a
-/// config error, not a crash.
+/// config error, not a crash. `table` is the span of `[model]` itself, for the error of
+/// a key it lacks.
 pub(super) fn validate(
     cx: &Ctx,
     m: &RawModel,
+    table: std::ops::Range<usize>,
     cuda_count: usize,
 ) -> Result<ModelConfig, ConfigError> {
     let devices = devices(cx, &m.device, cuda_count)?;
     let max_batch = max_batch(cx, &m.max_batch)?;
+    let python = match m.backend.as_ref().map(|b| b.get_ref().as_str()) {
+        None | Some("torch") => {
+            torch_only(cx, m)?;
+            None
+        }
+        Some("python") => Some(python(cx, m, table.clone())?),
+        Some(other) => {
+            let span = m.backend.as_ref().expect("matched Some").span();
+            return cx.err(
+                span,
+                "model.backend",
+                format!("is \"{other}\"; allowed: \"torch\" | \"python\""),
+            );
+        }
+    };
+    let path = match (&python, &m.path) {
+        (Some(py), _) => PathBuf::from(py.entry.rsplit_once(':').map_or("", |(f, _)| f)),
+        (None, Some(p)) => cx.resolve(p.get_ref()),
+        (None, None) => {
+            return cx.err(
+                table,
+                "model.path",
+                "is missing: name the TorchScript file (or set backend = \"python\" and entry)",
+            );
+        }
+    };
     Ok(ModelConfig {
-        path: cx.resolve(m.path.get_ref()),
+        path,
+        python,
         devices,
         max_batch,
         batch_timeout_ms: cx.int_in(
@@ -92,6 +159,110 @@ pub(super) fn validate(
             Precision::Fp32,
         )?,
     })
+}
+
+/// A TorchScript model: the Python backend's keys are mistakes here.
+fn torch_only(cx: &Ctx, m: &RawModel) -> Result<(), ConfigError> {
+    let spans = [
+        ("model.entry", m.entry.as_ref().map(Spanned::span)),
+        ("model.python", m.python.as_ref().map(Spanned::span)),
+        ("model.options", m.options.as_ref().map(Spanned::span)),
+        (
+            "model.batch_timeout_s",
+            m.batch_timeout_s.as_ref().map(Spanned::span),
+        ),
+        (
+            "model.max_attempts",
+            m.max_attempts.as_ref().map(Spanned::span),
+        ),
+    ];
+    match spans.into_iter().find_map(|(k, s)| Some((k, s?))) {
+        Some((key, span)) => cx.err(span, key, PYTHON_ONLY),
+        None => Ok(()),
+    }
+}
+
+/// `backend = "python"`: `entry` (required), `python`, `options`, `batch_timeout_s`,
+/// `max_attempts`; `path` and `precision` belong to TorchScript models.
+fn python(
+    cx: &Ctx,
+    m: &RawModel,
+    table: std::ops::Range<usize>,
+) -> Result<PythonModel, ConfigError> {
+    if let Some(p) = &m.path {
+        return cx.err(p.span(), "model.path", "is for TorchScript models; a Python pipeline is named by entry = \"path/to/pipeline.py:ClassName\"");
+    }
+    if let Some(p) = &m.precision {
+        return cx.err(p.span(), "model.precision", "is for TorchScript models; a Python pipeline chooses its own precision (pass it in [model.options])");
+    }
+    let Some(e) = &m.entry else {
+        return cx.err(
+            table,
+            "model.entry",
+            "is missing: backend = \"python\" needs entry = \"path/to/pipeline.py:ClassName\"",
+        );
+    };
+    let entry = match e.get_ref().rsplit_once(':') {
+        Some((file, class)) if !file.is_empty() && is_identifier(class) => {
+            format!("{}:{class}", cx.resolve(file).display())
+        }
+        _ => {
+            return cx.err(
+                e.span(),
+                "model.entry",
+                format!(
+                    "is \"{}\"; expected \"path/to/pipeline.py:ClassName\"",
+                    e.get_ref()
+                ),
+            );
+        }
+    };
+    let interpreter = match &m.python {
+        Some(p) => cx.resolve(p.get_ref()),
+        None => default_interpreter(),
+    };
+    let options = match &m.options {
+        Some(t) => match serde_json::to_value(t.get_ref()) {
+            Ok(v) => v,
+            Err(err) => {
+                return cx.err(
+                    t.span(),
+                    "model.options",
+                    format!("cannot be passed on: {err}"),
+                );
+            }
+        },
+        None => serde_json::Value::Object(Default::default()),
+    };
+    Ok(PythonModel {
+        entry,
+        interpreter,
+        options,
+        batch_timeout_s: cx.int_in(
+            &m.batch_timeout_s,
+            "model.batch_timeout_s",
+            0,
+            86_400,
+            600u64,
+        )?,
+        max_attempts: cx.int_in(&m.max_attempts, "model.max_attempts", 1, 100, 2u32)?,
+    })
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next().is_some_and(|f| f.is_alphabetic() || f == '_')
+        && c.all(|x| x.is_alphanumeric() || x == '_')
+}
+
+/// hotpipe's own venv when the environment names it (`scripts/env.sh` does), else the
+/// first `python3` on the PATH.
+fn default_interpreter() -> PathBuf {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    var("HOTPIPE_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| var("VIRTUAL_ENV").map(|v| PathBuf::from(v).join("bin/python")))
+        .unwrap_or_else(|| PathBuf::from("python3"))
 }
 
 /// `model.device`: one name, or a list of distinct CUDA devices.

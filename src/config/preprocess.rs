@@ -57,6 +57,9 @@ pub struct PreprocessConfig {
     pub mean: Option<[f32; 3]>,
     pub std: Option<[f32; 3]>,
     pub pad_color: [u8; 3],
+    /// Channels of each fitted image, so of the model's input: 3 (RGB), or 4 (RGBA) with
+    /// `decode.alpha = "keep"`. Derived, not a key of its own.
+    pub channels: usize,
 }
 
 pub(super) fn validate(cx: &Ctx, p: &RawPreprocess) -> Result<PreprocessConfig, ConfigError> {
@@ -92,6 +95,7 @@ pub(super) fn validate(cx: &Ctx, p: &RawPreprocess) -> Result<PreprocessConfig, 
         mean: triple(cx, &p.mean, "preprocess.mean", false)?,
         std: triple(cx, &p.std, "preprocess.std", true)?,
         pad_color,
+        channels: 3,
     })
 }
 

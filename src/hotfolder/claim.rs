@@ -39,6 +39,11 @@ struct Seen {
 pub struct Scanner {
     settle: Duration,
     pending: HashMap<OsString, Seen>,
+    /// Files found ready and not claimed since (a parameters file waiting for its image,
+    /// an image waiting for its parameters file): ready again while unchanged. Without
+    /// this, a file whose mtime is in the future (a producer's clock ahead) is ready only
+    /// every other scan, and an image and its parameters file could alternate forever.
+    settled: HashMap<OsString, Seen>,
     writers: Option<Writers>,
 }
 
@@ -58,6 +63,7 @@ impl Scanner {
         Scanner {
             settle,
             pending: HashMap::new(),
+            settled: HashMap::new(),
             writers,
         }
     }
@@ -73,6 +79,7 @@ impl Scanner {
         let wall = SystemTime::now();
         let mut ready = Vec::new();
         let mut present = HashMap::new();
+        let mut settled = HashMap::new();
         for e in std::fs::read_dir(&layout.inbox)? {
             let Ok(e) = e else { continue };
             let name = e.file_name();
@@ -95,8 +102,10 @@ impl Scanner {
                 .mtime
                 .and_then(|m| wall.duration_since(m).ok())
                 .is_some_and(|age| age >= self.settle);
+            let unchanged = |p: &Seen| p.size == seen.size && p.mtime == seen.mtime;
+            let was_ready = self.settled.get(&name).is_some_and(unchanged);
             let stable = match self.pending.get(&name) {
-                Some(p) if p.size == seen.size && p.mtime == seen.mtime => {
+                Some(p) if unchanged(p) => {
                     present.insert(name.clone(), *p);
                     now.duration_since(p.since) >= self.settle
                 }
@@ -113,12 +122,14 @@ impl Scanner {
                 // Settled or not, it is not finished: look again a settle time after now
                 // (its writer's close also nudges a scan).
                 present.insert(name, seen);
-            } else if old_enough || stable {
+            } else if old_enough || stable || was_ready {
                 present.remove(&name);
+                settled.insert(name.clone(), seen);
                 ready.push(name);
             }
         }
         self.pending = present;
+        self.settled = settled;
         ready.sort();
         Ok(ready)
     }
@@ -145,8 +156,15 @@ pub fn changed_since_read(item: &Item) -> bool {
 
 /// Put `work/name` back into the inbox to settle again (a file that changed after its
 /// claim), dropping its state. `AlreadyExists`: a new file of that name arrived meanwhile;
-/// the caller retries later.
+/// the caller retries later. Its claimed parameters file goes back first, as `<stem>.json`
+/// (a kill between the two renames leaves the image in `work/` and its JSON in the inbox,
+/// which recovery handles as after a fresh claim).
 pub fn unclaim(layout: &Layout, name: &OsStr) -> std::io::Result<()> {
+    let params = super::params::claimed_path(layout, name);
+    if std::fs::symlink_metadata(&params).is_ok() {
+        let [json, _] = super::params::companions(name);
+        rename_noreplace(&params, &layout.inbox.join(json))?;
+    }
     rename_noreplace(&layout.work.join(name), &layout.inbox.join(name))?;
     state::remove(&layout.work, name);
     Ok(())
@@ -186,5 +204,55 @@ mod tests {
         std::fs::write(l.inbox.join("old2.jpg"), b"1").unwrap();
         std::fs::write(l.work.join("old2.jpg"), b"1").unwrap();
         assert_eq!(claim(&l, OsStr::new("old2.jpg")).unwrap(), Claim::Busy);
+    }
+
+    /// A file from a producer whose clock is ahead: once settled it stays ready on every
+    /// later scan while unchanged (it was ready only every other scan, so an image and
+    /// its parameters file could take turns and never be ready together).
+    #[test]
+    fn a_settled_file_stays_ready_even_with_a_future_mtime() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Layout::new(d.path());
+        l.prepare().unwrap();
+        let p = l.inbox.join("ahead.json");
+        std::fs::write(&p, b"{}").unwrap();
+        let f = std::fs::File::options().write(true).open(&p).unwrap();
+        f.set_modified(SystemTime::now() + Duration::from_secs(3600))
+            .unwrap();
+        let mut s = Scanner::new(Duration::from_millis(100), None);
+        assert!(s.scan(&l).unwrap().is_empty(), "not settled yet");
+        std::thread::sleep(Duration::from_millis(150));
+        for scan in 0..3 {
+            assert_eq!(
+                s.scan(&l).unwrap(),
+                vec![OsString::from("ahead.json")],
+                "scan {scan}"
+            );
+        }
+        // Changed: it settles again.
+        std::fs::write(&p, b"{\"a\": 1}").unwrap();
+        assert!(s.scan(&l).unwrap().is_empty());
+    }
+
+    #[test]
+    fn unclaim_takes_the_parameters_file_back_too() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Layout::new(d.path());
+        l.prepare().unwrap();
+        std::fs::write(l.inbox.join("a.png"), b"1").unwrap();
+        std::fs::write(l.inbox.join("a.json"), b"{}").unwrap();
+        assert_eq!(claim(&l, OsStr::new("a.png")).unwrap(), Claim::Claimed);
+        assert_eq!(
+            super::super::params::claim(&l, OsStr::new("a.png")).unwrap(),
+            super::super::params::Claimed::File
+        );
+        assert!(!l.inbox.join("a.json").exists());
+        unclaim(&l, OsStr::new("a.png")).unwrap();
+        assert!(l.inbox.join("a.png").exists() && l.inbox.join("a.json").exists());
+        assert_eq!(
+            std::fs::read_dir(&l.work).unwrap().count(),
+            0,
+            "nothing left in work/"
+        );
     }
 }

@@ -10,6 +10,7 @@
 //! - [`state`]: the durable per-item journal in `work/` (crashes blamed, outputs being published);
 //! - [`sink`]: publication into `outbox/`, the final move to `done/`, quarantine in `failed/`;
 //! - [`recover`]: what start-up (and every retry) does with an item found in `work/`;
+//! - [`params`]: parameters files (`<stem>.json`) that travel with their images;
 //! - [`publish`]: atomic, never-replacing file writes.
 //!
 //! Every step is a rename or a write to a temporary name followed by a rename, and every
@@ -17,6 +18,7 @@
 //! step it guards, so the process may be killed at any instruction.
 
 pub mod claim;
+pub mod params;
 pub mod publish;
 pub mod recover;
 pub mod sink;

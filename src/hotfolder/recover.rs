@@ -28,6 +28,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 
 use super::Layout;
+use super::params::PARAMS_PREFIX;
 use super::publish::is_temp_name;
 use super::sink::{complete_orphan_failing, fail_item, finish_success};
 use super::state::{self, STATE_PREFIX};
@@ -223,12 +224,24 @@ pub fn startup(layout: &Layout) -> std::io::Result<Recovered> {
     }
     let mut items = Vec::new();
     let mut states = Vec::new();
+    let mut params = Vec::new();
     for e in std::fs::read_dir(&layout.work)? {
         let n = e?.file_name();
         if n.to_string_lossy().starts_with(STATE_PREFIX) {
             states.push(n);
+        } else if n.to_string_lossy().starts_with(PARAMS_PREFIX) {
+            params.push(n);
         } else if !n.to_string_lossy().starts_with('.') {
             items.push(n);
+        }
+    }
+    let claimed: HashSet<std::path::PathBuf> = items
+        .iter()
+        .map(|n| super::params::claimed_path(layout, n))
+        .collect();
+    for p in params {
+        if !claimed.contains(&layout.work.join(&p)) {
+            super::params::orphan(layout, &p);
         }
     }
     let live: HashSet<std::path::PathBuf> =

@@ -24,8 +24,8 @@ use crossbeam_channel::Sender;
 
 use super::claim::changed_since_read;
 use super::publish::{
-    candidate_name, is_temp_name, place_noreplace, rename_noreplace, sidecar_stem, sync_dir,
-    write_replace, write_temp,
+    candidate_name, file_names, is_temp_name, item_files, place_together, rename_noreplace,
+    sidecar_bytes, sync_dir, write_replace, write_temp,
 };
 use super::state::{self, Failing, Output};
 use super::{Layout, split_name, utc_timestamp};
@@ -33,7 +33,7 @@ use crate::config::OnSuccess;
 use crate::vocab::error::{Stage, StageError};
 use crate::vocab::fault::{self, Fault};
 use crate::vocab::item::Item;
-use crate::vocab::sink::Sink;
+use crate::vocab::sink::{Encoded, Sink};
 
 /// The hot folder's [`Sink`]: durable, exactly-once publication.
 pub struct HotSink {
@@ -57,45 +57,30 @@ impl HotSink {
         }
     }
 
-    /// Steps 1 to 3 for all of an item's files (its output and, with the face crop, the
-    /// JSON sidecar) together. Their names are recorded in *one* durable state save before
-    /// either is renamed: a crash (or a transient error) between the two renames then leaves
-    /// a state listing both, one of them missing, which recovery takes back and processes
-    /// again. Recorded one at a time, the state would list only the image, recovery would
-    /// call the item published, and its sidecar would never be written.
+    /// Steps 1 to 3 for all of an item's files together: its outputs (one, or the
+    /// model's K) and, when it has one, each output's JSON sidecar. Their names are
+    /// recorded in *one* durable state save before any is renamed: a crash (or a transient
+    /// error) between two renames then leaves a state listing all, some missing, which
+    /// recovery takes back and processes again. Recorded one at a time, the state would
+    /// list only the first, recovery would call the item published, and the rest would
+    /// never be written. `files` are the payloads in publication order; `names(n)` their
+    /// names at suffix `n` (all free together, or the next `n` is tried).
     fn publish_files(
         &self,
         work_name: &OsStr,
         st: &mut state::ItemState,
-        stem: &str,
-        ext: &str,
-        bytes: &[u8],
-        sidecar: Option<&[u8]>,
+        files: &[&[u8]],
+        names: impl Fn(u32) -> Vec<String>,
     ) -> std::io::Result<Vec<PathBuf>> {
         let outbox = &self.layout.outbox;
-        let mut temps = Vec::new();
-        let mut placed: Vec<PathBuf> = Vec::new();
+        let first = names(0).swap_remove(0);
+        let mut temps = Vec::with_capacity(files.len());
         let r = (|| {
-            for b in std::iter::once(bytes).chain(sidecar) {
-                temps.push(write_temp(outbox, stem, b, true)?);
+            for b in files {
+                temps.push(write_temp(outbox, &first, b, true)?);
             }
             let _g = self.names.lock().unwrap_or_else(|p| p.into_inner());
-            'names: for n in 0..100_000u32 {
-                let image = candidate_name(stem, ext, n);
-                let mut files = vec![image.clone()];
-                if sidecar.is_some() {
-                    files.push(candidate_name(
-                        &sidecar_stem(std::path::Path::new(&image)),
-                        "json",
-                        0,
-                    ));
-                }
-                if files
-                    .iter()
-                    .any(|f| std::fs::symlink_metadata(outbox.join(f)).is_ok())
-                {
-                    continue;
-                }
+            place_together(outbox, &temps, names, |files| {
                 st.outputs = files
                     .iter()
                     .zip(&temps)
@@ -105,44 +90,19 @@ impl HotSink {
                     })
                     .collect();
                 state::save(&self.layout.work, work_name, st, true)?;
-                if sidecar.is_some()
+                if files.len() > 1
                     && fault::check("publish-mid", Path::new(work_name)) == Some(Fault::Abort)
                 {
-                    // The moment a crash leaves an item half-published: image placed,
-                    // sidecar not yet.
+                    // The moment a crash leaves an item half-published: its first file
+                    // placed, the rest not yet.
                     rename_noreplace(&temps[0].0, &outbox.join(&files[0]))?;
                     Fault::Abort.act("publish-mid");
                 }
-                for (file, (tmp, _)) in files.iter().zip(&temps) {
-                    let to = outbox.join(file);
-                    match rename_noreplace(tmp, &to) {
-                        Ok(()) => placed.push(to),
-                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                            // Taken since we looked (not by us: we hold the lock): put what
-                            // we placed back and try the next name.
-                            // `placed` is cleared only once all are back, so if a
-                            // rename back fails the clean-up below still removes the rest.
-                            for (p, (tmp, _)) in placed.iter().zip(&temps) {
-                                std::fs::rename(p, tmp)?;
-                            }
-                            placed.clear();
-                            continue 'names;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-                return Ok(std::mem::take(&mut placed));
-            }
-            Err(std::io::Error::other(format!(
-                "no free name for {stem}.{ext}"
-            )))
+                Ok(())
+            })
         })();
         if r.is_err() {
-            // Take back what was placed and every temporary file: the retry publishes the
-            // item whole.
-            for p in &placed {
-                let _ = std::fs::remove_file(p);
-            }
+            // Every temporary file goes: the retry publishes the item whole.
             for (tmp, _) in &temps {
                 let _ = std::fs::remove_file(tmp);
             }
@@ -152,7 +112,12 @@ impl HotSink {
 }
 
 impl Sink for HotSink {
-    fn publish(&self, item: &Item, encoded: &[u8], ext: &str) -> Result<Vec<PathBuf>, StageError> {
+    fn publish(
+        &self,
+        item: &Item,
+        outputs: &Encoded,
+        ext: &str,
+    ) -> Result<Vec<PathBuf>, StageError> {
         if changed_since_read(item) {
             // The service puts it back into the inbox when it sees this outcome.
             return Err(StageError::BadInput(
@@ -165,19 +130,14 @@ impl Sink for HotSink {
             .map_err(|e| err("cannot read the item's state in work/", e))?
             .unwrap_or_default();
         st.name = work_name.to_string_lossy().into_owned();
-        let sidecar = item
-            .sidecar
-            .as_ref()
-            .map(|s| serde_json::to_vec_pretty(s).unwrap_or_default());
+        let of = outputs.len();
+        let sidecars: Vec<Vec<u8>> = (0..of).filter_map(|k| sidecar_bytes(item, k, of)).collect();
+        let files = item_files(outputs, &sidecars);
+        let has_sidecars = !sidecars.is_empty();
         let written = self
-            .publish_files(
-                &work_name,
-                &mut st,
-                &item.name,
-                ext,
-                encoded,
-                sidecar.as_deref(),
-            )
+            .publish_files(&work_name, &mut st, &files, |n| {
+                file_names(&item.name, ext, of, has_sidecars, n)
+            })
             .map_err(|e| {
                 err(
                     &format!("cannot publish into {}", self.layout.outbox.display()),
@@ -194,24 +154,17 @@ impl Sink for HotSink {
     }
 }
 
-/// Step 4: move the input to `done/` (or delete it) and drop its state.
+/// Step 4: move the input to `done/` (or delete it) and drop its state. Its parameters
+/// file goes first (see [`super::params`]), so a kill in between leaves nothing of it
+/// behind.
 pub fn finish_success(layout: &Layout, name: &OsStr, on_success: OnSuccess) -> std::io::Result<()> {
-    let from = layout.work.join(name);
     match on_success {
         OnSuccess::Move => {
-            let (stem, ext) = split_name(name);
-            // Keep the exact name when free (the usual case); suffix only on collision.
-            match rename_noreplace(&from, &layout.done.join(name)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    place_noreplace(&from, &layout.done, &stem, &ext)?;
-                }
-                Err(e) => return Err(e),
-            }
-            sync_dir(&layout.done)?;
+            super::params::finish_to_done(layout, name)?;
         }
         OnSuccess::Delete => {
-            std::fs::remove_file(&from)?;
+            super::params::discard(layout, name)?;
+            std::fs::remove_file(layout.work.join(name))?;
             sync_dir(&layout.work)?;
         }
     }
@@ -301,12 +254,12 @@ pub fn fail_item(
                         n => Some(candidate_name(&stem, &ext, n)),
                     })
                     .find(|c| {
+                        let free =
+                            |f: String| std::fs::symlink_metadata(layout.failed.join(f)).is_err();
                         !is_temp_name(c)
-                            && std::fs::symlink_metadata(layout.failed.join(c)).is_err()
-                            && std::fs::symlink_metadata(
-                                layout.failed.join(format!("{c}.error.json")),
-                            )
-                            .is_err()
+                            && free(c.clone())
+                            && free(format!("{c}.error.json"))
+                            && free(format!("{c}.params.json"))
                     })
                     .ok_or_else(|| std::io::Error::other("no free name in failed/"))?;
                 let now = std::time::SystemTime::now()
@@ -326,6 +279,7 @@ pub fn fail_item(
             }
         };
         write_sidecar(layout, &f, &st.name)?;
+        let params = super::params::quarantine(layout, name, &f.as_name)?;
         let to = layout.failed.join(&f.as_name);
         match rename_noreplace(&from, &to) {
             Ok(()) => {
@@ -334,9 +288,13 @@ pub fn fail_item(
                 return Ok(to);
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                // Someone else took the name meanwhile: drop our sidecar, pick another.
+                // Someone else took the name meanwhile: drop our sidecar, take the
+                // parameters file back, pick another.
                 let _ =
                     std::fs::remove_file(layout.failed.join(format!("{}.error.json", f.as_name)));
+                if let Some(p) = params {
+                    super::params::unquarantine(layout, name, &p)?;
+                }
                 st.failing = None;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -63,6 +63,16 @@ pub struct ItemState {
     pub outputs: Vec<Output>,
     #[serde(default)]
     pub failing: Option<Failing>,
+    /// `[params]`: whether the item's first attempt took a parameters file (`Some(true)`)
+    /// or ran without one (`Some(false)`). Decided once, so a retry or a resumed attempt
+    /// never takes a `<stem>.json` that arrived later, for another drop of the same name.
+    #[serde(default)]
+    pub params_file: Option<bool>,
+    /// The suffix its move to `done/` chose (0: none), recorded before its parameters
+    /// file moves there, so that an image finished again after a kill between the two
+    /// renames takes the name that pairs with it.
+    #[serde(default)]
+    pub done_suffix: Option<u32>,
 }
 
 /// The state file of the item called `name` in `work` (named by the item's crash-record
@@ -137,6 +147,8 @@ mod tests {
                 ino: 7,
             }],
             failing: None,
+            params_file: Some(true),
+            done_suffix: None,
         };
         save(d.path(), name, &st, true).unwrap();
         assert_eq!(load(d.path(), name).unwrap().unwrap(), st);

@@ -119,7 +119,14 @@ impl Pipeline {
         topo.stage("fit", fitters, &fit_rx, commit)?;
         let assembler = Arc::clone(&ring.assembler);
         start_inference(&mut topo, cfg, plan, ring, enc_tx, &reporter)?;
-        start_encoders(&mut topo, cfg, &enc_rx, sink, reporter)?;
+        start_encoders(
+            &mut topo,
+            cfg,
+            info.outputs_per_input,
+            &enc_rx,
+            sink,
+            reporter,
+        )?;
 
         // The sampler reads channel lengths through receiver clones, which do not keep
         // any stage alive (a stage ends when its senders are gone).
@@ -249,16 +256,35 @@ fn decoders(cfg: &Config, pool: &Arc<BufPool>, region_chosen_later: bool) -> Vec
         .collect()
 }
 
-/// Batch slots: pinned when any device is a GPU, so host-to-device copies are DMA.
+/// Batch slots: pinned when any device is a GPU, so host-to-device copies are DMA; in
+/// the memory a Python pipeline's workers share, so they read the rows in place.
 fn slot_ring(cfg: &Config, plan: &RuntimePlan) -> SlotRing {
     let devices: Vec<Device> = plan.models.iter().map(|m| m.device()).collect();
+    let timeout = Duration::from_millis(cfg.model.as_ref().map_or(10, |m| m.batch_timeout_ms));
+    if let Some(py) = &plan.python {
+        let shared = &py.shared;
+        let l = shared.layout();
+        let mems = (0..l.pipeline_slots)
+            .map(|s| shared.input_slot(s))
+            .collect();
+        let assembler = Arc::new(Assembler::new(
+            mems,
+            l.rows,
+            l.in_row,
+            timeout,
+            Box::new(Arc::clone(shared)),
+        ));
+        let views = devices.iter().map(|_| Vec::new()).collect();
+        return SlotRing { assembler, views };
+    }
     let pin = devices.iter().copied().find(|d| *d != Device::Cpu);
     let (h, w) = plan.models[0].input_hw();
+    let c = plan.models[0].input_channels();
     let max_batch = plan.max_batch;
-    let row_bytes = (h * w * 3) as usize;
+    let row_bytes = (h * w * c) as usize;
     let tensors: Vec<Tensor> = (0..cfg.pipeline.batch_slots)
         .map(|_| {
-            let t = Tensor::zeros([max_batch as i64, h, w, 3], (Kind::Uint8, Device::Cpu));
+            let t = Tensor::zeros([max_batch as i64, h, w, c], (Kind::Uint8, Device::Cpu));
             match pin {
                 Some(d) => t.pin_memory(d),
                 None => t,
@@ -276,7 +302,6 @@ fn slot_ring(cfg: &Config, plan: &RuntimePlan) -> SlotRing {
         .iter()
         .map(|_| tensors.iter().map(Tensor::shallow_clone).collect())
         .collect();
-    let timeout = Duration::from_millis(cfg.model.as_ref().map_or(10, |m| m.batch_timeout_ms));
     let assembler = Arc::new(Assembler::new(
         mems,
         max_batch,
@@ -299,14 +324,30 @@ fn start_inference(
     reporter
         .telemetry
         .set_threads(Stage::Infer, plan.models.len());
+    if let Some(py) = &plan.python {
+        reporter.telemetry.register_model_workers(&py.stats);
+    }
     for (i, (model, slots)) in plan.models.into_iter().zip(ring.views).enumerate() {
-        let pinned_for = (model.device() != Device::Cpu).then_some(model.device());
-        let out_ring = Arc::new(OutRing::new(
-            cfg.pipeline.batch_slots,
-            plan.max_batch,
-            model.output_hw(),
-            pinned_for,
-        ));
+        let (oh, ow) = model.output_hw();
+        let out_shape = ((model.output_channels(), oh, ow), model.outputs_per_input());
+        let out_ring = Arc::new(match &plan.python {
+            // A Python worker writes its results into its own slots of the shared memory.
+            Some(py) => {
+                let mems: Vec<_> = (0..cfg.pipeline.batch_slots)
+                    .map(|s| py.shared.output_slot(i, s))
+                    .collect();
+                OutRing::over(&mems, plan.max_batch, out_shape, py.shared.clone())
+            }
+            None => {
+                let pinned_for = (model.device() != Device::Cpu).then_some(model.device());
+                OutRing::new(
+                    cfg.pipeline.batch_slots,
+                    plan.max_batch,
+                    out_shape,
+                    pinned_for,
+                )
+            }
+        });
         let parts = WorkerParts {
             assembler: Arc::clone(&ring.assembler),
             slots,
@@ -319,18 +360,21 @@ fn start_inference(
     Ok(())
 }
 
-/// Encode and publish, `encode_threads` workers.
+/// Encode and publish, `encode_threads` workers, each input's `per_input` outputs
+/// together.
 fn start_encoders(
     topo: &mut Topology,
     cfg: &Config,
+    per_input: usize,
     enc_rx: &Receiver<(Item, Inferred)>,
     sink: Arc<dyn Sink>,
     reporter: Reporter,
 ) -> Result<(), PipelineError> {
     let n = cfg.pipeline.encode_threads;
     reporter.telemetry.set_threads(Stage::Publish, n);
-    // Each worker holds one encoded output at a time (it publishes before the next).
-    let pool = BufPool::new(n);
+    // Each worker holds one input's encoded outputs at a time (it publishes them before
+    // the next), so the pool never makes a worker wait for another's buffers.
+    let pool = BufPool::new(n * per_input);
     let encoders: Vec<EncodeWorker> = (0..n)
         .map(|_| EncodeWorker {
             encoder: Encoder::new(cfg.encode.clone()),
@@ -341,8 +385,44 @@ fn start_encoders(
         sink,
         ext: cfg.encode.format.extension(),
         reporter,
+        provenance: provenance(cfg)?.map(Arc::new),
     };
     topo.stage("encode", encoders, enc_rx, publish)
+}
+
+/// With `[params]`: the model's path and the SHA-256 of its file, for the sidecars
+/// (hashed once, at start-up).
+fn provenance(cfg: &Config) -> Result<Option<serde_json::Value>, PipelineError> {
+    if cfg.params.is_none() {
+        return Ok(None);
+    }
+    let Some(m) = &cfg.model else {
+        return Ok(Some(serde_json::json!({ "path": null })));
+    };
+    let hash = file_sha256(&m.path).map_err(|source| PipelineError::Io {
+        context: format!("cannot hash the model {}", m.path.display()),
+        source,
+    })?;
+    Ok(Some(serde_json::json!({
+        "path": m.path.to_string_lossy(),
+        "sha256": hash,
+    })))
+}
+
+fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Sample queue depths every 50 ms until told to stop.

@@ -12,7 +12,7 @@ use crate::stages::fit::Fitter;
 use crate::vocab::error::{Stage, StageError};
 use crate::vocab::item::{Frame, Item, Outcome};
 use crate::vocab::pool::{BufPool, PooledBuf};
-use crate::vocab::sink::Sink;
+use crate::vocab::sink::{Encoded, Sink};
 use crate::vocab::stage::{Reporter, StageWorker};
 use crate::vocab::telemetry::Timer;
 
@@ -75,8 +75,9 @@ impl Emit<RowLease<Item>> for Commit {
     }
 }
 
-/// Encode: one inferred row to the configured format, with its item's filtered EXIF when
-/// there is one. The bytes go out in a pooled buffer, so steady state allocates nothing.
+/// Encode: an inferred input's outputs (one, or the model's K) to the configured format,
+/// each with its item's filtered EXIF when there is one. The bytes go out in pooled
+/// buffers, so steady state allocates nothing for them.
 pub struct EncodeWorker {
     pub encoder: Encoder,
     pub pool: Arc<BufPool>,
@@ -84,25 +85,32 @@ pub struct EncodeWorker {
 
 impl StageWorker for EncodeWorker {
     type In = Inferred;
-    type Out = PooledBuf;
+    type Out = Encoded;
 
     fn stage(&self) -> Stage {
         Stage::Encode
     }
 
-    fn process(&mut self, item: &mut Item, job: Inferred) -> Result<PooledBuf, StageError> {
+    fn process(&mut self, item: &mut Item, job: Inferred) -> Result<Encoded, StageError> {
         // The input's EXIF (only there with `encode.keep_metadata`) is not needed after
         // this: taken, so it is freed before the publish.
         let exif = item.exif.take();
-        let (w, h) = (job.out.width(), job.out.height());
-        let bytes = self
-            .encoder
-            .encode_with(job.out.row(job.row), w, h, exif.as_deref())
-            .map_err(StageError::Failed)?;
-        let mut buf = self.pool.get(bytes.len());
-        buf.copy_from_slice(bytes);
+        let (w, h, c) = (job.out.width(), job.out.height(), job.out.channels());
+        let mut encode = |k: usize| -> Result<PooledBuf, StageError> {
+            let bytes = self
+                .encoder
+                .encode_with(job.out.output(job.row, k), (w, h, c), exif.as_deref())
+                .map_err(StageError::Failed)?;
+            let mut buf = self.pool.get(bytes.len());
+            buf.copy_from_slice(bytes);
+            Ok(buf)
+        };
+        let mut out = Encoded::new(encode(0)?);
+        for k in 1..job.out.per_input() {
+            out.push(encode(k)?);
+        }
         // `job` drops here, returning its output slot before the (slower) publish.
-        Ok(buf)
+        Ok(out)
     }
 }
 
@@ -113,10 +121,33 @@ pub struct Publish {
     pub sink: Arc<dyn Sink>,
     pub ext: &'static str,
     pub reporter: Reporter,
+    /// What made the outputs (the model's path and hash), recorded in the sidecar of every
+    /// item with parameters, so any output can be made again.
+    pub provenance: Option<Arc<serde_json::Value>>,
 }
 
-impl Emit<PooledBuf> for Publish {
-    fn emit(&mut self, item: Item, bytes: PooledBuf) -> Result<(), Closed> {
+impl Publish {
+    /// The item's sidecar with its parameters and the model that used them, beside what a
+    /// stage before put there (the face crop's box).
+    fn record_params(&self, item: &mut Item) {
+        let Some(params) = &item.params else {
+            return;
+        };
+        let mut sidecar = match item.sidecar.take() {
+            Some(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        };
+        sidecar.insert("params".into(), params.to_json());
+        if let Some(p) = &self.provenance {
+            sidecar.insert("model".into(), (**p).clone());
+        }
+        item.sidecar = Some(serde_json::Value::Object(sidecar));
+    }
+}
+
+impl Emit<Encoded> for Publish {
+    fn emit(&mut self, mut item: Item, bytes: Encoded) -> Result<(), Closed> {
+        self.record_params(&mut item);
         let t = Timer::start();
         let published: Result<Vec<PathBuf>, StageError> =
             self.sink.publish(&item, &bytes, self.ext);

@@ -29,24 +29,32 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, SendError, Sender, bounded};
 use tch::{Device, Kind, TchError, Tensor};
 
-use crate::runtime::batcher::{Assembler, Batch};
+use crate::runtime::batcher::{Assembler, Batch, SlotMemory};
 use crate::runtime::cuda::{self, Event, Stream};
 use crate::runtime::model::Model;
 use crate::vocab::crash;
 use crate::vocab::error::{Stage, StageError, torch_message};
 use crate::vocab::fault::{self, Fault};
 use crate::vocab::item::Item;
+use crate::vocab::params::Params;
 use crate::vocab::stage::Reporter;
 use crate::vocab::telemetry::Timer;
 
-/// A fixed set of uint8 `max_batch x H' x W' x 3` host buffers (pinned for CUDA).
+/// A fixed set of uint8 `max_batch*K x H' x W' x C'` host buffers (pinned for CUDA), K
+/// being the model's outputs per input.
 pub struct OutRing {
     tensors: Vec<Tensor>,
+    /// What owns the tensors' memory when the ring does not (shared with a Python worker).
+    _memory: Option<Arc<dyn Send + Sync>>,
     free: Mutex<Vec<usize>>,
     cv: Condvar,
     row_bytes: usize,
     width: u32,
     height: u32,
+    channels: usize,
+    per_input: usize,
+    /// Bytes in one slot: `rows * row_bytes`.
+    slot_bytes: usize,
 }
 
 // SAFETY: the tensors are host buffers allocated once; a slot is written only by the
@@ -56,33 +64,84 @@ unsafe impl Sync for OutRing {}
 unsafe impl Send for OutRing {}
 
 impl OutRing {
+    /// `out_chw`: the model's output channels and size, `(C', H', W')`; `per_input`: its
+    /// outputs per input (K).
     pub fn new(
         slots: usize,
         max_batch: usize,
-        out_hw: (i64, i64),
+        (out_chw, per_input): ((i64, i64, i64), usize),
         pinned_for: Option<Device>,
     ) -> OutRing {
-        let (h, w) = out_hw;
+        let (c, h, w) = out_chw;
+        let rows = (max_batch * per_input) as i64;
         let tensors = (0..slots)
             .map(|_| {
-                let t = Tensor::zeros([max_batch as i64, h, w, 3], (Kind::Uint8, Device::Cpu));
+                let t = Tensor::zeros([rows, h, w, c], (Kind::Uint8, Device::Cpu));
                 match pinned_for {
                     Some(d) => t.pin_memory(d),
                     None => t,
                 }
             })
             .collect();
+        OutRing::of(tensors, None, (c, h, w), per_input, rows as usize)
+    }
+
+    /// A ring over memory it does not own: `slots` of `max_batch*K` rows each, kept
+    /// alive by `memory` (a Python worker's output slots in shared memory).
+    pub fn over(
+        slots: &[SlotMemory],
+        max_batch: usize,
+        (out_chw, per_input): ((i64, i64, i64), usize),
+        memory: Arc<dyn Send + Sync>,
+    ) -> OutRing {
+        let (c, h, w) = out_chw;
+        let rows = max_batch * per_input;
+        let tensors = slots
+            .iter()
+            .map(|m| {
+                assert!(
+                    m.len >= rows * (h * w * c) as usize,
+                    "output slot too small"
+                );
+                // SAFETY: `m` spans at least the tensor's bytes and lives as long as
+                // `memory`, which the ring holds for as long as the tensors exist.
+                unsafe {
+                    Tensor::from_blob(
+                        m.ptr,
+                        &[rows as i64, h, w, c],
+                        &[h * w * c, w * c, c, 1],
+                        Kind::Uint8,
+                        Device::Cpu,
+                    )
+                }
+            })
+            .collect();
+        OutRing::of(tensors, Some(memory), (c, h, w), per_input, rows)
+    }
+
+    fn of(
+        tensors: Vec<Tensor>,
+        memory: Option<Arc<dyn Send + Sync>>,
+        (c, h, w): (i64, i64, i64),
+        per_input: usize,
+        rows: usize,
+    ) -> OutRing {
+        let slots = tensors.len();
         OutRing {
             tensors,
+            _memory: memory,
             free: Mutex::new((0..slots).collect()),
             cv: Condvar::new(),
-            row_bytes: (h * w * 3) as usize,
+            row_bytes: (h * w * c) as usize,
             width: w as u32,
             height: h as u32,
+            channels: c as usize,
+            per_input,
+            slot_bytes: rows * (h * w * c) as usize,
         }
     }
 
-    fn acquire(&self) -> usize {
+    pub(crate) fn acquire(&self) -> usize {
         let mut free = self.free.lock().expect("out ring lock");
         loop {
             if let Some(s) = free.pop() {
@@ -92,7 +151,7 @@ impl OutRing {
         }
     }
 
-    fn release(&self, slot: usize) {
+    pub(crate) fn release(&self, slot: usize) {
         self.free.lock().expect("out ring lock").push(slot);
         self.cv.notify_one();
     }
@@ -106,16 +165,29 @@ pub struct OutBatch {
 }
 
 impl OutBatch {
-    /// Packed RGB8 pixels of `row`.
-    pub fn row(&self, row: usize) -> &[u8] {
+    /// Packed pixels of output `k` of input `row` (`channels` bytes each).
+    pub fn output(&self, row: usize, k: usize) -> &[u8] {
+        assert!(
+            k < self.ring.per_input,
+            "output {k} of {}",
+            self.ring.per_input
+        );
         let t = &self.ring.tensors[self.slot];
         let base = t.data_ptr() as *const u8;
-        // SAFETY: the slot holds `max_batch * row_bytes` bytes, `row < max_batch`, the
-        // worker finished writing before creating this handle, and nobody writes the slot
-        // again until every handle is dropped.
-        unsafe {
-            std::slice::from_raw_parts(base.add(row * self.ring.row_bytes), self.ring.row_bytes)
-        }
+        let at = (row * self.ring.per_input + k) * self.ring.row_bytes;
+        assert!(
+            at + self.ring.row_bytes <= self.ring.slot_bytes,
+            "row {row} outside the slot"
+        );
+        // SAFETY: `at..at + row_bytes` lies inside the slot (checked above), the worker
+        // finished writing before creating this handle, and nobody writes the slot again
+        // until every handle is dropped.
+        unsafe { std::slice::from_raw_parts(base.add(at), self.ring.row_bytes) }
+    }
+
+    /// Outputs per input (K).
+    pub fn per_input(&self) -> usize {
+        self.ring.per_input
     }
 
     pub fn width(&self) -> u32 {
@@ -125,6 +197,11 @@ impl OutBatch {
     pub fn height(&self) -> u32 {
         self.ring.height
     }
+
+    /// Bytes per pixel: 1 (grey), 3 (RGB) or 4 (RGBA).
+    pub fn channels(&self) -> usize {
+        self.ring.channels
+    }
 }
 
 impl Drop for OutBatch {
@@ -133,8 +210,8 @@ impl Drop for OutBatch {
     }
 }
 
-/// One fitted-and-inferred image for an encoder: row `row` of an output slot. The encode
-/// queue carries it with its item.
+/// One fitted-and-inferred input for an encoder: its outputs are those of input row `row`
+/// of an output slot. The encode queue carries it with its item.
 pub struct Inferred {
     pub out: Arc<OutBatch>,
     pub row: usize,
@@ -218,11 +295,17 @@ struct RunCtx<'a> {
     compute: Option<&'a Stream>,
     /// The batch's first item, which names the batch to fault injection (tests only).
     fault_key: &'a Path,
+    /// Each row's parameters, when the model takes them (else empty).
+    params: &'a [Option<&'a Params>],
     limit: &'a mut RowLimit,
 }
 
 /// The worker loop; returns when the assembler is closed and drained.
 pub fn run_worker(model: Model, parts: WorkerParts) {
+    let model = match model.into_python() {
+        Ok(sup) => return crate::runtime::python::infer::run_worker(sup, parts),
+        Err(model) => *model,
+    };
     let _no_grad = tch::no_grad_guard();
     match model.device() {
         Device::Cuda(i) => match (Stream::from_pool(i, false), Stream::from_pool(i, false)) {
@@ -250,6 +333,7 @@ fn run_sync_worker(model: &Model, parts: WorkerParts) {
         // the slot is given back.
         let slot = parts.out_ring.acquire();
         let held = crash::hold(batch_paths(&batch));
+        let params = row_params(model, &batch);
         let r = (|| {
             let x = match model.device() {
                 Device::Cpu => host.shallow_clone(),
@@ -261,11 +345,12 @@ fn run_sync_worker(model: &Model, parts: WorkerParts) {
                 slot,
                 compute: None,
                 fault_key: fault_key(&batch),
+                params: &params,
                 limit: &mut limit,
             };
             run_range(&mut ctx, &x, 0, n as i64)
         })();
-        drop(held);
+        drop((held, params));
         parts.assembler.release(batch.slot);
         parts
             .reporter
@@ -320,7 +405,6 @@ fn run_cuda_worker(
     };
     let mut worker = CudaWorker {
         model,
-        input_hw: model.input_hw(),
         parts,
         limit,
         copy_stream,
@@ -445,7 +529,6 @@ fn complete_in_order(
 /// The CUDA worker's own state: what [`run_cuda_worker`] queues batches with.
 struct CudaWorker<'a> {
     model: &'a Model,
-    input_hw: (i64, i64),
     parts: WorkerParts,
     limit: RowLimit,
     copy_stream: Stream,
@@ -475,7 +558,8 @@ impl CudaWorker<'_> {
         };
         let out_slot = self.parts.out_ring.acquire();
         let _held = crash::hold(batch_paths(&batch));
-        let result = self.copy_and_run(&host, n, &mut copied, out_slot, fault_key(&batch));
+        let params = row_params(self.model, &batch);
+        let result = self.copy_and_run(&host, &mut copied, out_slot, &batch, &params);
         // Recorded after an error too, so the completion thread's wait always returns.
         let recorded = done.record(&self.compute);
         if result.is_err() || recorded.is_err() {
@@ -508,18 +592,20 @@ impl CudaWorker<'_> {
     fn copy_and_run(
         &mut self,
         host: &Tensor,
-        n: i64,
         copied: &mut Event,
         out_slot: usize,
-        fault_key: &Path,
+        batch: &Batch<Item>,
+        params: &[Option<&Params>],
     ) -> Result<(), TchError> {
-        let (h, w) = self.input_hw;
+        let n = batch.rows.len() as i64;
+        let (h, w) = self.model.input_hw();
+        let c = self.model.input_channels();
         // Host to device on the copy stream. The device buffer comes from libtorch's
         // caching allocator; recording it on the compute stream keeps it from being
         // reused while the model still reads it.
         let dev_in = {
             let _g = self.copy_stream.enter().map_err(torch_err)?;
-            let mut d = Tensor::f_empty([n, h, w, 3], (Kind::Uint8, self.model.device()))?;
+            let mut d = Tensor::f_empty([n, h, w, c], (Kind::Uint8, self.model.device()))?;
             cuda::copy_(&mut d, host, true).map_err(torch_err)?;
             d
         };
@@ -532,7 +618,8 @@ impl CudaWorker<'_> {
             ring: &self.parts.out_ring,
             slot: out_slot,
             compute: Some(&self.compute),
-            fault_key,
+            fault_key: fault_key(batch),
+            params,
             limit: &mut self.limit,
         };
         run_range(&mut ctx, &dev_in, 0, n)
@@ -568,17 +655,22 @@ fn run_range(ctx: &mut RunCtx<'_>, x: &Tensor, start: i64, len: i64) -> Result<(
         return Ok(());
     }
     let part = x.f_narrow(0, start, len)?;
+    let k = ctx.ring.per_input as i64;
     let injected = len > 1 && fault::check("infer", ctx.fault_key) == Some(Fault::Oom);
     let result = if injected {
         Err(TchError::Torch(
             "CUDA out of memory (injected for a test)".to_string(),
         ))
     } else {
-        ctx.model.forward_u8(&part)
+        let rows = ctx
+            .params
+            .get(start as usize..(start + len) as usize)
+            .unwrap_or_default();
+        ctx.model.forward_u8(&part, rows)
     };
     match result {
         Ok(y) => {
-            let mut dst = ctx.ring.tensors[ctx.slot].f_narrow(0, start, len)?;
+            let mut dst = ctx.ring.tensors[ctx.slot].f_narrow(0, start * k, len * k)?;
             match ctx.compute {
                 Some(_) => cuda::copy_(&mut dst, &y, true).map_err(torch_err),
                 None => dst.f_copy_(&y),
@@ -614,8 +706,21 @@ fn dispatch(batch: Batch<Item>, result: Result<usize, TchError>, parts: &WorkerP
     )
 }
 
+/// Each row's parameters, when the model takes them (one small vector per batch; none,
+/// and nothing allocated, for `forward(x)` models).
+fn row_params<'a>(model: &Model, batch: &'a Batch<Item>) -> Vec<Option<&'a Params>> {
+    if !model.takes_params() {
+        return Vec::new();
+    }
+    batch
+        .rows
+        .iter()
+        .map(|r| r.as_ref().and_then(|i| i.params.as_ref()))
+        .collect()
+}
+
 /// The inputs of a batch's items, for [`crash::hold`].
-fn batch_paths(batch: &Batch<Item>) -> impl Iterator<Item = &Path> + Clone {
+pub(crate) fn batch_paths(batch: &Batch<Item>) -> impl Iterator<Item = &Path> + Clone {
     batch.rows.iter().flatten().map(|i| i.path.as_path())
 }
 
@@ -638,23 +743,7 @@ fn dispatch_to(
     reporter: &Reporter,
 ) {
     match result {
-        Ok(slot) => {
-            let out = Arc::new(OutBatch {
-                ring: Arc::clone(ring),
-                slot,
-            });
-            for (row, meta) in batch.rows.into_iter().enumerate() {
-                if let Some(item) = meta {
-                    let job = Inferred {
-                        out: Arc::clone(&out),
-                        row,
-                    };
-                    if encode_tx.send((item, job)).is_err() {
-                        return; // encoders gone: the pipeline is shutting down
-                    }
-                }
-            }
-        }
+        Ok(slot) => dispatch_rows(batch, slot, |_| None, ring, encode_tx, reporter),
         Err(e) => {
             let reason = torch_message(&e);
             tracing::error!(rows = batch.rows.len(), error = %reason, "inference failed for a batch");
@@ -669,6 +758,37 @@ fn dispatch_to(
             for item in batch.rows.into_iter().flatten() {
                 reporter.fail(item, Stage::Infer, &err);
             }
+        }
+    }
+}
+
+/// Hand the rows of a batch whose results are in output slot `slot` to the encoders,
+/// except those `failed` gives an error for (by row), which are reported failed. The
+/// slot returns to the ring when the last row handed on has been encoded.
+pub(crate) fn dispatch_rows(
+    batch: Batch<Item>,
+    slot: usize,
+    mut failed: impl FnMut(usize) -> Option<StageError>,
+    ring: &Arc<OutRing>,
+    encode_tx: &Sender<(Item, Inferred)>,
+    reporter: &Reporter,
+) {
+    let out = Arc::new(OutBatch {
+        ring: Arc::clone(ring),
+        slot,
+    });
+    for (row, meta) in batch.rows.into_iter().enumerate() {
+        let Some(item) = meta else { continue };
+        if let Some(err) = failed(row) {
+            reporter.fail(item, Stage::Infer, &err);
+            continue;
+        }
+        let job = Inferred {
+            out: Arc::clone(&out),
+            row,
+        };
+        if encode_tx.send((item, job)).is_err() {
+            return; // encoders gone: the pipeline is shutting down
         }
     }
 }
@@ -716,7 +836,7 @@ mod tests {
         )
         .unwrap();
         let model = Model::identity(Device::Cpu, &cfg.preprocess);
-        let ring = OutRing::new(1, 8, (8, 8), None);
+        let ring = OutRing::new(1, 8, ((3, 8, 8), 1), None);
         let x = Tensor::arange(8 * 8 * 8 * 3, (Kind::Int64, Device::Cpu))
             .remainder(251)
             .to_kind(Kind::Uint8)
@@ -731,6 +851,7 @@ mod tests {
             slot: 0,
             compute: None,
             fault_key: key,
+            params: &[],
             limit: &mut limit,
         };
         run_range(&mut ctx, &x, 0, 8).unwrap();

@@ -6,10 +6,13 @@
 //!   encoders read from;
 //! - [`plan`]: the runtime plan (model copies, devices, threads, batch size) every
 //!   command resolves the same way;
-//! - [`cuda`]: the C++ shim for streams, events and per-thread thread counts.
+//! - [`cuda`]: the C++ shim for streams, events and per-thread thread counts;
+//! - [`schema`]: what a model's `forward` takes, and each item's parameters to it.
 
 pub mod batcher;
 pub mod cuda;
 pub mod infer;
 pub mod model;
 pub mod plan;
+pub mod python;
+pub mod schema;

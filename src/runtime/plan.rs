@@ -3,11 +3,17 @@
 //! by the one function every command uses (`process`, `run`, `check`, `bench`), so they
 //! always agree, notably on what `max_batch = "auto"` means.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use tch::{Device, Kind};
 
-use crate::config::{BatchSize, Config};
+use crate::config::{BatchSize, Config, Format, ModelConfig, PythonModel};
 use crate::runtime::model::Model;
+use crate::runtime::python::shm::SharedSlots;
+use crate::runtime::python::{Limits, Shape, WorkerSpec, start_workers};
 use crate::vocab::error::PipelineError;
+use crate::vocab::telemetry::ModelWorkerStats;
 
 /// The batch size without `[model]`, or with `max_batch = "auto"` where memory is not
 /// what bounds a batch (the CPU, see [`Model::auto_batch`]).
@@ -20,6 +26,11 @@ pub struct RuntimeInfo {
     pub max_batch: usize,
     pub input_hw: (i64, i64),
     pub output_hw: (i64, i64),
+    /// Channels in (3 or 4) and out (1, 3 or 4).
+    pub input_channels: i64,
+    pub output_channels: i64,
+    /// Outputs per input (K): `<name>_1 .. <name>_K` when more than one.
+    pub outputs_per_input: usize,
     pub model: String,
     pub precision: Kind,
 }
@@ -29,6 +40,14 @@ pub struct RuntimePlan {
     /// One per inference worker, in worker order.
     pub models: Vec<Model>,
     pub max_batch: usize,
+    /// A Python pipeline's workers: the memory they share with the pipeline (its batch
+    /// and output slots live there) and each one's counters.
+    pub python: Option<PythonPlan>,
+}
+
+pub struct PythonPlan {
+    pub shared: Arc<SharedSlots>,
+    pub stats: Vec<Arc<ModelWorkerStats>>,
 }
 
 impl RuntimePlan {
@@ -36,6 +55,11 @@ impl RuntimePlan {
     /// intra-op thread count for the calling process. Fails, before any input is
     /// touched, when the model or the device is unusable.
     pub fn load(cfg: &Config) -> Result<RuntimePlan, PipelineError> {
+        if let Some(m) = &cfg.model
+            && let Some(py) = &m.python
+        {
+            return RuntimePlan::load_python(cfg, m, py);
+        }
         let pl = &cfg.pipeline;
         let mut devices: Vec<Device> = match &cfg.model {
             Some(m) => m.devices.iter().map(|&d| d.tch()).collect(),
@@ -49,13 +73,20 @@ impl RuntimePlan {
             intra_op_threads = (pl.infer_threads / pl.cpu_infer_workers).max(1);
         }
         tch::set_num_threads(intra_op_threads as i32);
+        let binding = match &cfg.model {
+            Some(m) => Model::binding(m, cfg.params.as_ref())?,
+            None => Default::default(),
+        };
         let models = devices
             .iter()
             .map(|&dev| match &cfg.model {
-                Some(m) => Model::load(m, dev, &cfg.preprocess),
+                Some(m) => Model::load(m, dev, &cfg.preprocess, binding.clone()),
                 None => Ok(Model::identity(dev, &cfg.preprocess)),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(m) = &cfg.model {
+            refuse_rgba_jpeg(cfg, m, &models[0])?;
+        }
         let max_batch = match cfg.model.as_ref().map(|m| m.max_batch) {
             Some(BatchSize::Fixed(n)) => n,
             // Several devices share the slot ring, so the smallest device sets the size.
@@ -66,7 +97,65 @@ impl RuntimePlan {
                 .unwrap_or(DEFAULT_BATCH),
             None => DEFAULT_BATCH,
         };
-        Ok(RuntimePlan { models, max_batch })
+        Ok(RuntimePlan {
+            models,
+            max_batch,
+            python: None,
+        })
+    }
+
+    /// `backend = "python"`: one worker process per device, constructed in parallel,
+    /// sharing the batch slots. `max_batch = "auto"` means the CPU default here (8): a
+    /// Python pipeline's memory is its own, hotpipe cannot measure it.
+    fn load_python(
+        cfg: &Config,
+        m: &ModelConfig,
+        py: &PythonModel,
+    ) -> Result<RuntimePlan, PipelineError> {
+        let pre = &cfg.preprocess;
+        let max_batch = match m.max_batch {
+            BatchSize::Fixed(n) => n,
+            BatchSize::Auto => DEFAULT_BATCH,
+        };
+        let module_dir = WorkerSpec::default_module_dir();
+        let specs: Vec<WorkerSpec> = (m.devices.iter())
+            .map(|d| WorkerSpec {
+                python: py.interpreter.clone(),
+                module_dir: module_dir.clone(),
+                entry: py.entry.clone(),
+                device: d.to_string(),
+                options: py.options.clone(),
+            })
+            .collect();
+        let shape = Shape {
+            slots: cfg.pipeline.batch_slots,
+            rows: max_batch,
+            hwc: [pre.height as usize, pre.width as usize, pre.channels],
+        };
+        let limits = Limits {
+            batch_timeout: (py.batch_timeout_s > 0)
+                .then(|| Duration::from_secs(py.batch_timeout_s)),
+            max_attempts: py.max_attempts,
+        };
+        let stats: Vec<Arc<ModelWorkerStats>> = specs.iter().map(|_| Arc::default()).collect();
+        tracing::info!(entry = py.entry, python = %py.interpreter.display(), workers = specs.len(), "starting the Python pipeline's workers");
+        let (sups, shared) = start_workers(specs, shape, limits, stats.clone()).map_err(|e| {
+            PipelineError::Model {
+                path: m.path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        let models: Vec<Model> = sups
+            .into_iter()
+            .zip(&m.devices)
+            .map(|(sup, d)| Model::python(sup, &m.path, d.tch(), pre))
+            .collect();
+        refuse_rgba_jpeg(cfg, m, &models[0])?;
+        Ok(RuntimePlan {
+            models,
+            max_batch,
+            python: Some(PythonPlan { shared, stats }),
+        })
     }
 
     pub fn info(&self) -> RuntimeInfo {
@@ -76,8 +165,22 @@ impl RuntimePlan {
             max_batch: self.max_batch,
             input_hw: m.input_hw(),
             output_hw: m.output_hw(),
+            input_channels: m.input_channels(),
+            output_channels: m.output_channels(),
+            outputs_per_input: m.outputs_per_input(),
             model: m.path().display().to_string(),
             precision: m.kind(),
         }
     }
+}
+
+/// A model that returns RGBA with JPEG configured fails at start-up, not per image.
+fn refuse_rgba_jpeg(cfg: &Config, m: &ModelConfig, first: &Model) -> Result<(), PipelineError> {
+    if cfg.encode.format == Format::Jpeg && first.output_channels() == 4 {
+        return Err(PipelineError::Model {
+            path: m.path.clone(),
+            message: "returns 4 channels (RGBA), which JPEG cannot carry: set [encode] format to \"png\" or \"webp\"".into(),
+        });
+    }
+    Ok(())
 }

@@ -37,7 +37,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use super::Shared;
 use crate::vocab::error::Stage;
-use crate::vocab::telemetry::{BUCKETS, STAGES, StageStats, Telemetry};
+use crate::vocab::telemetry::{BUCKETS, ModelWorkerStats, STAGES, StageStats, Telemetry};
 
 /// `Content-Type` of an OpenMetrics 1.0 text exposition.
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -276,6 +276,7 @@ impl Collector for Scrape {
             stage_seconds(&mut enc, &tel)?;
             stage_series(&mut enc, &tel)?;
             batch_size(&mut enc, &tel)?;
+            model_workers(&mut enc, &tel)?;
         }
         device_memory(&mut enc, &shared.cuda_devices())
     }
@@ -461,6 +462,68 @@ fn batch_size(enc: &mut DescriptorEncoder, tel: &Totals) -> fmt::Result {
         &buckets,
         None,
     )
+}
+
+type WorkerField = fn(&ModelWorkerStats) -> &AtomicU64;
+
+/// A Python pipeline's worker processes, labelled `worker` (their order in
+/// `model.device`): restarts, busy time and failed images (counters over reloads), and
+/// whether each is running now. Nothing for a TorchScript model, which has no workers.
+fn model_workers(enc: &mut DescriptorEncoder, tel: &Totals) -> fmt::Result {
+    let (live, retired) = (tel.live.model_workers(), tel.retired.model_workers());
+    if live.is_empty() {
+        return Ok(());
+    }
+    let labels: Vec<String> = (0..live.len()).map(|i| i.to_string()).collect();
+    let sum = |i: usize, f: WorkerField| {
+        let old = retired.get(i).map_or(0, |r| f(r).load(Ordering::Relaxed));
+        old + f(&live[i]).load(Ordering::Relaxed)
+    };
+    let counters: [(&str, &str, WorkerField); 3] = [
+        (
+            "model_worker_restarts",
+            "Model worker processes started again after dying or overrunning batch_timeout_s.",
+            |s| &s.restarts,
+        ),
+        (
+            "model_worker_batches",
+            "Batches (or parts of batches run again) sent to each model worker.",
+            |s| &s.batches,
+        ),
+        (
+            "model_worker_failed_items",
+            "Images a model worker failed (the pipeline raised, or the image took the worker down).",
+            |s| &s.failed_items,
+        ),
+    ];
+    for (name, help, f) in counters {
+        let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (i, l) in labels.iter().enumerate() {
+            ConstCounter::new(sum(i, f))
+                .encode(family.encode_family(&[("worker", l.as_str())])?)?;
+        }
+    }
+    let mut busy = enc.encode_descriptor(
+        "model_worker_busy",
+        "Time each model worker spent on batches.",
+        Some(&Unit::Seconds),
+        MetricType::Counter,
+    )?;
+    for (i, l) in labels.iter().enumerate() {
+        let secs = sum(i, |s| &s.busy_ns) as f64 / 1e9;
+        ConstCounter::new(secs).encode(busy.encode_family(&[("worker", l.as_str())])?)?;
+    }
+    let mut up = enc.encode_descriptor(
+        "model_worker_up",
+        "1 while the model worker process is running.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (i, l) in labels.iter().enumerate() {
+        let alive = live[i].alive.load(Ordering::Relaxed);
+        ConstGauge::new(u64::from(alive)).encode(up.encode_family(&[("worker", l.as_str())])?)?;
+    }
+    Ok(())
 }
 
 /// Free and total memory of the CUDA devices the pipeline runs on, from libtorch's

@@ -25,7 +25,8 @@ pub mod recent;
 pub mod signals;
 pub mod systemd;
 
-use std::ffi::OsString;
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,15 +37,16 @@ use crossbeam_channel::{
     Receiver, RecvTimeoutError, SendTimeoutError, Sender, bounded, select, unbounded,
 };
 
-use crate::config::{Config, ConfigError, ConfigSource, HotfolderConfig};
+use crate::config::{Config, ConfigError, ConfigSource, HotfolderConfig, ParamsConfig};
 use crate::hotfolder::claim::{Claim, Scanner, changed_since_read, claim, unclaim};
 use crate::hotfolder::recover::{self, Begin, Recovered};
 use crate::hotfolder::sink::{HotSink, fail_item};
-use crate::hotfolder::{HotfolderError, Layout, RootLock, watch};
+use crate::hotfolder::{HotfolderError, Layout, RootLock, params, watch};
 use crate::pipeline::Pipeline;
 use crate::vocab::crash;
-use crate::vocab::error::PipelineError;
+use crate::vocab::error::{PipelineError, Stage};
 use crate::vocab::item::{Item, Outcome};
+use crate::vocab::params::Params;
 use crate::vocab::telemetry::Telemetry;
 use signals::Signal;
 
@@ -143,11 +145,15 @@ impl Shared {
         (n, why)
     }
 
-    /// What /healthz answers: the watchdog's rule ([`Shared::health`]), and also not
-    /// healthy while items wait for a retry (a full disk, an unwritable outbox: the
+    /// What /healthz answers: not healthy while a Python pipeline has no worker process
+    /// running; the watchdog's rule ([`Shared::health`]); and also not healthy while
+    /// items wait for a retry (a full disk, an unwritable outbox: the
     /// service cannot do its work, though restarting it would not help, so the watchdog
     /// is still fed).
     pub fn status(&self) -> Result<String, String> {
+        if let Some(why) = self.telemetry().model_down() {
+            return Err(format!("down: {why}"));
+        }
         let ok = self.health().map_err(|why| format!("stuck: {why}"))?;
         match self.retries() {
             (0, _) => Ok(ok),
@@ -299,6 +305,8 @@ impl Session {
         let claimer = Claimer {
             layout: layout.clone(),
             hf: hf.clone(),
+            params: cfg.params.clone(),
+            waiting: HashMap::new(),
             tx,
             shared: Arc::clone(shared),
             stop_rx,
@@ -348,7 +356,7 @@ impl Session {
                 }
                 Err(err) => {
                     tracing::warn!(file = ?e.path, error = %err, "the file changed after it was claimed and cannot go back to the inbox; will retry");
-                    let due = Instant::now() + Duration::from_secs(self.hf.retry_s);
+                    let due = retry_due(&self.hf);
                     let _ = self.retry_tx.send((name, due));
                 }
             },
@@ -356,7 +364,7 @@ impl Session {
                 shared.retried.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(file = ?e.path, stage = %e.stage, reason = %e.reason, retry_s = self.hf.retry_s, "transient failure; the file stays in work/ and is retried");
                 shared.note_retry(format!("{}: {}", e.stage, e.reason));
-                let due = Instant::now() + Duration::from_secs(self.hf.retry_s);
+                let due = retry_due(&self.hf);
                 let _ = self.retry_tx.send((name, due));
             }
             Err(e) => match fail_item(&self.layout, &name, &e.reason, e.stage) {
@@ -371,7 +379,7 @@ impl Session {
                 Err(err) => {
                     tracing::error!(file = ?e.path, error = %err, "cannot move to failed/; will retry");
                     shared.note_retry(format!("cannot move to failed/: {err}"));
-                    let due = Instant::now() + Duration::from_secs(self.hf.retry_s);
+                    let due = retry_due(&self.hf);
                     let _ = self.retry_tx.send((name, due));
                 }
             },
@@ -412,10 +420,46 @@ impl Session {
     }
 }
 
+/// Why an item's attempt cannot start with its parameters.
+enum Refusal {
+    /// Quarantine it with this reason.
+    Fail(String),
+    /// Try again later (the file could not be read).
+    Retry(std::io::Error),
+}
+
+/// When an item that failed transiently is tried again.
+fn retry_due(hf: &HotfolderConfig) -> Instant {
+    Instant::now() + Duration::from_secs(hf.retry_s)
+}
+
+/// How long an image waits for its parameters file.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Wait {
+    Until(Instant),
+    /// The wait ran out while the image was not ready to claim: it is claimed (to fail)
+    /// as soon as it is, and wakes nobody meanwhile.
+    Over,
+}
+
+impl Wait {
+    fn deadline(&self) -> Option<Instant> {
+        match *self {
+            Wait::Until(t) => Some(t),
+            Wait::Over => None,
+        }
+    }
+}
+
 /// The claimer thread's state.
 struct Claimer {
     layout: Layout,
     hf: HotfolderConfig,
+    /// `[params]`: images take their parameters files with them (see
+    /// [`crate::hotfolder::params`]).
+    params: Option<ParamsConfig>,
+    /// Images waiting for their parameters file (`required = true`).
+    waiting: HashMap<OsString, Wait>,
     tx: Sender<Item>,
     shared: Arc<Shared>,
     stop_rx: Receiver<()>,
@@ -440,7 +484,18 @@ impl Claimer {
         );
         match begin {
             Ok(Begin::Process) => {
-                let item = Item::new(self.next_id, self.layout.work.join(&name));
+                let mut item = Item::new(self.next_id, self.layout.work.join(&name));
+                match self.item_params(&name) {
+                    Ok(p) => item.params = p,
+                    Err(Refusal::Fail(reason)) => {
+                        return self.fail_at_claim(&name, &reason, retries);
+                    }
+                    Err(Refusal::Retry(e)) => {
+                        tracing::error!(file = ?name, error = %e, retry_s = self.hf.retry_s, "cannot read its parameters; will retry");
+                        retries.push((name, retry_due(&self.hf)));
+                        return true;
+                    }
+                }
                 self.next_id += 1;
                 self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
                 self.shared.touch();
@@ -464,11 +519,7 @@ impl Claimer {
                 true
             }
             Ok(Begin::Failed(reason)) => {
-                self.shared.failed.fetch_add(1, Ordering::Relaxed);
-                let detail = format!("claim: {reason}");
-                let shown = name.to_string_lossy();
-                self.shared.recent.record(&shown, false, 0, &detail);
-                tracing::warn!(file = ?name, stage = "claim", %reason, "failed");
+                self.count_claim_failure(&name, &reason);
                 true
             }
             Ok(Begin::Gone) => true,
@@ -476,10 +527,130 @@ impl Claimer {
                 tracing::error!(file = ?name, error = %e, retry_s = self.hf.retry_s, "cannot start an attempt; will retry");
                 self.shared
                     .note_retry(format!("cannot start an attempt: {e}"));
-                retries.push((name, Instant::now() + Duration::from_secs(self.hf.retry_s)));
+                retries.push((name, retry_due(&self.hf)));
                 true
             }
         }
+    }
+
+    fn count_claim_failure(&self, name: &OsStr, reason: &str) {
+        self.shared.failed.fetch_add(1, Ordering::Relaxed);
+        let detail = format!("claim: {reason}");
+        let shown = name.to_string_lossy();
+        self.shared.recent.record(&shown, false, 0, &detail);
+        tracing::warn!(file = ?name, stage = "claim", %reason, "failed");
+    }
+
+    /// Quarantine an item whose attempt cannot start (its parameters are refused).
+    fn fail_at_claim(&mut self, name: &OsStr, reason: &str, retries: &mut Vec<Retry>) -> bool {
+        match fail_item(&self.layout, name, reason, Stage::Claim) {
+            Ok(_) => self.count_claim_failure(name, reason),
+            Err(e) => {
+                tracing::error!(file = ?name, error = %e, "cannot quarantine; will retry");
+                retries.push((name.to_os_string(), retry_due(&self.hf)));
+            }
+        }
+        true
+    }
+
+    /// The parameters of the item `name` (now in `work/`), with `[params]`: from its
+    /// parameters file (claimed here if it is still in the inbox), else the defaults.
+    fn item_params(&self, name: &OsStr) -> Result<Option<Params>, Refusal> {
+        let Some(schema) = &self.params else {
+            return Ok(None);
+        };
+        let shown = params::companion_shown(name);
+        match params::claim(&self.layout, name).map_err(Refusal::Retry)? {
+            params::Claimed::File => {}
+            params::Claimed::Vanished => {
+                return Err(Refusal::Fail(format!(
+                    "its parameters file {shown} was claimed with it but is no longer in work/ (removed by hand?)"
+                )));
+            }
+            params::Claimed::None if schema.required => {
+                return Err(Refusal::Fail(format!(
+                    "no parameters file {shown} arrived within {} s ([params] required = true)",
+                    schema.wait.as_secs()
+                )));
+            }
+            params::Claimed::None => {
+                return schema
+                    .resolve(&Default::default())
+                    .map(Some)
+                    .map_err(|e| Refusal::Fail(format!("no parameters file, and {e}")));
+            }
+        }
+        match params::load(&self.layout, name, schema) {
+            Ok(Some(p)) => Ok(Some(p)),
+            Ok(None) => Err(Refusal::Fail(format!(
+                "its parameters file {shown} was claimed with it but is no longer in work/ (removed by hand?)"
+            ))),
+            Err(params::LoadError::Io(e)) => Err(Refusal::Retry(e)),
+            Err(e) => Err(Refusal::Fail(e.to_string())),
+        }
+    }
+
+    /// Of the inbox entries ready to claim, those that may be claimed now. With
+    /// `[params]`: never a parameters file; an image only once its parameters file, if
+    /// there is one, is ready too (else it waits for the next scan); with `required`, an
+    /// image without one waits until `wait_s` after it was first seen, then is claimed to
+    /// fail with that reason.
+    fn gate(&mut self, ready: Vec<OsString>) -> Vec<OsString> {
+        let Some(schema) = &self.params else {
+            return ready;
+        };
+        let ready_json: HashSet<OsString> = ready
+            .iter()
+            .filter(|n| params::is_params_file(n))
+            .cloned()
+            .collect();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        // `a.jpg` and `a.png` share `a.json`: one of them takes it per scan, and the other
+        // is decided on the next one (the JSON gone by then).
+        let mut taken = HashSet::new();
+        for name in ready.into_iter().filter(|n| !params::is_params_file(n)) {
+            let jsons = params::companions(&name);
+            if jsons.iter().any(|j| ready_json.contains(j)) {
+                if !taken.insert(jsons[0].clone()) {
+                    continue;
+                }
+                self.waiting.remove(&name);
+                out.push(name);
+            } else if jsons
+                .iter()
+                .any(|j| std::fs::symlink_metadata(self.layout.inbox.join(j)).is_ok())
+            {
+                // Being written: the image waits for it.
+            } else if !schema.required {
+                out.push(name);
+            } else {
+                let wait = self
+                    .waiting
+                    .entry(name.clone())
+                    .or_insert(Wait::Until(now + schema.wait));
+                if wait.deadline().is_none_or(|t| t <= now) {
+                    self.waiting.remove(&name);
+                    out.push(name);
+                }
+            }
+        }
+        // Images that left the inbox while waiting (taken back) wait no more; those whose
+        // wait ran out while they were not ready stop waking the loop.
+        let inbox = &self.layout.inbox;
+        self.waiting
+            .retain(|n, _| std::fs::symlink_metadata(inbox.join(n)).is_ok());
+        for w in self.waiting.values_mut() {
+            if w.deadline().is_some_and(|t| t <= now) {
+                *w = Wait::Over;
+            }
+        }
+        out
+    }
+
+    /// The earliest end of a wait for a parameters file.
+    fn next_wait_end(&self) -> Option<Instant> {
+        self.waiting.values().filter_map(Wait::deadline).min()
     }
 
     /// Wait until nothing is in flight (the item just submitted has its outcome). False:
@@ -522,7 +693,12 @@ impl Claimer {
         let mut ready = Some(ready);
         loop {
             let now = Instant::now();
-            if scan_now || now >= next_rescan || scanner.next_check().is_some_and(|t| t <= now) {
+            let wait_over = self.next_wait_end().is_some_and(|t| t <= now);
+            if scan_now
+                || wait_over
+                || now >= next_rescan
+                || scanner.next_check().is_some_and(|t| t <= now)
+            {
                 scan_now = false;
                 if now >= next_rescan {
                     next_rescan = now + rescan;
@@ -531,7 +707,7 @@ impl Claimer {
                 if let Some(r) = ready.take() {
                     let _ = r.send(());
                 }
-                match listed {
+                match listed.map(|names| self.gate(names)) {
                     Ok(names) => {
                         for name in names {
                             match claim(&self.layout, &name) {
@@ -581,6 +757,9 @@ impl Claimer {
                 wake = wake.min(t);
             }
             if let Some(t) = retries.iter().map(|r| r.1).min() {
+                wake = wake.min(t);
+            }
+            if let Some(t) = self.next_wait_end() {
                 wake = wake.min(t);
             }
             self.shared

@@ -1,4 +1,5 @@
-//! Encode: one output row (packed RGB8) to JPEG, PNG or WebP bytes in a reused buffer.
+//! Encode: one output row (packed grey, RGB8 or RGBA8) to JPEG, PNG or WebP bytes in a
+//! reused buffer.
 //!
 //! Each encode worker owns one [`Encoder`]; its output buffer keeps its capacity between
 //! images, so steady-state encoding allocates nothing for the result. PNG uses fast
@@ -30,13 +31,23 @@ use std::sync::OnceLock;
 use crate::config::{EncodeConfig, Format};
 use crate::stages::metadata;
 
-/// moxcms's sRGB profile, encoded once (ICC v4, a few hundred bytes).
+/// The creation date written into the profile's header (bytes 24..36, six big-endian
+/// u16: 2026-01-01 00:00:00). moxcms writes the time of encoding there, which made the
+/// same input with the same parameters give different bytes in two runs.
+const ICC_DATE: [u8; 12] = [0x07, 0xEA, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0];
+
+/// moxcms's sRGB profile, encoded once (ICC v4, a few hundred bytes), with a fixed
+/// creation date so that outputs are reproducible. Its profile ID is zero ("not
+/// computed"), so the date can change without invalidating it.
 fn srgb_icc() -> &'static [u8] {
     static ICC: OnceLock<Vec<u8>> = OnceLock::new();
     ICC.get_or_init(|| {
-        moxcms::ColorProfile::new_srgb()
+        let mut icc = moxcms::ColorProfile::new_srgb()
             .encode()
-            .expect("the built-in sRGB profile encodes")
+            .expect("the built-in sRGB profile encodes");
+        icc[24..36].copy_from_slice(&ICC_DATE);
+        debug_assert!(icc[84..100].iter().all(|&b| b == 0), "profile ID unset");
+        icc
     })
 }
 
@@ -64,9 +75,9 @@ impl Encoder {
     pub fn new(cfg: EncodeConfig) -> Encoder {
         let tj = (cfg.format == Format::Jpeg)
             .then(|| {
+                // Subsampling is set per image (grey or colour).
                 turbojpeg::Compressor::new().and_then(|mut c| {
                     c.set_quality(cfg.quality as i32)?;
-                    c.set_subsamp(turbojpeg::Subsamp::Sub2x2)?;
                     Ok(c)
                 })
             })
@@ -98,24 +109,26 @@ impl Encoder {
     /// Encode `pixels` (`w x h` packed RGB8) with no metadata but the profile. The
     /// returned slice is valid until the next call.
     pub fn encode(&mut self, pixels: &[u8], w: u32, h: u32) -> Result<&[u8], String> {
-        self.encode_with(pixels, w, h, None)
+        self.encode_with(pixels, (w, h, 3), None)
     }
 
-    /// [`Encoder::encode`], carrying `exif` (a TIFF structure, already filtered by
-    /// `stages::metadata`) when `encode.keep_metadata` is on. An EXIF too large for a JPEG
-    /// APP1 segment is left out with a warning: the image matters more than its EXIF.
+    /// Encode `pixels` of `(w, h, channels)`: 1 (grey, written as a greyscale image with
+    /// no colour profile: a mask or a depth map is data, not colour), 3 (RGB) or 4 (RGBA,
+    /// PNG and WebP only: the pipeline refuses to start RGBA into JPEG). Carries `exif`
+    /// (a TIFF structure, already filtered by `stages::metadata`) when
+    /// `encode.keep_metadata` is on; an EXIF too large for a JPEG APP1 segment is left out
+    /// with a warning: the image matters more than its EXIF.
     pub fn encode_with(
         &mut self,
         pixels: &[u8],
-        w: u32,
-        h: u32,
+        dims: (u32, u32, usize),
         exif: Option<&[u8]>,
     ) -> Result<&[u8], String> {
         let exif = exif.filter(|e| self.cfg.keep_metadata && self.exif_fits(e));
         if self.tj.is_some() {
-            return self.encode_turbo(pixels, w, h, exif);
+            return self.encode_turbo(pixels, dims, exif);
         }
-        self.encode_image(pixels, w, h, exif)
+        self.encode_image(pixels, dims, exif)
     }
 
     fn exif_fits(&self, exif: &[u8]) -> bool {
@@ -133,11 +146,18 @@ impl Encoder {
     fn encode_turbo(
         &mut self,
         pixels: &[u8],
-        w: u32,
-        h: u32,
+        (w, h, c): (u32, u32, usize),
         exif: Option<&[u8]>,
     ) -> Result<&[u8], String> {
+        // A grey image is a one-component JPEG (libjpeg-turbo refuses to subsample it).
+        let (format, subsamp) = match c {
+            1 => (turbojpeg::PixelFormat::GRAY, turbojpeg::Subsamp::Gray),
+            3 => (turbojpeg::PixelFormat::RGB, turbojpeg::Subsamp::Sub2x2),
+            _ => return Err(format!("JPEG cannot carry {c}-channel pixels")),
+        };
         let tj = self.tj.as_mut().expect("called with libjpeg-turbo");
+        tj.set_subsamp(subsamp)
+            .map_err(|e| format!("JPEG encoding failed: {e}"))?;
         let (w, h) = (w as usize, h as usize);
         let bound = tj
             .buf_len(w, h)
@@ -147,7 +167,8 @@ impl Encoder {
         // the segments then go in front, overwriting the SOI it wrote, and the rest follows
         // on directly: the metadata costs no copy of the image.
         let app1 = exif.map_or(0, |e| 4 + metadata::EXIF_HEADER.len() + e.len());
-        let k = app1 + self.app2.len();
+        let app2 = if c == 1 { 0 } else { self.app2.len() };
+        let k = app1 + app2;
         // Grows to the largest bound and prefix seen, then is reused as is.
         if self.buf.len() < bound + k {
             self.buf.resize(bound + k, 0);
@@ -155,9 +176,9 @@ impl Encoder {
         let img = turbojpeg::Image {
             pixels,
             width: w,
-            pitch: w * 3,
+            pitch: w * c,
             height: h,
-            format: turbojpeg::PixelFormat::RGB,
+            format,
         };
         let n = tj
             .compress_to_slice(img, &mut self.buf[k..])
@@ -166,7 +187,7 @@ impl Encoder {
         if let Some(exif) = exif {
             app1_into(&mut self.buf[2..2 + app1], exif);
         }
-        self.buf[2 + app1..2 + k].copy_from_slice(&self.app2);
+        self.buf[2 + app1..2 + k].copy_from_slice(&self.app2[..app2]);
         Ok(&self.buf[..k + n])
     }
 
@@ -175,16 +196,21 @@ impl Encoder {
     fn encode_image(
         &mut self,
         pixels: &[u8],
-        w: u32,
-        h: u32,
+        (w, h, c): (u32, u32, usize),
         exif: Option<&[u8]>,
     ) -> Result<&[u8], String> {
         self.buf.clear();
-        let color = image::ExtendedColorType::Rgb8;
+        let color = match c {
+            1 => image::ExtendedColorType::L8,
+            3 => image::ExtendedColorType::Rgb8,
+            4 => image::ExtendedColorType::Rgba8,
+            _ => return Err(format!("cannot encode {c}-channel pixels")),
+        };
+        let colour = c > 1;
         let r = match self.cfg.format {
             Format::Jpeg => {
                 let mut e = JpegEncoder::new_with_quality(&mut self.buf, self.cfg.quality);
-                tag(&mut e, exif).and_then(|()| e.write_image(pixels, w, h, color))
+                tag(&mut e, colour, exif).and_then(|()| e.write_image(pixels, w, h, color))
             }
             Format::Png => {
                 let mut e = PngEncoder::new_with_quality(
@@ -192,11 +218,11 @@ impl Encoder {
                     CompressionType::Fast,
                     FilterType::Adaptive,
                 );
-                tag(&mut e, exif).and_then(|()| e.write_image(pixels, w, h, color))
+                tag(&mut e, colour, exif).and_then(|()| e.write_image(pixels, w, h, color))
             }
             Format::Webp => {
                 let mut e = WebPEncoder::new_lossless(&mut self.buf);
-                tag(&mut e, exif).and_then(|()| e.write_image(pixels, w, h, color))
+                tag(&mut e, colour, exif).and_then(|()| e.write_image(pixels, w, h, color))
             }
         };
         r.map_err(|e| format!("{:?} encoding failed: {e}", self.cfg.format))?;
@@ -204,11 +230,14 @@ impl Encoder {
     }
 }
 
-/// Give an `image` encoder the sRGB profile and, when kept, the EXIF (each of JPEG, PNG
-/// and WebP takes both in image 0.25.10).
-fn tag(e: &mut impl ImageEncoder, exif: Option<&[u8]>) -> image::ImageResult<()> {
-    e.set_icc_profile(srgb_icc().to_vec())
-        .map_err(image::ImageError::Unsupported)?;
+/// Give an `image` encoder the sRGB profile (for `colour` pixels: an RGB profile on a
+/// grey image is invalid) and, when kept, the EXIF (each of JPEG, PNG and WebP takes both
+/// in image 0.25.10).
+fn tag(e: &mut impl ImageEncoder, colour: bool, exif: Option<&[u8]>) -> image::ImageResult<()> {
+    if colour {
+        e.set_icc_profile(srgb_icc().to_vec())
+            .map_err(image::ImageError::Unsupported)?;
+    }
     if let Some(exif) = exif {
         e.set_exif_metadata(exif.to_vec())
             .map_err(image::ImageError::Unsupported)?;
@@ -229,6 +258,20 @@ fn app1_into(dst: &mut [u8], exif: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reproducible outputs: the embedded profile carries a fixed date, not the time it
+    /// was encoded at, and still parses as the sRGB profile.
+    #[test]
+    fn the_profile_is_the_same_in_every_run() {
+        let icc = srgb_icc();
+        assert_eq!(&icc[24..36], &ICC_DATE);
+        let parsed = moxcms::ColorProfile::new_from_slice(icc).unwrap();
+        assert_eq!(parsed.creation_date_time.year, 2026);
+        assert_eq!(
+            parsed.white_point,
+            moxcms::ColorProfile::new_srgb().white_point
+        );
+    }
 
     #[test]
     fn round_trips_each_format() {
@@ -254,6 +297,60 @@ mod tests {
                 assert_eq!(img.as_raw(), &px, "{format:?} is lossless");
             }
         }
+    }
+
+    #[test]
+    fn grey_and_rgba_outputs_are_written_as_such() {
+        use image::ImageDecoder;
+        let grey: Vec<u8> = (0..16 * 16).map(|i| (i % 256) as u8).collect();
+        let rgba: Vec<u8> = (0..16 * 16 * 4).map(|i| (i * 7 % 256) as u8).collect();
+        let cases = [
+            (Format::Png, 1, &grey, image::ColorType::L8),
+            // WebP has no grey mode: stored as RGB with equal channels.
+            (Format::Webp, 1, &grey, image::ColorType::Rgb8),
+            (Format::Jpeg, 1, &grey, image::ColorType::L8),
+            (Format::Png, 4, &rgba, image::ColorType::Rgba8),
+            (Format::Webp, 4, &rgba, image::ColorType::Rgba8),
+        ];
+        for (format, c, px, colour) in cases {
+            for turbo in [true, false] {
+                let cfg = EncodeConfig {
+                    format,
+                    quality: 95,
+                    keep_metadata: false,
+                };
+                let mut e = Encoder::new(cfg);
+                if !turbo {
+                    e = e.without_turbojpeg();
+                }
+                let bytes = e.encode_with(px, (16, 16, c), None).unwrap().to_vec();
+                let mut dec = image::ImageReader::new(std::io::Cursor::new(&bytes))
+                    .with_guessed_format()
+                    .unwrap()
+                    .into_decoder()
+                    .unwrap();
+                assert_eq!(dec.color_type(), colour, "{format:?} {c} channels");
+                let icc = dec.icc_profile().unwrap();
+                assert_eq!(icc.is_some(), c > 1, "grey outputs carry no RGB profile");
+                let mut got = vec![0u8; dec.total_bytes() as usize];
+                dec.read_image(&mut got).unwrap();
+                if colour == image::ColorType::Rgb8 {
+                    assert!(got.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]));
+                    got = got.iter().step_by(3).copied().collect();
+                }
+                if format == Format::Jpeg {
+                    assert!(got.iter().zip(px.iter()).all(|(a, b)| a.abs_diff(*b) <= 8));
+                } else {
+                    assert_eq!(&got, px, "{format:?} {c} channels lossless");
+                }
+            }
+        }
+        let mut jpeg = Encoder::new(EncodeConfig {
+            format: Format::Jpeg,
+            quality: 90,
+            keep_metadata: false,
+        });
+        assert!(jpeg.encode_with(&rgba, (16, 16, 4), None).is_err());
     }
 
     #[test]
@@ -323,7 +420,10 @@ mod tests {
                     encoders.push(Encoder::new(cfg).without_turbojpeg());
                 }
                 for mut e in encoders {
-                    let bytes = e.encode_with(&px, 16, 16, Some(EXIF)).unwrap().to_vec();
+                    let bytes = e
+                        .encode_with(&px, (16, 16, 3), Some(EXIF))
+                        .unwrap()
+                        .to_vec();
                     let (exif, icc) = metadata_of(&bytes);
                     let want = keep_metadata.then(|| EXIF.to_vec());
                     assert_eq!(exif, want, "{format:?}, keep {keep_metadata}");
@@ -350,10 +450,16 @@ mod tests {
                 quality: 90,
                 keep_metadata: true,
             });
-            let bytes = e.encode_with(&px, 16, 16, Some(&big)).unwrap().to_vec();
+            let bytes = e
+                .encode_with(&px, (16, 16, 3), Some(&big))
+                .unwrap()
+                .to_vec();
             let kept = metadata_of(&bytes).0;
             assert_eq!(kept.is_some(), format == Format::Png, "{format:?}");
-            let bytes = e.encode_with(&px, 16, 16, Some(fits)).unwrap().to_vec();
+            let bytes = e
+                .encode_with(&px, (16, 16, 3), Some(fits))
+                .unwrap()
+                .to_vec();
             assert_eq!(metadata_of(&bytes).0.as_deref(), Some(fits), "{format:?}");
         }
     }

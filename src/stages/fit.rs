@@ -6,6 +6,11 @@
 //! the image itself, and the face crop passes its own square. The part of the rectangle
 //! inside the image is resized with fast_image_resize (SIMD convolution) into the matching
 //! part of the row; the rest is filled with `pad_color`.
+//!
+//! RGBA frames (`decode.alpha = "keep"`) are resized with their colour premultiplied by
+//! alpha (fast_image_resize's default for 4-channel pixels), so transparent pixels'
+//! colours do not bleed into their neighbours, and padding is `pad_color` at alpha 0:
+//! it is not part of the photo.
 
 use fast_image_resize as fir;
 use fir::images::{CroppedImageMut, Image, ImageRef};
@@ -86,7 +91,7 @@ impl Fitter {
 
     /// Bytes of one fitted row (the batch slot's row size).
     pub fn row_bytes(&self) -> usize {
-        self.cfg.width as usize * self.cfg.height as usize * 3
+        self.cfg.width as usize * self.cfg.height as usize * self.cfg.channels
     }
 
     /// The rectangle of `frame` that `region` (original-image coordinates) or, without
@@ -112,18 +117,26 @@ impl Fitter {
         source_rect(base, self.cfg.fit, self.cfg.width, self.cfg.height)
     }
 
-    /// Fit `frame` into `dst` (`row_bytes` long, packed RGB8 of the output size).
+    /// Fit `frame` into `dst` (`row_bytes` long, packed pixels of the output size).
     pub fn fit(
         &mut self,
         frame: &Frame,
         region: Option<Region>,
         dst: &mut [u8],
     ) -> Result<(), String> {
+        if frame.channels != self.cfg.channels {
+            // The decoders and fitters are built from one config; this is a wiring bug.
+            return Err(format!(
+                "a {}-channel frame for a {}-channel fit",
+                frame.channels, self.cfg.channels
+            ));
+        }
         let r = self.plan(frame, region);
         self.fit_rect(&frame.pixels, frame.width, frame.height, r, dst)
     }
 
-    /// Resize the source rectangle `r` of a packed RGB8 image into `dst`.
+    /// Resize the source rectangle `r` of a packed image (RGB8, or RGBA8 for a 4-channel
+    /// fit) into `dst`.
     pub fn fit_rect(
         &mut self,
         src: &[u8],
@@ -136,10 +149,13 @@ impl Fitter {
         if r.w() <= 0.0 || r.h() <= 0.0 {
             return Err("empty source region".to_string());
         }
-        let src_img = ImageRef::new(fw, fh, src, PixelType::U8x3)
-            .map_err(|e| format!("source image: {e}"))?;
-        let mut dst_img = Image::from_slice_u8(ow, oh, dst, PixelType::U8x3)
-            .map_err(|e| format!("batch row: {e}"))?;
+        let (pt, ch) = match self.cfg.channels {
+            4 => (PixelType::U8x4, 4),
+            _ => (PixelType::U8x3, 3),
+        };
+        let src_img = ImageRef::new(fw, fh, src, pt).map_err(|e| format!("source image: {e}"))?;
+        let mut dst_img =
+            Image::from_slice_u8(ow, oh, dst, pt).map_err(|e| format!("batch row: {e}"))?;
         // Part of the output the image covers, in whole output pixels.
         let kx = ow as f64 / r.w();
         let ky = oh as f64 / r.h();
@@ -149,9 +165,10 @@ impl Fitter {
         let dy1 = ((fh as f64 - r.y0) * ky).round().clamp(0.0, oh as f64) as u32;
         let covers_all = dx0 == 0 && dy0 == 0 && dx1 == ow && dy1 == oh;
         if !covers_all {
-            let c = self.cfg.pad_color;
-            for px in dst_img.buffer_mut().chunks_exact_mut(3) {
-                px.copy_from_slice(&c);
+            let [r, g, b] = self.cfg.pad_color;
+            let pad = [r, g, b, 0];
+            for px in dst_img.buffer_mut().chunks_exact_mut(ch) {
+                px.copy_from_slice(&pad[..ch]);
             }
         }
         if dx1 <= dx0 || dy1 <= dy0 {
@@ -192,6 +209,7 @@ mod tests {
             mean: None,
             std: None,
             pad_color: [7, 8, 9],
+            channels: 3,
         }
     }
 
@@ -269,5 +287,30 @@ mod tests {
         .unwrap();
         assert_eq!(&dst[0..3], &[7, 8, 9]);
         assert_eq!(&dst[9 * 3..30], &[100, 100, 100]);
+    }
+
+    #[test]
+    fn rgba_resizes_premultiplied_and_pads_transparent() {
+        let mut c = cfg(FitMode::Pad, 1, 3);
+        c.channels = 4;
+        c.filter = Filter::Box;
+        let mut f = Fitter::new(c);
+        assert_eq!(f.row_bytes(), 12);
+        // Opaque red beside fully transparent green, 2 x 1, padded into 1 x 3: the middle
+        // pixel is the image, above and below it padding.
+        let src = [255u8, 0, 0, 255, 0, 255, 0, 0];
+        let mut dst = [1u8; 12];
+        let r = source_rect(full(2.0, 1.0), FitMode::Pad, 1, 3);
+        f.fit_rect(&src, 2, 1, r, &mut dst).unwrap();
+        assert_eq!(
+            &dst[..4],
+            &[7, 8, 9, 0],
+            "padding is pad_color, transparent"
+        );
+        assert_eq!(&dst[8..], &[7, 8, 9, 0]);
+        // Premultiplied: the transparent green adds nothing to the colour, half the alpha.
+        let image = &dst[4..8];
+        assert_eq!(image[..3], [255, 0, 0], "{image:?}");
+        assert!(image[3].abs_diff(128) <= 1, "{image:?}");
     }
 }

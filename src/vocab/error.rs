@@ -74,6 +74,10 @@ pub enum StageError {
     /// failed on this item for another reason.
     #[error("{0}")]
     Failed(String),
+    /// What the stage needs is down (no model worker process can be started): the item
+    /// is not to blame, and waits for a retry.
+    #[error("{0}")]
+    Unavailable(String),
     /// A bug: a panic or a broken invariant inside a stage.
     #[error("internal error in {stage}: {message}")]
     Internal { stage: Stage, message: String },
@@ -102,7 +106,8 @@ impl StageError {
     /// file, unchanged, may succeed. The hot folder leaves transient failures in `work/`
     /// for `retry_s` without using up `max_attempts`; permanent ones go to `failed/`.
     ///
-    /// - A device out of memory is transient (the next attempt may find memory free).
+    /// - A device out of memory is transient (the next attempt may find memory free), and
+    ///   so is a model worker that cannot be started (the item is not to blame).
     /// - Writing outputs (`publish`): every I/O error is, because each is a property of
     ///   the outbox (full, read-only, gone), which the operator fixes, never of the file.
     /// - Reading inputs: only the errnos in [`TRANSIENT_ERRNOS`]; a file that vanished,
@@ -110,7 +115,7 @@ impl StageError {
     /// - Everything else is a property of the file or a bug, and retrying would fail again.
     pub fn is_transient(&self, stage: Stage) -> bool {
         match self {
-            StageError::DeviceOom(_) => true,
+            StageError::DeviceOom(_) | StageError::Unavailable(_) => true,
             StageError::Io { source, .. } => {
                 stage == Stage::Publish
                     || source.kind() == std::io::ErrorKind::OutOfMemory
@@ -131,6 +136,7 @@ impl StageError {
             StageError::Io { .. } => "io",
             StageError::DeviceOom(_) => "device_oom",
             StageError::Failed(_) => "failed",
+            StageError::Unavailable(_) => "unavailable",
             StageError::Internal { .. } => "internal",
         }
     }

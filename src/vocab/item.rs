@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::{Instant, SystemTime};
 
 use crate::vocab::error::ItemError;
+use crate::vocab::params::Params;
 use crate::vocab::pool::PooledBuf;
 
 /// A region of the source image to fit, in the coordinates of the original (not
@@ -42,6 +43,9 @@ pub struct Item {
     /// `stages::metadata`): set by decode, written and dropped by encode. `None` unless
     /// the key is on, so by default nothing of the input's metadata travels.
     pub exif: Option<Vec<u8>>,
+    /// The item's parameters for the model (`[params]`), checked and complete; `None`
+    /// when the config declares none.
+    pub params: Option<Params>,
 }
 
 /// Size and modification time of an input file when it was read.
@@ -75,16 +79,20 @@ impl Item {
             sidecar: None,
             source: None,
             exif: None,
+            params: None,
         }
     }
 }
 
-/// A decoded image: tightly packed RGB8 in a pooled buffer.
+/// A decoded image: tightly packed RGB8 (or RGBA8, with `decode.alpha = "keep"`) in a
+/// pooled buffer.
 #[derive(Debug)]
 pub struct Frame {
     pub pixels: PooledBuf,
     pub width: u32,
     pub height: u32,
+    /// Bytes per pixel: 3 (RGB) or 4 (RGBA, straight alpha).
+    pub channels: usize,
     /// Size of the image before any DCT-domain downscale at decode (what `Region`s and
     /// sidecars refer to). Equal to `width`/`height` for a full decode.
     pub orig_width: u32,
@@ -98,11 +106,12 @@ pub struct Frame {
 
 impl Frame {
     /// A frame of every pixel of its image (no DCT-domain downscale).
-    pub fn full(pixels: PooledBuf, width: u32, height: u32) -> Frame {
+    pub fn full(pixels: PooledBuf, width: u32, height: u32, channels: usize) -> Frame {
         Frame {
             pixels,
             width,
             height,
+            channels,
             orig_width: width,
             orig_height: height,
             scale: 1.0,

@@ -12,6 +12,7 @@ pub mod device;
 pub mod error;
 pub mod fault;
 pub mod item;
+pub mod params;
 pub mod pool;
 pub mod sink;
 pub mod stage;

@@ -8,7 +8,9 @@
 //! the metrics endpoint and the end-of-run report read the same numbers.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::vocab::error::Stage;
@@ -52,6 +54,23 @@ pub struct Telemetry {
     /// Last time any stage finished an item (ms since `started`), for the watchdog and
     /// the health check.
     pub last_progress_ms: AtomicU64,
+    /// One per model worker process (the Python backend; empty for TorchScript models,
+    /// which run inside hotpipe).
+    pub model_workers: Mutex<Vec<Arc<ModelWorkerStats>>>,
+}
+
+/// One model worker process's counters, shared with its supervisor.
+#[derive(Debug, Default)]
+pub struct ModelWorkerStats {
+    /// Time the worker spent on batches (from the batch frame to its reply).
+    pub busy_ns: AtomicU64,
+    pub batches: AtomicU64,
+    /// Started again after dying or overrunning `batch_timeout_s`.
+    pub restarts: AtomicU64,
+    /// Images the worker failed (the pipeline raised, or the image killed it).
+    pub failed_items: AtomicU64,
+    /// Whether a worker process is running now.
+    pub alive: AtomicBool,
 }
 
 impl Default for Telemetry {
@@ -63,6 +82,7 @@ impl Default for Telemetry {
             batch_rows: AtomicU64::new(0),
             batch_hist: Default::default(),
             last_progress_ms: AtomicU64::new(0),
+            model_workers: Mutex::new(Vec::new()),
         }
     }
 }
@@ -136,6 +156,42 @@ impl Telemetry {
         for (t, f) in self.batch_hist.iter().zip(&other.batch_hist) {
             add(t, f);
         }
+        let theirs = other.model_workers();
+        let mut ours = self.model_workers.lock().unwrap_or_else(|p| p.into_inner());
+        while ours.len() < theirs.len() {
+            ours.push(Arc::default());
+        }
+        for (to, from) in ours.iter().zip(&theirs) {
+            add(&to.busy_ns, &from.busy_ns);
+            add(&to.batches, &from.batches);
+            add(&to.restarts, &from.restarts);
+            add(&to.failed_items, &from.failed_items);
+        }
+    }
+
+    /// Count these model worker processes' stats in this telemetry.
+    pub fn register_model_workers(&self, stats: &[Arc<ModelWorkerStats>]) {
+        (self.model_workers.lock().unwrap_or_else(|p| p.into_inner()))
+            .extend(stats.iter().cloned());
+    }
+
+    pub fn model_workers(&self) -> Vec<Arc<ModelWorkerStats>> {
+        self.model_workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Why the pipeline cannot run its model now: it has model worker processes and
+    /// none of them is running.
+    pub fn model_down(&self) -> Option<String> {
+        let w = self.model_workers();
+        (!w.is_empty() && !w.iter().any(|s| s.alive.load(Ordering::Relaxed))).then(|| {
+            format!(
+                "no model worker is running ({} configured; each is being started again)",
+                w.len()
+            )
+        })
     }
 
     /// The stage with the highest utilisation per thread, if any work was recorded.

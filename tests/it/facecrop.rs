@@ -429,6 +429,7 @@ fn boxes_are_in_original_pixels_when_the_frame_was_decoded_smaller() {
             pixels: px,
             width: 512,
             height: 512,
+            channels: 3,
             orig_width: orig,
             orig_height: orig,
             scale: 512.0 / orig as f64,

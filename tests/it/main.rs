@@ -15,6 +15,7 @@
 mod common;
 
 mod budget;
+mod channels;
 mod cli;
 mod colour;
 mod cuda;
@@ -23,9 +24,12 @@ mod hotfolder;
 mod journald;
 mod metadata;
 mod metrics;
+mod params;
 mod peers;
 mod process;
 mod progress;
+mod python_backend;
+mod python_worker;
 mod quality;
 mod status;
 mod systemd;

@@ -127,14 +127,15 @@ fn output_equals_the_model_applied_in_the_test() {
 #[test]
 fn model_breaking_the_contract_fails_at_start_up() {
     let d = tempfile::tempdir().unwrap();
-    one_channel_model(&d.path().join("grey.pt"));
+    two_channel_model(&d.path().join("grey.pt"));
     write_png(&d.path().join("a.png"), 64, 64, 1);
     let cfg = config(d.path(), "grey.pt", "");
     let r = cli(["check".as_ref(), "--config".as_ref(), cfg.as_os_str()]);
     let err = r.stderr;
     assert_eq!(r.code, Some(1));
     assert!(
-        err.contains("must return N x 3 x H' x W'") && err.contains("[2, 1, 64, 64]"),
+        err.contains("must return N*K x C' x H' x W' (K outputs per input")
+            && err.contains("[2, 2, 64, 64]"),
         "{err}"
     );
     assert!(

@@ -45,7 +45,7 @@ impl Decoder {
         // libheif's own pixels: the decoded YCbCr planes (up to 16 bits a sample) and the
         // interleaved result.
         self.check_size(w, h, 6 + ch as u64)?;
-        let frame = w as usize * h as usize * 3;
+        let frame = w as usize * h as usize * self.channels();
         let held = w as usize * h as usize * (6 + ch);
         let [mut out, _, reserved] = buffers(&self.pool, (w, h), frame, 0, held)?;
         let chroma = if alpha {
@@ -84,7 +84,7 @@ impl Decoder {
         self.colour.convert(&src, &mut out, self.cfg.background)?;
         drop(img);
         drop(reserved);
-        Ok(Frame::full(out, w, h))
+        Ok(Frame::full(out, w, h, self.channels()))
     }
 }
 

@@ -116,12 +116,13 @@ impl Decoder {
         // A full-size frame bounds the output; a progressive file also holds every DCT
         // coefficient (2 bytes per sample, up to 4 samples per pixel) while decoding,
         // whatever the output scale.
+        // An RGBA frame (alpha kept) takes one byte more per pixel.
         let per_px = match (header.is_progressive, cmyk) {
             (true, true) => 8,
             (true, false) => 6,
             (false, true) => 4,
             (false, false) => 3,
-        };
+        } + (self.channels() as u64 - 3);
         self.check_size(w, h, per_px)?;
         let m = markers(data, &mut self.icc);
         self.capture_exif(|| m.exif.and_then(metadata::filter));
@@ -136,10 +137,11 @@ impl Decoder {
             _ => 8,
         };
         let factor = turbojpeg::ScalingFactor::new(eighths as usize, 8);
+        let ch = self.channels();
         let tj = self.tj.as_mut().expect("checked above");
         tj.set_scaling_factor(factor).map_err(|e| jpeg_error(&e))?;
         let (sw, sh) = (factor.scale(header.width), factor.scale(header.height));
-        let len = sw * sh * 3;
+        let len = sw * sh * ch;
         let rotated = if orientation == Orientation::NoTransforms {
             0
         } else {
@@ -148,10 +150,11 @@ impl Decoder {
         let native = if cmyk { sw * sh * 4 } else { 0 };
         let size = (sw as u32, sh as u32);
         let [mut out, dst, mut ink] = buffers(&self.pool, size, len, rotated, native)?;
-        let (pixels, format) = if cmyk {
-            (&mut ink[..], turbojpeg::PixelFormat::CMYK)
-        } else {
-            (&mut out[..], turbojpeg::PixelFormat::RGB)
+        // With alpha kept, libjpeg-turbo writes RGBA itself, alpha 255.
+        let (pixels, format) = match (cmyk, ch) {
+            (true, _) => (&mut ink[..], turbojpeg::PixelFormat::CMYK),
+            (false, 4) => (&mut out[..], turbojpeg::PixelFormat::RGBA),
+            _ => (&mut out[..], turbojpeg::PixelFormat::RGB),
         };
         let img = turbojpeg::Image {
             width: sw,
@@ -175,14 +178,15 @@ impl Decoder {
             self.colour.convert(&src, &mut out, self.cfg.background)?;
         } else if let Some(icc) = icc {
             let grey = header.colorspace == turbojpeg::Colorspace::Gray;
-            self.colour.rgb_in_place(&mut out, sw, icc, grey);
+            self.colour.rgb_in_place(&mut out, sw, ch, icc, grey);
         }
         drop(ink);
-        let (pixels, fw, fh) = apply_orientation(out, dst, size.0, size.1, orientation);
+        let (pixels, fw, fh) = apply_orientation(out, dst, size.0, size.1, ch, orientation);
         Ok(Some(Frame {
             pixels,
             width: fw,
             height: fh,
+            channels: ch,
             orig_width: uw,
             orig_height: uh,
             scale: eighths as f64 / 8.0,

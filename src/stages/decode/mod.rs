@@ -186,6 +186,11 @@ impl Decoder {
         }
     }
 
+    /// Bytes per pixel of the frames this decoder makes.
+    fn channels(&self) -> usize {
+        self.cfg.channels()
+    }
+
     /// The DCT scale the last image was decoded at, in eighths (8: every pixel).
     pub fn last_scale(&self) -> u32 {
         self.last_scale
@@ -288,8 +293,9 @@ impl Decoder {
         reader.limits(self.limits());
         let mut dec = reader.into_decoder().map_err(|e| describe(format, e))?;
         let (w, h) = dec.dimensions();
-        self.check_size(w, h, 3)?;
-        let rgb_len = w as usize * h as usize * 3;
+        let ch = self.channels();
+        self.check_size(w, h, ch as u64)?;
+        let frame_len = w as usize * h as usize * ch;
         let orientation = dec.orientation().unwrap_or(Orientation::NoTransforms);
         self.capture_exif(|| metadata::from_decoder(format, &mut dec, data));
         let icc = match format {
@@ -298,9 +304,9 @@ impl Decoder {
         };
         let color = dec.color_type();
         let (layout, sixteen) = native_layout(color)?;
-        // RGB8 is written straight into the frame (and converted there, if it has a
-        // profile): no second buffer, no copy.
-        let native_len = if layout == Native::Rgb && !sixteen {
+        // RGB8 into an RGB frame is written straight into it (and converted there, if it
+        // has a profile): no second buffer, no copy.
+        let native_len = if layout == Native::Rgb && !sixteen && ch == 3 {
             0
         } else {
             usize::try_from(dec.total_bytes()).map_err(|_| too_large())?
@@ -308,18 +314,19 @@ impl Decoder {
         let rotate = orientation != Orientation::NoTransforms;
         // Native pixels of 3 or more bytes each are done with before the rotation, so
         // their buffer is where the rotated frame goes: one buffer less to fit.
-        let rotate_into_native = rotate && native_len >= rgb_len;
+        let rotate_into_native = rotate && native_len >= frame_len;
         let rotated = if rotate && !rotate_into_native {
-            rgb_len
+            frame_len
         } else {
             0
         };
         let [mut out, mut dst, mut native] =
-            buffers(&self.pool, (w, h), rgb_len, rotated, native_len)?;
+            buffers(&self.pool, (w, h), frame_len, rotated, native_len)?;
         if native_len == 0 {
             dec.read_image(&mut out).map_err(|e| describe(format, e))?;
             if let Some(icc) = &icc {
-                self.colour.rgb_in_place(&mut out, w as usize, icc, false);
+                self.colour
+                    .rgb_in_place(&mut out, w as usize, 3, icc, false);
             }
         } else {
             dec.read_image(&mut native)
@@ -334,12 +341,12 @@ impl Decoder {
             };
             self.colour.convert(&src, &mut out, self.cfg.background)?;
             if rotate_into_native {
-                native.truncate(rgb_len);
+                native.truncate(frame_len);
                 dst = native;
             }
         }
-        let (out, w, h) = apply_orientation(out, dst, w, h, orientation);
-        Ok(Frame::full(out, w, h))
+        let (out, w, h) = apply_orientation(out, dst, w, h, ch, orientation);
+        Ok(Frame::full(out, w, h, ch))
     }
 }
 
@@ -400,7 +407,7 @@ impl StageWorker for Decoder {
     }
 }
 
-/// Every buffer one `w x h` decode needs, from the pool in one request: the RGB8 frame
+/// Every buffer one `w x h` decode needs, from the pool in one request: the frame
 /// (`frame` bytes), a copy to rotate it into (`rotated`, 0 for none) and the decoder's
 /// native pixels (`native`, 0 when it writes RGB8 itself). Waits while the budget is
 /// taken by other items; fails at once when the sum can never fit.
@@ -425,7 +432,7 @@ fn over_budget(
     native: usize,
 ) -> StageError {
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
-    let mut parts = format!("a {w} x {h} RGB frame of {:.1} MiB", mib(frame));
+    let mut parts = format!("a {w} x {h} frame of {:.1} MiB", mib(frame));
     if rotated > 0 {
         parts.push_str(&format!(
             ", a copy for its EXIF rotation of {:.1} MiB",
@@ -452,12 +459,13 @@ fn apply_orientation(
     mut dst: PooledBuf,
     w: u32,
     h: u32,
+    ch: usize,
     o: Orientation,
 ) -> (PooledBuf, u32, u32) {
     if o == Orientation::NoTransforms {
         return (px, w, h);
     }
-    let (nw, nh) = orient(&px, w, h, o, &mut dst);
+    let (nw, nh) = orient(&px, w, h, ch, o, &mut dst);
     (dst, nw, nh)
 }
 
@@ -501,12 +509,13 @@ fn describe(format: ImageFormat, e: image::ImageError) -> StageError {
     }
 }
 
-/// Apply an EXIF orientation: write the upright image into `dst`, return its size.
-pub fn orient(src: &[u8], w: u32, h: u32, o: Orientation, dst: &mut [u8]) -> (u32, u32) {
+/// Apply an EXIF orientation to `ch`-byte pixels: write the upright image into `dst`,
+/// return its size.
+pub fn orient(src: &[u8], w: u32, h: u32, ch: usize, o: Orientation, dst: &mut [u8]) -> (u32, u32) {
     let (w, h) = (w as usize, h as usize);
     let (dw, dh) = if swaps_axes(o) { (h, w) } else { (w, h) };
     for y in 0..dh {
-        let row = &mut dst[y * dw * 3..(y + 1) * dw * 3];
+        let row = &mut dst[y * dw * ch..(y + 1) * dw * ch];
         for x in 0..dw {
             let (sx, sy) = match o {
                 Orientation::NoTransforms => (x, y),
@@ -518,8 +527,8 @@ pub fn orient(src: &[u8], w: u32, h: u32, o: Orientation, dst: &mut [u8]) -> (u3
                 Orientation::Rotate90FlipH => (y, x),
                 Orientation::Rotate270FlipH => (w - 1 - y, h - 1 - x),
             };
-            let s = (sy * w + sx) * 3;
-            row[x * 3..x * 3 + 3].copy_from_slice(&src[s..s + 3]);
+            let s = (sy * w + sx) * ch;
+            row[x * ch..x * ch + ch].copy_from_slice(&src[s..s + ch]);
         }
     }
     (dw as u32, dh as u32)
@@ -945,13 +954,27 @@ mod tests {
         let mut dst = vec![0u8; 18];
         let first = |d: &[u8]| d.chunks(3).map(|p| p[0]).collect::<Vec<_>>();
         // 0 1 2 / 3 4 5 rotated 90 clockwise: 3 0 / 4 1 / 5 2
-        assert_eq!(orient(&src, 3, 2, Orientation::Rotate90, &mut dst), (2, 3));
+        assert_eq!(
+            orient(&src, 3, 2, 3, Orientation::Rotate90, &mut dst),
+            (2, 3)
+        );
         assert_eq!(first(&dst), vec![3, 0, 4, 1, 5, 2]);
-        assert_eq!(orient(&src, 3, 2, Orientation::Rotate270, &mut dst), (2, 3));
+        assert_eq!(
+            orient(&src, 3, 2, 3, Orientation::Rotate270, &mut dst),
+            (2, 3)
+        );
         assert_eq!(first(&dst), vec![2, 5, 1, 4, 0, 3]);
-        orient(&src, 3, 2, Orientation::Rotate180, &mut dst);
+        orient(&src, 3, 2, 3, Orientation::Rotate180, &mut dst);
         assert_eq!(first(&dst), vec![5, 4, 3, 2, 1, 0]);
-        orient(&src, 3, 2, Orientation::Rotate90FlipH, &mut dst);
+        orient(&src, 3, 2, 3, Orientation::Rotate90FlipH, &mut dst);
         assert_eq!(first(&dst), vec![0, 3, 1, 4, 2, 5]);
+        // RGBA pixels move whole, alpha with them.
+        let src: Vec<u8> = (0..6u8).flat_map(|i| [i, i, i, 100 + i]).collect();
+        let mut dst = vec![0u8; 24];
+        orient(&src, 3, 2, 4, Orientation::Rotate90, &mut dst);
+        let colour: Vec<u8> = dst.chunks(4).map(|p| p[0]).collect();
+        let alpha: Vec<u8> = dst.chunks(4).map(|p| p[3]).collect();
+        assert_eq!(colour, vec![3, 0, 4, 1, 5, 2]);
+        assert_eq!(alpha, vec![103, 100, 104, 101, 105, 102]);
     }
 }

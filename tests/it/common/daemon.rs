@@ -158,3 +158,14 @@ pub fn cpu_ticks(pid: i32) -> u64 {
     // utime and stime are fields 14 and 15, i.e. 11 and 12 after the state (field 3).
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
+
+/// One HTTP/1.0 GET: the status code and the whole response.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    let code = r.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, r)
+}

@@ -51,7 +51,7 @@ pub fn write_png(path: &Path, w: u32, h: u32, seed: u32) {
 /// with another test's draws (its weights are the same in every run).
 static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn torch_rng() -> std::sync::MutexGuard<'static, ()> {
+pub fn torch_rng() -> std::sync::MutexGuard<'static, ()> {
     // A test that panicked while holding it left nothing half-done that matters here.
     TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -86,10 +86,10 @@ pub fn restore_model(path: &Path) {
     m.save(path).unwrap();
 }
 
-/// A model that breaks the contract: returns one channel.
-pub fn one_channel_model(path: &Path) {
+/// A model that breaks the contract: returns two channels (1, 3 and 4 are images).
+pub fn two_channel_model(path: &Path) {
     let _rng = torch_rng();
-    let mut f = |xs: &[Tensor]| vec![xs[0].mean_dim(Some([1i64].as_slice()), true, Kind::Float)];
+    let mut f = |xs: &[Tensor]| vec![xs[0].narrow(1, 0, 2) * 1.0];
     let m = CModule::create_by_tracing(
         "Grey",
         "forward",
@@ -120,7 +120,11 @@ pub fn upscale_model(path: &Path) {
     m.save(path).unwrap();
 }
 
+/// Writes `text` to `path`, making its folders first.
 pub fn write(path: &Path, text: &str) -> PathBuf {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
     std::fs::write(path, text).unwrap();
     path.to_path_buf()
 }

@@ -1,0 +1,5 @@
+import sys
+
+from hotpipe_worker import main
+
+sys.exit(main())
