@@ -44,6 +44,33 @@ peers = ["model_only", "naive", "seed", "dataloader", "decode_only"]
 # have `process --json`.
 baseline = os.environ.get("HOTPIPE_BASELINE")
 ours = ["hotpipe"] + (["baseline"] if baseline else [])
+# HOTPIPE_W1_PYTHON=1 adds hotpipe on its Python backend: the same model written again in
+# eager PyTorch (scripts/w1_pipeline.py) with the TorchScript file's weights, as many
+# intra-op threads as the TorchScript backend's default infer_threads.
+configs = {"hotpipe": cfg, "baseline": cfg}
+if os.environ.get("HOTPIPE_W1_PYTHON") == "1":
+    ours.append("hotpipe_python")
+    configs["hotpipe_python"] = os.path.join(work, "bench_python.toml")
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(configs["hotpipe_python"], "w") as f:
+        f.write(f"""[model]
+backend = "python"
+entry = "{here}/w1_pipeline.py:W1"
+python = "{py}"
+device = "{device}"
+max_batch = {batch}
+batch_timeout_ms = 20
+[model.options]
+weights = "{model}"
+threads = {os.cpu_count()}
+[preprocess]
+size = 512
+fit = "crop"
+filter = "bilinear"
+[encode]
+format = "jpeg"
+quality = 90
+""")
 if device.startswith("cuda"):
     peers += ["gpu_codec", "model_only_fp16", "model_only_bf16"]
 
@@ -73,7 +100,7 @@ for r in range(rounds):
                 "print('rss_mib=%.0f'%(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024));"
                 "sys.exit(p.returncode if p.returncode!=1 else 0)"),
                 baseline if who == "baseline" else hotpipe,
-                "process", "--quiet", "--json", "--config", cfg, "--out", out_dir, data]
+                "process", "--quiet", "--json", "--config", configs[who], "--out", out_dir, data]
             out, wall, _ = run(cmd)
             # The wrapper prints hotpipe's stdout (one JSON object) and then its own line.
             summary = next(json.loads(line) for line in out.splitlines() if line.startswith("{"))
@@ -112,3 +139,19 @@ print(f"\nbest full-pipeline peer: {best_peer}; hotpipe / best = {med['hotpipe']
       f"hotpipe RSS / naive RSS = {rss['hotpipe'] / rss['naive']:.2f}")
 if baseline:
     print(f"hotpipe / baseline ({baseline}) = {med['hotpipe'] / med['baseline']:.3f}x")
+if "hotpipe_python" in med:
+    print(f"Python backend / TorchScript backend = {med['hotpipe_python'] / med['hotpipe']:.3f}x")
+if "hotpipe_python" in med:
+    # The same model, so the same pictures: the largest pixel difference between the two
+    # backends' outputs (float rounding between eager and TorchScript kernels may move a
+    # value by one before JPEG; more means the reimplementation is not the same model).
+    import numpy as np
+    from PIL import Image
+    a_dir, b_dir = (os.path.join(work, f"out_{w}_0") for w in ("hotpipe", "hotpipe_python"))
+    names = sorted(os.listdir(a_dir))
+    same = sum(open(os.path.join(a_dir, n), "rb").read() == open(os.path.join(b_dir, n), "rb").read() for n in names)
+    worst = max(
+        int(np.abs(np.asarray(Image.open(os.path.join(a_dir, n)), np.int16)
+                   - np.asarray(Image.open(os.path.join(b_dir, n)), np.int16)).max())
+        for n in names)
+    print(f"outputs: {same} of {len(names)} byte-identical between the backends; largest pixel difference {worst}")

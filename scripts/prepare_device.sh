@@ -17,13 +17,16 @@ for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"] == "it": print(m["executable"])' | tail -1)
 cargo build --release --quiet
-rm -rf .device && mkdir -p .device
-cp target/release/hotpipe .device/
-[ -n "$test_bin" ] && cp "$test_bin" .device/it-tests
+# The binaries in bin/ beside share/hotpipe/python, as installed: both find the Python
+# backend's worker module there.
+rm -rf .device && mkdir -p .device/bin .device/share/hotpipe/python
+cp target/release/hotpipe .device/bin/
+[ -n "$test_bin" ] && cp "$test_bin" .device/bin/it-tests
+cp -r python/hotpipe_worker .device/share/hotpipe/python/
 cp "$HOTPIPE_SHARED_BENCH"/*.py "$HOTPIPE_SHARED_BENCH"/astronaut.png .device/
 # The carry limit is 64 MiB: the release profile keeps debug info (about 120 MiB a binary).
-strip .device/hotpipe
-[ -f .device/it-tests ] && strip .device/it-tests
+strip .device/bin/hotpipe
+[ -f .device/bin/it-tests ] && strip .device/bin/it-tests
 # The face-crop job on the GPU: its weights, the default config, and the Python peer's
 # pure-Python wheels (the device has torch and torchvision but no network).
 [ -f models/mtcnn/onet.pt ] || scripts/setup.sh
@@ -36,5 +39,5 @@ mkdir -p .device/wheels
 "$HOTPIPE_PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3 \
   --implementation py --abi none --platform any -d .device/wheels charset-normalizer 2>/dev/null \
   || true
-cp scripts/device_w1.sh scripts/bench_w1.py .device/
+cp scripts/device_w1.sh scripts/bench_w1.py scripts/w1_pipeline.py .device/
 du -sh .device

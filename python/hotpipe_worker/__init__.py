@@ -63,6 +63,9 @@ import numpy as np
 _LEN = struct.Struct("<I")
 MAX_FRAME = 16 << 20
 SHM_FD = 3
+# How many bytes of the shared slots are page-locked for the GPU (0: none, or not on
+# CUDA); a pipeline may read it (`import hotpipe_worker`) to check its copies are DMA.
+pinned_bytes = 0
 
 
 def read_frame(stream):
@@ -155,11 +158,16 @@ class Worker:
 
         import torch
 
+        global pinned_bytes
         addr = ctypes.addressof(ctypes.c_char.from_buffer(self.shm))
         err = torch.cuda.cudart().cudaHostRegister(addr, nbytes, 0)
         if int(err) != 0:
             print(f"hotpipe_worker: cudaHostRegister failed ({err}); copies are not DMA",
                   file=sys.stderr)
+            return
+        # torch asks the driver, so this proves the registration took.
+        if torch.from_numpy(self.inputs[0]).is_pinned():
+            pinned_bytes = nbytes
 
     def _input(self, x):
         if not self.torch:

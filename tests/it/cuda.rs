@@ -116,3 +116,63 @@ fn cuda_shim_streams_events_and_memory() {
     assert!(free > 0 && free <= total);
     cuda::empty_cache().unwrap();
 }
+
+/// The Python backend on CUDA: the worker page-locks the shared slots (cudaHostRegister,
+/// checked through torch, which asks the driver), a class with `inputs = "torch"` gets
+/// its batch as a uint8 tensor on the GPU, and its GPU result comes back through the
+/// output slot.
+#[test]
+fn python_worker_pins_the_shared_slots_and_hands_cuda_tensors() {
+    use hotpipe::runtime::python::{Limits, RowOutcome, Shape, WorkerSpec, start_workers};
+    if !cuda() {
+        return;
+    }
+    let py = python().expect("HOTPIPE_PYTHON: an interpreter with CUDA torch");
+    let d = tempfile::tempdir().unwrap();
+    let entry = write(
+        &d.path().join("on_gpu.py"),
+        r#"
+import torch
+import hotpipe_worker
+
+class OnGpu:
+    inputs = "torch"
+
+    def __init__(self, device, options):
+        self.device = device
+
+    def output_shape(self, h, w, c):
+        return (1, h, w, c)
+
+    def __call__(self, images, params):
+        assert hotpipe_worker.pinned_bytes > 0, "the shared slots are not page-locked"
+        assert images.is_cuda and images.dtype == torch.uint8, (images.device, images.dtype)
+        return 255 - images
+"#,
+    );
+    let spec = WorkerSpec {
+        python: py,
+        module_dir: WorkerSpec::default_module_dir(),
+        entry: format!("{}:OnGpu", entry.display()),
+        device: "cuda:0".into(),
+        options: serde_json::json!({}),
+    };
+    let shape = Shape {
+        slots: 2,
+        rows: 4,
+        hwc: [16, 16, 3],
+    };
+    let limits = Limits {
+        batch_timeout: Some(std::time::Duration::from_secs(120)),
+        max_attempts: 1,
+    };
+    let (mut sups, _) = start_workers(vec![spec], shape, limits, vec![Default::default()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let input: Vec<u8> = (0..6 * 16 * 16 * 3).map(|i| (i * 7 % 256) as u8).collect();
+    let params = vec![serde_json::json!({}); 6];
+    let mut out = vec![0u8; input.len()];
+    let outcomes = sups[0].run(&input, &params, &mut out).unwrap();
+    assert_eq!(outcomes, vec![RowOutcome::Made; 6]);
+    let want: Vec<u8> = input.iter().map(|v| 255 - v).collect();
+    assert_eq!(out, want);
+}

@@ -83,33 +83,11 @@ fn png_bytes(seed: u32) -> Vec<u8> {
     out.into_inner()
 }
 
-/// Every `python -m hotpipe_worker` whose parent is `pid`.
-fn workers_of(pid: i32) -> Vec<i32> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-        let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-        let ppid = stat
-            .rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().nth(1));
-        if ppid == Some(&pid.to_string())
-            && String::from_utf8_lossy(&cmd).contains("hotpipe_worker")
-        {
-            v.push(p);
-        }
-    }
-    v
-}
-
-/// 24 photos, each with its own prompt and seed, among them one whose prompt makes the
-/// pipeline raise, one that kills the worker and one that hangs it: the 21 others are
+/// 52 photos, each with its own prompt and seed, among them one whose prompt makes the
+/// pipeline raise, one that kills the worker and one that hangs it: the 49 others are
 /// published once each, equal to the class's own output computed in Python; the three
 /// are in failed/ with what happened; the worker's restarts are in /metrics; the daemon
-/// stops cleanly and leaves no worker behind.
+/// runs on throughout, then stops cleanly and leaves no worker behind.
 #[test]
 fn a_python_pipeline_serves_the_hot_folder_and_isolates_the_inputs_that_break_it() {
     let Some(py) = python() else {
@@ -123,9 +101,10 @@ fn a_python_pipeline_serves_the_hot_folder_and_isolates_the_inputs_that_break_it
     daemon.expect_log("hot folder ready", Duration::from_secs(120));
     let workers = workers_of(daemon.pid());
     assert_eq!(workers.len(), 1, "one worker for one device: {workers:?}");
-    let bad = [(5, "poison"), (11, "die"), (17, "hang")];
+    const PHOTOS: usize = 52;
+    let bad = [(7, "poison"), (23, "die"), (41, "hang")];
     let mut good = Vec::new();
-    for i in 0..24u32 {
+    for i in 0..PHOTOS as u32 {
         let prompt = match bad.iter().find(|b| b.0 == i) {
             Some((_, p)) => p.to_string(),
             None => format!("a person in coat number {i}"),
@@ -147,7 +126,7 @@ fn a_python_pipeline_serves_the_hot_folder_and_isolates_the_inputs_that_break_it
             .count()
     };
     let settled = wait_until(Duration::from_secs(240), || {
-        images("done") + images("failed") == 24 && names(&hf.join("work")).is_empty()
+        images("done") + images("failed") == PHOTOS && names(&hf.join("work")).is_empty()
     });
     assert!(
         settled,
@@ -156,6 +135,8 @@ fn a_python_pipeline_serves_the_hot_folder_and_isolates_the_inputs_that_break_it
         names(&hf.join("failed")),
         daemon.log()
     );
+    let mut daemon = daemon;
+    assert!(daemon.alive(), "the daemon runs on\n{}", daemon.log());
     let (_, metrics) = http_get(&daemon.metrics_addr(), "/metrics");
     let (health, _) = http_get(&daemon.metrics_addr(), "/healthz");
     let pid = daemon.pid();
@@ -223,21 +204,23 @@ fn a_python_pipeline_serves_the_hot_folder_and_isolates_the_inputs_that_break_it
         v["reason"].as_str().unwrap().to_string()
     };
     assert!(
-        reason("p05.png").contains("ValueError: a poisoned prompt"),
+        reason("p07.png").contains("ValueError: a poisoned prompt"),
         "{}",
-        reason("p05.png")
+        reason("p07.png")
     );
     assert!(
-        reason("p11.png").contains("model worker died on this input (signal 9)"),
+        reason("p23.png").contains("model worker died on this input (signal 9)"),
         "{}",
-        reason("p11.png")
+        reason("p23.png")
     );
     assert!(
-        reason("p17.png").contains("model worker hung on this input"),
+        reason("p41.png").contains("model worker hung on this input"),
         "{}",
-        reason("p17.png")
+        reason("p41.png")
     );
     assert_eq!(images("failed"), 3);
+    assert_eq!(images("done"), good.len());
+    assert_eq!(good.len(), 49);
     // Each culprit that takes the worker down does so max_attempts (2) times, and every
     // halving on the way there costs a restart too.
     let restarts: u64 = metrics
@@ -396,4 +379,260 @@ fn the_f2p_example_runs_against_diffsynths_api() {
             .unwrap();
     assert_eq!(side["params"]["steps"], 40);
     assert_eq!(side["params"]["negative_prompt"], "blur");
+}
+
+/// A pipeline that takes `delay_s` per batch and notes each call's start and end (with
+/// its size) in the file `log`; it gives the images back as they came.
+const SLOW: &str = r#"
+import time
+
+class Slow:
+    def __init__(self, device, options):
+        self.delay, self.log = float(options["delay_s"]), options["log"]
+
+    def output_shape(self, h, w, c):
+        return (1, h, w, c)
+
+    def __call__(self, images, params):
+        self.note(f"start {len(images)}")
+        time.sleep(self.delay)
+        self.note(f"end {len(images)}")
+        return images.copy()
+
+    def note(self, line):
+        with open(self.log, "a") as f:
+            f.write(line + "\n")
+"#;
+
+/// A hot folder on [`SLOW`] taking `delay_s` per batch, stopped within `grace_s`.
+fn slow_config(dir: &Path, py: &Path, delay_s: f64, grace_s: u64) -> PathBuf {
+    for sub in ["inbox", "work", "outbox", "done", "failed"] {
+        std::fs::create_dir_all(dir.join("hf").join(sub)).unwrap();
+    }
+    write(&dir.join("slow.py"), SLOW);
+    write(
+        &dir.join("slow.toml"),
+        &format!(
+            "[model]\nbackend = \"python\"\nentry = \"slow.py:Slow\"\npython = \"{}\"\n\
+             device = \"cpu\"\nmax_batch = 4\nbatch_timeout_s = 120\n\n\
+             [model.options]\ndelay_s = {delay_s}\nlog = \"{}\"\n\n\
+             [preprocess]\nsize = 32\nfit = \"stretch\"\n\n[encode]\nformat = \"png\"\n\n\
+             [pipeline]\nchannel_capacity = 4\n\n\
+             [hotfolder]\nroot = \"hf\"\nsettle_ms = 50\nshutdown_grace_s = {grace_s}\n\n\
+             [metrics]\nlisten = \"off\"\n",
+            py.display(),
+            dir.join("calls.log").display()
+        ),
+    )
+}
+
+/// `(starts, ends, rows ended)` in [`SLOW`]'s log.
+fn calls(dir: &Path) -> (usize, usize, usize) {
+    let log = std::fs::read_to_string(dir.join("calls.log")).unwrap_or_default();
+    let mut c = (0, 0, 0);
+    for line in log.lines() {
+        match line.split_once(' ') {
+            Some(("start", _)) => c.0 += 1,
+            Some(("end", n)) => (c.1, c.2) = (c.1 + 1, c.2 + n.parse::<usize>().unwrap()),
+            _ => panic!("{line:?} in the calls log"),
+        }
+    }
+    c
+}
+
+/// SIGTERM while a slow Python batch runs: the batch finishes within `shutdown_grace_s`,
+/// its images are published, the daemon exits 0 and its worker is gone. A batch that
+/// cannot finish within the grace is cut off: the daemon still exits on time, takes its
+/// worker along, and the images stay in work/; a SIGKILL mid-batch takes the worker
+/// along too. The next start makes each of the 16 exactly once.
+#[test]
+fn sigterm_lets_the_python_batch_in_flight_finish_within_the_grace() {
+    let Some(py) = python() else {
+        skip("python drain: needs HOTPIPE_PYTHON (run through scripts/test.sh)");
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let hf = d.path().join("hf");
+    let pngs = |dir: &str| {
+        names(&hf.join(dir))
+            .into_iter()
+            .filter(|n| n.ends_with(".png"))
+            .count()
+    };
+    let deliver_range = |r: std::ops::Range<u32>| {
+        for i in r {
+            deliver(&hf, &format!("s{i:02}.png"), &png_bytes(i));
+        }
+    };
+
+    // 1. One second per batch, ten of grace: the batch in flight finishes.
+    let cfg = slow_config(d.path(), &py, 1.0, 10);
+    let daemon = Daemon::start(&cfg, &[]);
+    daemon.expect_log("hot folder ready", Duration::from_secs(120));
+    let workers = workers_of(daemon.pid());
+    assert_eq!(workers.len(), 1, "{workers:?}");
+    deliver_range(0..12);
+    assert!(wait_until(Duration::from_secs(60), || calls(d.path()).0 >= 1));
+    let log = daemon.log.clone();
+    let (code, took) = daemon.stop();
+    let log = log.lock().unwrap().clone();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(took < Duration::from_secs(10), "exit took {took:?}\n{log}");
+    let (starts, ends, rows) = calls(d.path());
+    assert_eq!(starts, ends, "a batch was cut off\n{log}");
+    assert!(rows >= 1);
+    assert_eq!(
+        pngs("done"),
+        rows,
+        "every image the model made is published\n{log}"
+    );
+    assert_eq!(pngs("outbox"), rows);
+    assert!(gone(&workers), "worker {workers:?} outlived the stop");
+
+    // 2. A minute per batch, two seconds of grace: cut off on time.
+    let cfg = slow_config(d.path(), &py, 60.0, 2);
+    let daemon = Daemon::start(&cfg, &[]);
+    daemon.expect_log("hot folder ready", Duration::from_secs(120));
+    let workers = workers_of(daemon.pid());
+    deliver_range(12..16);
+    assert!(wait_until(Duration::from_secs(60), || calls(d.path()).0 > starts));
+    let log = daemon.log.clone();
+    let (code, took) = daemon.stop();
+    let log = log.lock().unwrap().clone();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(took < Duration::from_secs(8), "exit took {took:?}\n{log}");
+    assert!(log.contains("stopped past the grace period"), "{log}");
+    assert!(
+        wait_until(Duration::from_secs(5), || gone(&workers)),
+        "worker {workers:?} outlived the daemon"
+    );
+    assert_eq!(calls(d.path()).1, ends, "the cut-off batch did not end");
+    assert!(
+        pngs("work") >= 1,
+        "the cut-off batch's images stay in work/"
+    );
+
+    // 2b. SIGKILL during that minute-long batch: the worker, which would otherwise sleep
+    // on for the minute (it only notices hotpipe is gone when it next reads its pipe),
+    // dies with the daemon (PR_SET_PDEATHSIG).
+    // (The images resumed from work/ may enter their batch before the first scan.)
+    let before = calls(d.path()).0;
+    let daemon = Daemon::start(&cfg, &[]);
+    daemon.expect_log("hot folder ready", Duration::from_secs(120));
+    let workers = workers_of(daemon.pid());
+    assert!(wait_until(Duration::from_secs(60), || calls(d.path()).0 > before));
+    daemon.kill();
+    assert!(
+        wait_until(Duration::from_secs(3), || gone(&workers)),
+        "worker {workers:?} outlived the SIGKILLed daemon"
+    );
+    assert_eq!(calls(d.path()).1, ends, "no batch of the minute ended");
+
+    // 3. The next start finishes everything, each image once.
+    let cfg = slow_config(d.path(), &py, 0.0, 10);
+    let daemon = Daemon::start(&cfg, &[]);
+    let all = wait_until(Duration::from_secs(120), || pngs("done") == 16);
+    assert!(all, "{} done\n{}", pngs("done"), daemon.log());
+    assert_eq!(daemon.stop().0, Some(0));
+    assert_eq!(pngs("outbox"), 16);
+    assert_eq!(pngs("failed") + pngs("work") + pngs("inbox"), 0);
+}
+
+/// Whether none of `pids` runs any more (a zombie runs nothing).
+fn gone(pids: &[i32]) -> bool {
+    pids.iter().all(|p| {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        state.is_none_or(|s| s == "Z")
+    })
+}
+
+/// A pipeline on a device that holds `fits` images at once: a larger call raises what
+/// torch raises when a GPU is out of memory. It notes each call's size in `log` and
+/// returns each image inverted.
+const TIGHT: &str = r#"
+import torch
+
+class Tight:
+    def __init__(self, device, options):
+        self.fits, self.log = int(options["fits"]), options["log"]
+
+    def output_shape(self, h, w, c):
+        return (1, h, w, c)
+
+    def __call__(self, images, params):
+        with open(self.log, "a") as f:
+            f.write(f"{len(images)}\n")
+        if len(images) > self.fits:
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {len(images)}.00 GiB")
+        return 255 - images
+"#;
+
+/// `torch.cuda.OutOfMemoryError` for a batch halves it, as the TorchScript backend does,
+/// and later batches run in chunks of the size that fitted: all 12 images are made
+/// (each checked against its inversion), none fails, and the pipeline saw one call too
+/// large, then only calls that fit.
+#[test]
+fn an_out_of_memory_batch_is_split_and_every_image_is_made() {
+    let Some(py) = python() else {
+        skip("python out of memory: needs HOTPIPE_PYTHON (run through scripts/test.sh)");
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    write(&d.path().join("tight.py"), TIGHT);
+    let log = d.path().join("calls.log");
+    // A long batch timeout so that every batch is full (4) and the first one overflows.
+    let cfg = write(
+        &d.path().join("tight.toml"),
+        &format!(
+            "[model]\nbackend = \"python\"\nentry = \"tight.py:Tight\"\npython = \"{}\"\n\
+             device = \"cpu\"\nmax_batch = 4\nbatch_timeout_ms = 5000\n\n\
+             [model.options]\nfits = 2\nlog = \"{}\"\n\n\
+             [preprocess]\nsize = 32\nfit = \"stretch\"\n\n[encode]\nformat = \"png\"\n",
+            py.display(),
+            log.display()
+        ),
+    );
+    let inputs: Vec<PathBuf> = (0..12u32)
+        .map(|i| {
+            let p = d.path().join(format!("t{i:02}.png"));
+            std::fs::write(&p, png_bytes(i)).unwrap();
+            p
+        })
+        .collect();
+    let out = d.path().join("out");
+    let r = process(&cfg, &out, &inputs);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    for (i, src) in inputs.iter().enumerate() {
+        let want = image::open(src).unwrap().into_rgb8();
+        let got = image::open(out.join(format!("t{i:02}.png")))
+            .unwrap()
+            .into_rgb8();
+        let inverted: Vec<u8> = want.as_raw().iter().map(|v| 255 - v).collect();
+        assert_eq!(got.as_raw(), &inverted, "t{i:02}");
+    }
+    let sizes: Vec<usize> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let first_batch = sizes.iter().position(|&n| n == 4).expect("a full batch");
+    let later = &sizes[first_batch + 1..];
+    assert!(
+        later.iter().all(|&n| n <= 2),
+        "after the overflow every call fits: {sizes:?}"
+    );
+    assert_eq!(later.iter().sum::<usize>(), 12, "{sizes:?}");
+    assert!(
+        r.stderr
+            .contains("out of memory for 4 images; running 2 at a time"),
+        "{}",
+        r.stderr
+    );
 }

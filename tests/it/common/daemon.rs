@@ -169,3 +169,48 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     let code = r.split_whitespace().nth(1).unwrap().parse().unwrap();
     (code, r)
 }
+
+/// The live `python -m hotpipe_worker` processes on this machine, as `(pid, parent)`.
+fn model_workers() -> Vec<(i32, i32)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmd).contains("hotpipe_worker") {
+            continue;
+        }
+        // `pid (comm) state ppid ...`; comm may hold spaces, so read after the last ')'.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let mut rest = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+        let (state, ppid) = (rest.next(), rest.next().and_then(|p| p.parse().ok()));
+        if let (Some(s), Some(ppid)) = (state, ppid)
+            && s != "Z"
+        {
+            v.push((pid, ppid));
+        }
+    }
+    v
+}
+
+/// The model workers whose parent is `pid`.
+pub fn workers_of(pid: i32) -> Vec<i32> {
+    (model_workers().into_iter())
+        .filter(|&(_, parent)| parent == pid)
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// The model workers whose environment holds `HOTPIPE_TEST_TAG=<tag>` (a test passes the
+/// tag to its daemon, whose workers inherit it): found whoever their parent now is.
+pub fn tagged_workers(tag: &str) -> Vec<i32> {
+    let want = format!("HOTPIPE_TEST_TAG={tag}");
+    (model_workers().into_iter())
+        .map(|(p, _)| p)
+        .filter(|p| {
+            let env = std::fs::read(format!("/proc/{p}/environ")).unwrap_or_default();
+            env.split(|&b| b == 0).any(|kv| kv == want.as_bytes())
+        })
+        .collect()
+}
