@@ -11,7 +11,8 @@ Data path: pixels never cross the pipe. hotpipe hands the worker one shared memo
 either side dies) holding the pipeline's batch slots, which hotpipe's fit workers resize
 into, and the output slots, which the encoders read from; the worker maps it once and
 reads and writes numpy views of it in place. On CUDA the mapping is page-locked
-(`cudaHostRegister`), so copies to and from the GPU are DMA. Only small control frames
+(`cudaHostRegister`), so copies to and from the GPU are DMA (`hotpipe_worker.pinned_bytes`
+says how much took). Only small control frames
 cross the pipes: stdin (from hotpipe) and the original stdout (to hotpipe), each frame a
 little-endian u32 length and that many bytes of UTF-8 JSON. The user's own `print` goes
 to stderr, which hotpipe passes on to its log, so it cannot corrupt the protocol.

@@ -118,7 +118,13 @@ impl RuntimePlan {
             BatchSize::Auto => DEFAULT_BATCH,
         };
         let module_dir = WorkerSpec::default_module_dir();
-        let specs: Vec<WorkerSpec> = (m.devices.iter())
+        // On the CPU, `cpu_infer_workers` processes share the batches as TorchScript
+        // copies do (a pipeline that holds the GIL scales only across processes).
+        let mut devices = m.devices.clone();
+        if devices.len() == 1 && devices[0].tch() == Device::Cpu {
+            devices = vec![devices[0]; cfg.pipeline.cpu_infer_workers];
+        }
+        let specs: Vec<WorkerSpec> = (devices.iter())
             .map(|d| WorkerSpec {
                 python: py.interpreter.clone(),
                 module_dir: module_dir.clone(),
@@ -147,7 +153,7 @@ impl RuntimePlan {
         })?;
         let models: Vec<Model> = sups
             .into_iter()
-            .zip(&m.devices)
+            .zip(&devices)
             .map(|(sup, d)| Model::python(sup, &m.path, d.tch(), pre))
             .collect();
         refuse_rgba_jpeg(cfg, m, &models[0])?;

@@ -636,3 +636,72 @@ fn an_out_of_memory_batch_is_split_and_every_image_is_made() {
         r.stderr
     );
 }
+
+/// Notes which process ran each call and its size, then returns each image inverted
+/// after a pause (so that one worker cannot take every batch).
+const PIDS: &str = r#"
+import os, time
+
+class Pids:
+    def __init__(self, device, options):
+        self.log = options["log"]
+
+    def output_shape(self, h, w, c):
+        return (1, h, w, c)
+
+    def __call__(self, images, params):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {len(images)}\n")
+        time.sleep(0.2)
+        return 255 - images
+"#;
+
+/// `cpu_infer_workers = 2` on the CPU: two worker processes on the one shared file, each
+/// with its own output slots, share the batches; every image comes back right.
+#[test]
+fn two_cpu_workers_share_the_batches_through_one_shared_file() {
+    let Some(py) = python() else {
+        skip("python workers: needs HOTPIPE_PYTHON (run through scripts/test.sh)");
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    write(&d.path().join("pids.py"), PIDS);
+    let log = d.path().join("calls.log");
+    let cfg = write(
+        &d.path().join("pids.toml"),
+        &format!(
+            "[model]\nbackend = \"python\"\nentry = \"pids.py:Pids\"\npython = \"{}\"\n\
+             device = \"cpu\"\nmax_batch = 2\n\n[model.options]\nlog = \"{}\"\n\n\
+             [preprocess]\nsize = 32\nfit = \"stretch\"\n\n[encode]\nformat = \"png\"\n\n\
+             [pipeline]\ncpu_infer_workers = 2\n",
+            py.display(),
+            log.display()
+        ),
+    );
+    let inputs: Vec<PathBuf> = (0..16u32)
+        .map(|i| {
+            let p = d.path().join(format!("w{i:02}.png"));
+            std::fs::write(&p, png_bytes(i)).unwrap();
+            p
+        })
+        .collect();
+    let out = d.path().join("out");
+    let r = process(&cfg, &out, &inputs);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    for (i, src) in inputs.iter().enumerate() {
+        let want = image::open(src).unwrap().into_rgb8();
+        let got = image::open(out.join(format!("w{i:02}.png")))
+            .unwrap()
+            .into_rgb8();
+        let inverted: Vec<u8> = want.as_raw().iter().map(|v| 255 - v).collect();
+        assert_eq!(got.as_raw(), &inverted, "w{i:02}");
+    }
+    let calls = std::fs::read_to_string(&log).unwrap();
+    let mut rows = std::collections::BTreeMap::<&str, usize>::new();
+    for line in calls.lines() {
+        let (pid, n) = line.split_once(' ').unwrap();
+        *rows.entry(pid).or_default() += n.parse::<usize>().unwrap();
+    }
+    assert_eq!(rows.len(), 2, "two workers served: {calls}");
+    assert_eq!(rows.values().sum::<usize>(), 16, "{calls}");
+}
