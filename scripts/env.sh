@@ -4,8 +4,10 @@
 # 4.7 GB PyTorch install when the machine already has it.
 HOTPIPE_CACHE="${HOTPIPE_CACHE:-$HOME/.cache/hotpipe}"
 HOTPIPE_TORCH_VERSION="2.11.0"
+# The nats-server cluster mode is tested against (scripts/setup.sh installs it).
+HOTPIPE_NATS_VERSION="2.15.1"
 HOTPIPE_VENV="${HOTPIPE_VENV:-$HOTPIPE_CACHE/venv-torch$HOTPIPE_TORCH_VERSION}"
-export HOTPIPE_CACHE HOTPIPE_VENV HOTPIPE_TORCH_VERSION
+export HOTPIPE_CACHE HOTPIPE_VENV HOTPIPE_TORCH_VERSION HOTPIPE_NATS_VERSION
 export VIRTUAL_ENV="$HOTPIPE_VENV"
 export PATH="$HOTPIPE_VENV/bin:$HOME/.cargo/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1

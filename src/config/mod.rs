@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+mod cluster;
 mod decode;
 mod encode;
 mod face_crop;
@@ -35,6 +36,7 @@ mod pipeline;
 mod preprocess;
 
 pub use crate::vocab::device::DeviceChoice;
+pub use cluster::ClusterConfig;
 pub use decode::{DctScaling, DecodeConfig};
 pub use encode::{EncodeConfig, Format};
 pub use face_crop::{
@@ -173,6 +175,7 @@ struct RawConfig {
     face_crop: Option<face_crop::RawFaceCrop>,
     params: Option<params::RawParams>,
     hotfolder: Option<hotfolder::RawHotfolder>,
+    cluster: Option<cluster::RawCluster>,
     metrics: Option<metrics::RawMetrics>,
 }
 
@@ -192,6 +195,8 @@ pub struct Config {
     pub params: Option<ParamsConfig>,
     /// `[hotfolder]`: the daemon's folders and timing (`hotpipe run` needs it).
     pub hotfolder: Option<HotfolderConfig>,
+    /// `[cluster]`: the NATS JetStream server a hot folder is spread over.
+    pub cluster: Option<ClusterConfig>,
     /// `[metrics]`: where the daemon serves `/metrics` and `/healthz`.
     pub metrics: MetricsConfig,
 }
@@ -282,6 +287,9 @@ impl Config {
         let hotfolder = (raw.hotfolder.as_ref())
             .map(|h| hotfolder::validate(cx, h))
             .transpose()?;
+        let cluster = (raw.cluster.as_ref())
+            .map(|c| cluster::validate(cx, c))
+            .transpose()?;
         let metrics = metrics::validate(cx, raw.metrics.as_ref())?;
 
         // A detector on a GPU needs CPU workers only for its crops and NMS, and each holds
@@ -304,6 +312,7 @@ impl Config {
             face_crop,
             params,
             hotfolder,
+            cluster,
             metrics,
         })
     }

@@ -17,6 +17,7 @@ mod common;
 mod budget;
 mod channels;
 mod cli;
+mod cluster;
 mod colour;
 mod cuda;
 mod facecrop;

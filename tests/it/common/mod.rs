@@ -3,8 +3,10 @@
 //! one test binary every helper has a user, and one that loses its last is flagged.)
 
 mod daemon;
+mod nats;
 
 pub use daemon::*;
+pub use nats::NatsServer;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,173 @@
+//! `hotpipe cluster init|status` against a real `nats-server` with JetStream (the pinned
+//! 2.15.1 from scripts/setup.sh), started by each test on a free loopback port.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::common::*;
+
+fn cluster_config(dir: &Path, url: &str, extra: &str) -> PathBuf {
+    write(
+        &dir.join("cluster.toml"),
+        &format!("[cluster]\nurl = \"{url}\"\nname = \"hf1\"\n{extra}"),
+    )
+}
+
+/// `hotpipe cluster VERB --json -c CFG`'s JSON; panics with its stderr when it fails.
+fn cluster_json(verb: &str, cfg: &Path) -> Value {
+    let r: Cli = hotpipe()
+        .args(["cluster", verb, "--json", "-c"])
+        .arg(cfg)
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(
+        r.code,
+        Some(0),
+        "cluster {verb}: {}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+}
+
+/// Init creates the five, a second init finds them and applies a changed limit, three
+/// inits at once all succeed, and status reads the empty queue back from the server.
+#[test]
+fn init_is_idempotent_and_status_reads_the_server() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let cfg = cluster_config(d.path(), &nats.url(), "max_queue = 500\n");
+    let actions = |v: &Value| -> Vec<(String, String)> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i[1].as_str().unwrap().to_string(),
+                    i[2].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let first = cluster_json("init", &cfg);
+    assert_eq!(first["server_version"], "2.15.1", "the pinned server");
+    let names = [
+        "hf1_work",
+        "hf1_workers",
+        "hf1_outcomes",
+        "hf1_heartbeats",
+        "hf1_objects",
+    ];
+    let want = |action: &str| -> Vec<(String, String)> {
+        names
+            .iter()
+            .map(|n| (n.to_string(), action.to_string()))
+            .collect()
+    };
+    assert_eq!(actions(&first), want("created"), "{first}");
+    let status = cluster_json("status", &cfg);
+    assert_eq!(status["max_queue"], 500);
+    for k in [
+        "queue_depth",
+        "pending",
+        "in_flight",
+        "redelivered",
+        "outcomes",
+        "object_bytes",
+    ] {
+        assert_eq!(status[k], 0, "{k}: {status}");
+    }
+    assert_eq!(status["workers"], serde_json::json!([]));
+
+    // Again, with another bound: found, and the bound applied on the server.
+    let cfg = cluster_config(d.path(), &nats.url(), "max_queue = 800\n");
+    assert_eq!(actions(&cluster_json("init", &cfg)), want("kept"));
+    assert_eq!(cluster_json("status", &cfg)["max_queue"], 800);
+
+    // Three hosts setting up another hot folder at the same moment.
+    let other = write(
+        &d.path().join("other.toml"),
+        &format!("[cluster]\nurl = \"{}\"\nname = \"hf2\"\n", nats.url()),
+    );
+    let runs: Vec<_> = (0..3)
+        .map(|_| {
+            hotpipe()
+                .args(["cluster", "init", "--json", "-c"])
+                .arg(&other)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for r in runs {
+        let out = r.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        cluster_json("status", &other)["names"]["work_stream"],
+        "hf2_work"
+    );
+}
+
+/// No server at the URL, a server without the streams, a config without [cluster]:
+/// each a clear error naming what to do, with the right exit status.
+#[test]
+fn cluster_errors_say_what_to_do() {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = cluster_config(d.path(), &format!("nats://127.0.0.1:{closed}"), "");
+    let r = cli([
+        "cluster".as_ref(),
+        "status".as_ref(),
+        "-c".as_ref(),
+        cfg.as_os_str(),
+    ]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("cannot reach NATS at nats://127.0.0.1:{closed}"))
+            && r.stderr.contains("nats-server -js"),
+        "{}",
+        r.stderr
+    );
+    let cfg = cluster_config(d.path(), &nats.url(), "");
+    let r = cli([
+        "cluster".as_ref(),
+        "status".as_ref(),
+        "-c".as_ref(),
+        cfg.as_os_str(),
+    ]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("has no stream hf1_work: run `hotpipe cluster init` first"),
+        "{}",
+        r.stderr
+    );
+    let plain = write(&d.path().join("plain.toml"), "[preprocess]\nsize = 64\n");
+    let r = cli([
+        "cluster".as_ref(),
+        "init".as_ref(),
+        "-c".as_ref(),
+        plain.as_os_str(),
+    ]);
+    assert_eq!(r.code, Some(78), "{}", r.stderr);
+    assert!(r.stderr.contains("has no [cluster] table"), "{}", r.stderr);
+}
