@@ -153,7 +153,8 @@ enum ClusterAction {
         #[arg(long)]
         json: bool,
     },
-    /// Queue depth, items in flight, redeliveries, outcomes and the workers alive.
+    /// Queue depth, items in flight (and how many of them redelivered), outcomes and the
+    /// workers alive.
     #[command(after_help = AFTER_HELP)]
     Status {
         #[command(flatten)]

@@ -22,9 +22,11 @@
 //! The object and outcome buckets have the `max_age_s` age limit: nothing a dead host
 //! leaves behind outlives it.
 //!
-//! async-nats needs tokio: one current-thread runtime lives inside [`Cluster`], and every
-//! call blocks the calling thread on it; no crossbeam send or other blocking call runs on
-//! a tokio thread.
+//! async-nats needs tokio: one runtime with a single thread of its own lives inside
+//! [`Cluster`], and every call blocks the calling thread on it; no crossbeam send or
+//! other blocking call runs on a tokio thread.
+
+pub mod queue;
 
 use std::time::Duration;
 
@@ -53,6 +55,8 @@ pub enum ClusterError {
         what: String,
         reason: String,
     },
+    #[error("the work stream at {url} is full ({max_queue} items, [cluster] max_queue)")]
+    Full { url: String, max_queue: u64 },
     #[error("NATS server at {url} has no {what}: run `hotpipe cluster init` first")]
     NotSetUp { url: String, what: String },
     #[error("cannot start the NATS client's runtime: {0}")]
@@ -132,7 +136,8 @@ pub struct Status {
     pub pending: u64,
     /// Items delivered and not yet acknowledged.
     pub in_flight: usize,
-    /// Items delivered more than once so far (a worker died or was too slow).
+    /// Of those in flight, the ones on a second or later delivery (a worker died on
+    /// them or went silent past `ack_wait_s`).
     pub redelivered: usize,
     /// Outcomes recorded (not yet expired).
     pub outcomes: u64,
@@ -152,7 +157,7 @@ impl std::fmt::Display for Status {
         )?;
         writeln!(
             f,
-            "  in flight    {} ({} redelivered so far)",
+            "  in flight    {} ({} of them delivered again)",
             self.in_flight, self.redelivered
         )?;
         writeln!(f, "  outcomes     {}", self.outcomes)?;
@@ -177,7 +182,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn connect(cfg: &ClusterConfig) -> Result<Cluster, ClusterError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
+        // One runtime thread of its own: the client's connection task (flushing acks,
+        // answering pings) must run between calls too, which a current-thread runtime
+        // would do only while a caller blocks on it (progress acks sat unsent).
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("hp-nats")
             .enable_all()
             .build()
             .map_err(ClusterError::Runtime)?;

@@ -171,3 +171,89 @@ fn cluster_errors_say_what_to_do() {
     assert_eq!(r.code, Some(78), "{}", r.stderr);
     assert!(r.stderr.contains("has no [cluster] table"), "{}", r.stderr);
 }
+
+/// The queue's primitives against the server: an item enqueued twice is one item; past
+/// `max_queue` the queue refuses (nothing dropped); an input of 3 MB (three times the
+/// server's message limit) comes back whole; a lease kept alive with progress stays the
+/// worker's while a silent one is delivered again (its delivery count 2); of two commits
+/// of one outcome the first wins; acks empty the queue.
+#[test]
+fn the_queue_redelivers_until_acknowledged_and_keeps_one_outcome() {
+    use hotpipe::cluster::queue::Enqueued;
+    use hotpipe::cluster::{Cluster, ClusterError};
+    use std::time::Duration;
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let cfg = cluster_config(d.path(), &nats.url(), "max_queue = 3\nack_wait_s = 2\n");
+    let cfg = hotpipe::config::Config::load(&cfg).unwrap();
+    let c = Cluster::connect(cfg.cluster.as_ref().unwrap()).unwrap();
+    c.init().unwrap();
+    let bytes = |seed: u8, n: usize| -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    };
+    let (a, b, cc) = (bytes(1, 1000), bytes(2, 3 << 20), bytes(3, 10));
+    assert_eq!(c.enqueue("id-a", "a.png", &a).unwrap(), Enqueued::Queued);
+    assert_eq!(c.enqueue("id-a", "a.png", &a).unwrap(), Enqueued::Duplicate);
+    assert_eq!(c.enqueue("id-b", "b.png", &b).unwrap(), Enqueued::Queued);
+    assert_eq!(c.enqueue("id-c", "c.png", &cc).unwrap(), Enqueued::Queued);
+    match c.enqueue("id-d", "d.png", &cc) {
+        Err(ClusterError::Full { max_queue: 3, .. }) => {}
+        other => panic!("a fourth item in a queue of 3: {other:?}"),
+    }
+    assert_eq!(c.status().unwrap().queue_depth, 3);
+
+    let first = c.lease(2, Duration::from_secs(5)).unwrap();
+    let names: Vec<&str> = first.iter().map(|l| l.item.name.as_str()).collect();
+    assert_eq!(names, ["a.png", "b.png"]);
+    assert!(first.iter().all(|l| l.delivered == 1));
+    assert_eq!(c.input(&first[0].item).unwrap(), a);
+    assert_eq!(
+        c.input(&first[1].item).unwrap(),
+        b,
+        "3 MB through 1 MB messages"
+    );
+    assert!(
+        first[1].item.sha256.starts_with("SHA-256="),
+        "{:?}",
+        first[1].item
+    );
+    // a is kept alive; b is left silent past ack_wait_s.
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(500));
+        c.progress(&first[0]).unwrap();
+    }
+    let second = c.lease(3, Duration::from_secs(5)).unwrap();
+    let seen: Vec<(&str, i64)> = second
+        .iter()
+        .map(|l| (l.item.name.as_str(), l.delivered))
+        .collect();
+    assert_eq!(
+        seen,
+        [("b.png", 2), ("c.png", 1)],
+        "a stays the first lease's"
+    );
+
+    assert!(c.commit("id-a", &serde_json::json!({"worker": 1})).unwrap());
+    assert!(!c.commit("id-a", &serde_json::json!({"worker": 2})).unwrap());
+    assert_eq!(
+        c.outcome("id-a").unwrap(),
+        Some(serde_json::json!({"worker": 1}))
+    );
+    assert_eq!(c.outcome("id-b").unwrap(), None);
+    let s = c.status().unwrap();
+    assert_eq!(
+        (s.in_flight, s.redelivered),
+        (3, 1),
+        "a, b again and c: {s:?}"
+    );
+    for l in first.into_iter().take(1).chain(second) {
+        c.ack(l).unwrap();
+    }
+    let s = c.status().unwrap();
+    assert_eq!((s.queue_depth, s.in_flight), (0, 0), "{s:?}");
+    assert_eq!(s.outcomes, 1);
+    assert!(s.object_bytes > 3 << 20, "{s:?}");
+    assert_eq!(c.enqueue("id-d", "d.png", &cc).unwrap(), Enqueued::Queued);
+}
