@@ -25,7 +25,7 @@ pub(super) struct RawCluster {
 /// The validated `[cluster]` table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClusterConfig {
-    /// The server (or a comma-separated list of a cluster's servers).
+    /// The server: one URL (a NATS cluster advertises its other servers to the client).
     pub url: String,
     /// Prefix of every stream, consumer and bucket: several hot folders can share a
     /// server under different names.
