@@ -187,6 +187,19 @@ impl Cluster {
             .map_err(|e| self.server_err(format!("the outcome of {id}"), e))
     }
 
+    /// Say worker `id` is alive, with what it reports of itself; the entry expires 30 s
+    /// after the last one (`status` lists the workers whose entry has not).
+    pub fn heartbeat(&self, id: &str, report: &serde_json::Value) -> Result<(), ClusterError> {
+        let value = serde_json::to_vec(report).expect("a report serialises");
+        self.rt
+            .block_on(async {
+                let store = self.js.get_key_value(&self.names.heartbeats).await?;
+                store.put(id, value.into()).await?;
+                Ok::<_, async_nats::Error>(())
+            })
+            .map_err(|e| self.server_err(format!("cannot record the heartbeat of {id}"), e))
+    }
+
     /// Done with the item: gone from the queue once the server confirms.
     pub fn ack(&self, lease: Lease) -> Result<(), ClusterError> {
         self.rt

@@ -176,7 +176,7 @@ fn cluster_errors_say_what_to_do() {
 /// `max_queue` the queue refuses (nothing dropped); an input of 3 MB (three times the
 /// server's message limit) comes back whole; a lease kept alive with progress stays the
 /// worker's while a silent one is delivered again (its delivery count 2); of two commits
-/// of one outcome the first wins; acks empty the queue.
+/// of one outcome the first wins; acks empty the queue; heartbeats list the workers.
 #[test]
 fn the_queue_redelivers_until_acknowledged_and_keeps_one_outcome() {
     use hotpipe::cluster::queue::Enqueued;
@@ -256,4 +256,15 @@ fn the_queue_redelivers_until_acknowledged_and_keeps_one_outcome() {
     assert_eq!(s.outcomes, 1);
     assert!(s.object_bytes > 3 << 20, "{s:?}");
     assert_eq!(c.enqueue("id-d", "d.png", &cc).unwrap(), Enqueued::Queued);
+
+    // Two workers' heartbeats: both listed (by `status --json` too).
+    for w in ["gpu-2", "gpu-1"] {
+        c.heartbeat(w, &serde_json::json!({"slots": 4})).unwrap();
+    }
+    assert_eq!(c.status().unwrap().workers, ["gpu-1", "gpu-2"]);
+    let path = d.path().join("cluster.toml");
+    assert_eq!(
+        cluster_json("status", &path)["workers"],
+        serde_json::json!(["gpu-1", "gpu-2"])
+    );
 }
