@@ -247,7 +247,7 @@ impl Cluster {
             .map_err(|e| self.server_err(format!("cannot set up stream {}", n.work_stream), e))?;
         items.push(("work stream", &n.work_stream, existed));
 
-        let existed = self.stream_exists(&n.work_stream) && self.consumer_info().is_ok();
+        let existed = self.consumer_info().is_ok();
         let pull = consumer::pull::Config {
             durable_name: Some(n.consumer.clone()),
             ack_policy: consumer::AckPolicy::Explicit,

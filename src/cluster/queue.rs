@@ -163,14 +163,13 @@ impl Cluster {
         let value = serde_json::to_vec(outcome).expect("an outcome serialises");
         let r = self.rt.block_on(async {
             let store = self.js.get_key_value(&self.names.outcomes).await?;
-            Ok::<_, async_nats::Error>(store.create(id, value.into()).await)
+            match store.create(id, value.into()).await {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(async_nats::Error::from(e)),
+            }
         });
-        match r {
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-            Ok(Err(e)) => Err(self.server_err(format!("cannot record the outcome of {id}"), e)),
-            Err(e) => Err(self.server_err(format!("cannot record the outcome of {id}"), e)),
-        }
+        r.map_err(|e| self.server_err(format!("cannot record the outcome of {id}"), e))
     }
 
     /// The outcome recorded for `id`, if any.
