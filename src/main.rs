@@ -124,6 +124,10 @@ enum Command {
     Run {
         #[command(flatten)]
         cfg: ConfigArgs,
+        /// Cluster mode: run as the hot folder's collect node or as a worker (overrides
+        /// [cluster] role; needs a [cluster] table)
+        #[arg(long, value_enum, env = "HOTPIPE_ROLE")]
+        role: Option<RoleArg>,
     },
     /// Validate the config, load the model, run one dummy batch and describe it.
     #[command(after_help = AFTER_HELP)]
@@ -139,6 +143,21 @@ enum Command {
         #[command(subcommand)]
         action: ClusterAction,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Collect,
+    Worker,
+}
+
+impl From<RoleArg> for hotpipe::config::Role {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::Collect => hotpipe::config::Role::Collect,
+            RoleArg::Worker => hotpipe::config::Role::Worker,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -287,11 +306,11 @@ fn real_main(command: Command, named: Option<(PathBuf, NamedBy)>) -> anyhow::Res
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { cfg } => {
+        Command::Run { cfg, role } => {
             // Before the config is read and the pipeline starts, so that a SIGTERM from
             // then on is a clean stop (until here it has its default effect).
             let signals = hotpipe::service::signals::install().context("cannot set up signals")?;
-            hotpipe::service::run(&source(cfg)?, signals)?;
+            hotpipe::service::run(&source(cfg)?, signals, role.map(Into::into))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { cfg, json } => {

@@ -70,6 +70,10 @@ pub struct Names {
     pub work_subject: String,
     pub consumer: String,
     pub outcomes: String,
+    /// The collect node's durable consumer on the outcome bucket's stream.
+    pub collector: String,
+    /// Workers that took an item alone, per item (a poison input's count).
+    pub attempts: String,
     pub objects: String,
     pub heartbeats: String,
 }
@@ -81,6 +85,8 @@ impl Names {
             work_subject: format!("{name}.work"),
             consumer: format!("{name}_workers"),
             outcomes: format!("{name}_outcomes"),
+            collector: format!("{name}_collect"),
+            attempts: format!("{name}_attempts"),
             objects: format!("{name}_objects"),
             heartbeats: format!("{name}_heartbeats"),
         }
@@ -100,7 +106,7 @@ pub enum Action {
 pub struct InitReport {
     pub url: String,
     pub server_version: String,
-    /// `(what, name, action)` for each of the five.
+    /// `(what, name, action)` for each thing set up.
     pub items: Vec<(String, String, Action)>,
 }
 
@@ -139,9 +145,13 @@ pub struct Status {
     /// Of those in flight, the ones on a second or later delivery (a worker died on
     /// them or went silent past `ack_wait_s`).
     pub redelivered: usize,
-    /// Outcomes recorded (not yet expired).
+    /// Outcomes recorded and not yet collected.
     pub outcomes: u64,
-    /// Bytes in the object bucket.
+    /// Items some worker took alone after a worker died on them (poison suspects).
+    pub attempts: u64,
+    /// Messages in the object bucket (each object is a metadata entry and its chunks),
+    /// and their bytes: both 0 once every item is collected.
+    pub object_messages: u64,
     pub object_bytes: u64,
     /// Workers whose heartbeat has not expired.
     pub workers: Vec<String>,
@@ -160,8 +170,17 @@ impl std::fmt::Display for Status {
             "  in flight    {} ({} of them delivered again)",
             self.in_flight, self.redelivered
         )?;
-        writeln!(f, "  outcomes     {}", self.outcomes)?;
-        writeln!(f, "  objects      {} bytes", self.object_bytes)?;
+        writeln!(f, "  outcomes     {} not yet collected", self.outcomes)?;
+        writeln!(
+            f,
+            "  suspects     {} (taken alone after a worker died on them)",
+            self.attempts
+        )?;
+        writeln!(
+            f,
+            "  objects      {} messages, {} bytes",
+            self.object_messages, self.object_bytes
+        )?;
         let seen = if self.workers.is_empty() {
             "none".to_string()
         } else {
@@ -228,8 +247,6 @@ impl Cluster {
     pub fn init(&self) -> Result<InitReport, ClusterError> {
         let (c, n) = (&self.cfg, &self.names);
         let max_age = Duration::from_secs(c.max_age_s);
-        let mut items = Vec::new();
-
         let work = stream::Config {
             name: n.work_stream.clone(),
             subjects: vec![n.work_subject.clone()],
@@ -245,10 +262,8 @@ impl Cluster {
         self.rt
             .block_on(self.js.create_or_update_stream(work))
             .map_err(|e| self.server_err(format!("cannot set up stream {}", n.work_stream), e))?;
-        items.push(("work stream", &n.work_stream, existed));
-
-        let existed = self.consumer_info().is_ok();
-        let pull = consumer::pull::Config {
+        let mut items = vec![("work stream", n.work_stream.clone(), existed)];
+        let workers = consumer::pull::Config {
             durable_name: Some(n.consumer.clone()),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: Duration::from_secs(c.ack_wait_s),
@@ -256,52 +271,38 @@ impl Cluster {
             max_ack_pending: c.max_in_flight as i64,
             ..Default::default()
         };
-        self.rt
-            .block_on(async {
-                let s = self.js.get_stream(&n.work_stream).await?;
-                s.create_consumer(pull).await?;
-                Ok::<_, async_nats::Error>(())
-            })
-            .map_err(|e| self.server_err(format!("cannot set up consumer {}", n.consumer), e))?;
-        items.push(("worker consumer", &n.consumer, existed));
-
-        for (what, bucket, age, history) in [
-            ("outcome bucket", &n.outcomes, max_age, 1),
-            ("heartbeat bucket", &n.heartbeats, HEARTBEAT_TTL, 1),
+        items.push((
+            "worker consumer",
+            n.consumer.clone(),
+            self.init_consumer(&n.work_stream, workers)?,
+        ));
+        for (what, bucket, age) in [
+            ("outcome bucket", &n.outcomes, max_age),
+            ("attempt bucket", &n.attempts, max_age),
+            ("heartbeat bucket", &n.heartbeats, HEARTBEAT_TTL),
         ] {
-            let existed = self.stream_exists(&format!("KV_{bucket}"));
-            let kv = kv::Config {
-                bucket: bucket.clone(),
-                history,
-                max_age: age,
-                storage: stream::StorageType::File,
-                num_replicas: c.replicas,
-                ..Default::default()
-            };
-            self.rt
-                .block_on(self.js.create_or_update_key_value(kv))
-                .map_err(|e| self.server_err(format!("cannot set up bucket {bucket}"), e))?;
-            items.push((what, bucket, existed));
+            items.push((what, bucket.clone(), self.init_kv(bucket, age)?));
         }
-
-        let existed = self.stream_exists(&format!("OBJ_{}", n.objects));
-        if !existed {
-            let obj = object_store::Config {
-                bucket: n.objects.clone(),
-                max_age,
-                storage: stream::StorageType::File,
-                num_replicas: c.replicas,
-                ..Default::default()
-            };
-            self.rt
-                .block_on(self.js.create_object_store(obj))
-                .map_err(|e| self.server_err(format!("cannot set up bucket {}", n.objects), e))?;
-        } else {
-            // The object bucket is a stream underneath: its age limit is that stream's.
-            self.update_stream_age(&format!("OBJ_{}", n.objects), max_age)?;
-        }
-        items.push(("object bucket", &n.objects, existed));
-
+        // The collect node's cursor over the outcomes: every one, once acknowledged.
+        let collector = consumer::pull::Config {
+            durable_name: Some(n.collector.clone()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(c.ack_wait_s),
+            max_deliver: -1,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        };
+        let kv_stream = format!("KV_{}", n.outcomes);
+        items.push((
+            "collect consumer",
+            n.collector.clone(),
+            self.init_consumer(&kv_stream, collector)?,
+        ));
+        items.push((
+            "object bucket",
+            n.objects.clone(),
+            self.init_objects(max_age)?,
+        ));
         Ok(InitReport {
             url: c.url.clone(),
             server_version: self.client.server_info().version,
@@ -313,10 +314,67 @@ impl Cluster {
                     } else {
                         Action::Created
                     };
-                    (what.to_string(), name.clone(), action)
+                    (what.to_string(), name, action)
                 })
                 .collect(),
         })
+    }
+
+    /// Create or update a durable pull consumer on `stream`; true when it existed.
+    fn init_consumer(
+        &self,
+        stream: &str,
+        cfg: consumer::pull::Config,
+    ) -> Result<bool, ClusterError> {
+        let name = cfg.durable_name.clone().unwrap_or_default();
+        let existed = self.consumer_info_of(stream, &name).is_ok();
+        self.rt
+            .block_on(async {
+                let s = self.js.get_stream(stream).await?;
+                s.create_consumer(cfg).await?;
+                Ok::<_, async_nats::Error>(())
+            })
+            .map_err(|e| self.server_err(format!("cannot set up consumer {name}"), e))?;
+        Ok(existed)
+    }
+
+    /// Create or update a key-value bucket (history 1); true when it existed.
+    fn init_kv(&self, bucket: &str, max_age: Duration) -> Result<bool, ClusterError> {
+        let existed = self.stream_exists(&format!("KV_{bucket}"));
+        let kv = kv::Config {
+            bucket: bucket.to_string(),
+            history: 1,
+            max_age,
+            storage: stream::StorageType::File,
+            num_replicas: self.cfg.replicas,
+            ..Default::default()
+        };
+        self.rt
+            .block_on(self.js.create_or_update_key_value(kv))
+            .map_err(|e| self.server_err(format!("cannot set up bucket {bucket}"), e))?;
+        Ok(existed)
+    }
+
+    /// Create the object bucket, or apply the age limit to it; true when it existed.
+    fn init_objects(&self, max_age: Duration) -> Result<bool, ClusterError> {
+        let bucket = &self.names.objects;
+        let existed = self.stream_exists(&format!("OBJ_{bucket}"));
+        if existed {
+            // The object bucket is a stream underneath: its age limit is that stream's.
+            self.update_stream_age(&format!("OBJ_{bucket}"), max_age)?;
+            return Ok(true);
+        }
+        let obj = object_store::Config {
+            bucket: bucket.clone(),
+            max_age,
+            storage: stream::StorageType::File,
+            num_replicas: self.cfg.replicas,
+            ..Default::default()
+        };
+        self.rt
+            .block_on(self.js.create_object_store(obj))
+            .map_err(|e| self.server_err(format!("cannot set up bucket {bucket}"), e))?;
+        Ok(false)
     }
 
     /// The queue, the in-flight items and the workers alive; fails (saying to run
@@ -339,6 +397,11 @@ impl Cluster {
         let objects = self
             .stream_info(&format!("OBJ_{}", n.objects))
             .map_err(|_| missing(format!("bucket {}", n.objects)))?;
+        let attempts = self
+            .stream_info(&format!("KV_{}", n.attempts))
+            .map_err(|_| missing(format!("bucket {}", n.attempts)))?;
+        self.consumer_info_of(&format!("KV_{}", n.outcomes), &n.collector)
+            .map_err(|_| missing(format!("consumer {}", n.collector)))?;
         let mut workers: Vec<String> = self
             .rt
             .block_on(async {
@@ -358,6 +421,8 @@ impl Cluster {
             in_flight: consumer.num_ack_pending,
             redelivered: consumer.num_redelivered,
             outcomes: outcomes.state.messages,
+            attempts: attempts.state.messages,
+            object_messages: objects.state.messages,
             object_bytes: objects.state.bytes,
             workers,
         })
@@ -375,12 +440,23 @@ impl Cluster {
     }
 
     fn consumer_info(&self) -> Result<consumer::Info, async_nats::Error> {
+        self.consumer_info_of(&self.names.work_stream, &self.names.consumer)
+    }
+
+    fn consumer_info_of(
+        &self,
+        stream: &str,
+        name: &str,
+    ) -> Result<consumer::Info, async_nats::Error> {
         self.rt.block_on(async {
-            let s = self.js.get_stream(&self.names.work_stream).await?;
-            let c: consumer::Consumer<consumer::pull::Config> =
-                s.get_consumer(&self.names.consumer).await?;
+            let s = self.js.get_stream(stream).await?;
+            let c: consumer::Consumer<consumer::pull::Config> = s.get_consumer(name).await?;
             Ok(c.get_info().await?)
         })
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.cfg
     }
 
     fn update_stream_age(&self, name: &str, max_age: Duration) -> Result<(), ClusterError> {

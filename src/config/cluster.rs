@@ -1,7 +1,7 @@
 //! `[cluster]`: the NATS JetStream server a hot folder is spread over, the name its
 //! streams and buckets share, and their limits. `hotpipe cluster init|status` read it to
-//! set up and report the server's side; the same table will select the ingest/collect
-//! and worker roles of `hotpipe run` (issue 15, not built yet).
+//! set up and report the server's side, and `hotpipe run` reads `role` to run as the
+//! hot folder's ingest/collect node or as a worker (`--role` overrides it).
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -13,6 +13,7 @@ use super::parse::Ctx;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCluster {
     url: Option<Spanned<String>>,
+    role: Option<Spanned<String>>,
     name: Option<Spanned<String>>,
     max_attempts: Option<Spanned<i64>>,
     ack_wait_s: Option<Spanned<i64>>,
@@ -20,6 +21,29 @@ pub(super) struct RawCluster {
     max_in_flight: Option<Spanned<i64>>,
     max_age_s: Option<Spanned<i64>>,
     replicas: Option<Spanned<i64>>,
+    sweep_s: Option<Spanned<i64>>,
+}
+
+/// What `hotpipe run` is in cluster mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The host that owns the hot folder: claims, journals and queues its files, and
+    /// publishes the outcomes into `outbox/`, `done/` and `failed/`.
+    Collect,
+    /// A model host: takes queued items, runs the pipeline on them, records outcomes. No
+    /// folder of its own.
+    Worker,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "collect" => Ok(Role::Collect),
+            "worker" => Ok(Role::Worker),
+            _ => Err(format!("is \"{s}\"; use \"collect\" or \"worker\"")),
+        }
+    }
 }
 
 /// The validated `[cluster]` table.
@@ -27,6 +51,9 @@ pub(super) struct RawCluster {
 pub struct ClusterConfig {
     /// The server: one URL (a NATS cluster advertises its other servers to the client).
     pub url: String,
+    /// What `hotpipe run` is: `"collect"` (the default: the host with the hot folder)
+    /// or `"worker"`.
+    pub role: Role,
     /// Prefix of every stream, consumer and bucket: several hot folders can share a
     /// server under different names.
     pub name: String,
@@ -45,6 +72,9 @@ pub struct ClusterConfig {
     pub max_age_s: u64,
     /// Copies of each stream on a NATS cluster (1 on a single server; 3 on three).
     pub replicas: usize,
+    /// How often the collect node removes what finished items left on the server (a
+    /// worker that died between storing outputs and recording them).
+    pub sweep_s: u64,
 }
 
 pub(super) fn validate(cx: &Ctx, c: &RawCluster) -> Result<ClusterConfig, ConfigError> {
@@ -54,6 +84,13 @@ pub(super) fn validate(cx: &Ctx, c: &RawCluster) -> Result<ClusterConfig, Config
         }
         Some(u) => u.get_ref().trim().to_string(),
         None => "nats://127.0.0.1:4222".to_string(),
+    };
+    let role = match &c.role {
+        Some(r) => match r.get_ref().parse() {
+            Ok(role) => role,
+            Err(m) => return cx.err(r.span(), "cluster.role", m),
+        },
+        None => Role::Collect,
     };
     let name = match &c.name {
         // NATS names may not hold '.', '*', '>', path separators or white space; keep to
@@ -77,6 +114,7 @@ pub(super) fn validate(cx: &Ctx, c: &RawCluster) -> Result<ClusterConfig, Config
     };
     Ok(ClusterConfig {
         url,
+        role,
         name,
         max_attempts: cx.int_in(&c.max_attempts, "cluster.max_attempts", 1, 100, 3u32)?,
         ack_wait_s: cx.int_in(&c.ack_wait_s, "cluster.ack_wait_s", 1, 86_400, 60u64)?,
@@ -96,6 +134,7 @@ pub(super) fn validate(cx: &Ctx, c: &RawCluster) -> Result<ClusterConfig, Config
             7 * 86_400u64,
         )?,
         replicas: cx.int_in(&c.replicas, "cluster.replicas", 1, 5, 1usize)?,
+        sweep_s: cx.int_in(&c.sweep_s, "cluster.sweep_s", 1, 86_400, 300u64)?,
     })
 }
 
@@ -108,6 +147,19 @@ mod tests {
         let c = parse("[cluster]\n").unwrap().cluster.unwrap();
         assert_eq!(c.url, "nats://127.0.0.1:4222");
         assert_eq!(c.name, "hotpipe");
+        assert_eq!(c.role, super::Role::Collect);
+        let w = parse("[cluster]\nrole = \"worker\"\n")
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(w.role, super::Role::Worker);
+        let e = parse("[cluster]\nrole = \"boss\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cluster.role") && e.contains("\"worker\""),
+            "{e}"
+        );
         assert_eq!((c.max_attempts, c.ack_wait_s, c.max_queue), (3, 60, 10_000));
         assert_eq!(
             (c.max_in_flight, c.max_age_s, c.replicas),

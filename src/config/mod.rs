@@ -36,7 +36,7 @@ mod pipeline;
 mod preprocess;
 
 pub use crate::vocab::device::DeviceChoice;
-pub use cluster::ClusterConfig;
+pub use cluster::{ClusterConfig, Role};
 pub use decode::{DctScaling, DecodeConfig};
 pub use encode::{EncodeConfig, Format};
 pub use face_crop::{

@@ -10,6 +10,7 @@
 //! under. Every save is write-temp then rename (atomic); the saves a power cut must not lose
 //! also fsync the file and `work/` (see [`save`]).
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -73,6 +74,11 @@ pub struct ItemState {
     /// renames takes the name that pairs with it.
     #[serde(default)]
     pub done_suffix: Option<u32>,
+    /// Cluster mode: the item's id on the server, recorded (durably) before anything about
+    /// the item leaves the host, and kept for its life in `work/`: a resumed attempt is
+    /// the same item to the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
 }
 
 /// The state file of the item called `name` in `work` (named by the item's crash-record
@@ -117,6 +123,39 @@ pub fn save(work: &Path, name: &OsStr, st: &ItemState, durable: bool) -> std::io
     super::publish::write_replace(work, &file, &json, durable)
 }
 
+/// The item's cluster id: the recorded one, else a new one (128 random bits, hex),
+/// recorded durably before it is returned.
+pub fn cluster_id(work: &Path, name: &OsStr) -> std::io::Result<String> {
+    let mut st = load(work, name)?.unwrap_or_default();
+    if let Some(id) = &st.cluster_id {
+        return Ok(id.clone());
+    }
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    st.name = name.to_string_lossy().into_owned();
+    st.cluster_id = Some(id.clone());
+    save(work, name, &st, true)?;
+    Ok(id)
+}
+
+/// The cluster ids recorded in `work/`'s journal: the items the server's entries may
+/// belong to. An unreadable `work/` gives no ids, and then the sweep removes nothing
+/// (see [`crate::cluster::Cluster::sweep`]): it is given every id it may not remove.
+pub fn cluster_ids(work: &Path) -> Option<HashSet<String>> {
+    let mut ids = HashSet::new();
+    for e in std::fs::read_dir(work).ok()? {
+        let e = e.ok()?;
+        if !e.file_name().to_string_lossy().starts_with(STATE_PREFIX) {
+            continue;
+        }
+        if let Some(st) = load_path(&e.path()).ok()? {
+            ids.extend(st.cluster_id);
+        }
+    }
+    Some(ids)
+}
+
 /// Forget an item's state (after it left `work/`). Not synced: a state file that
 /// survives a crash without its item is removed by the next start-up.
 pub fn remove(work: &Path, name: &OsStr) {
@@ -149,11 +188,26 @@ mod tests {
             failing: None,
             params_file: Some(true),
             done_suffix: None,
+            cluster_id: None,
         };
         save(d.path(), name, &st, true).unwrap();
         assert_eq!(load(d.path(), name).unwrap().unwrap(), st);
         remove(d.path(), name);
         assert!(load(d.path(), name).unwrap().is_none());
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_cluster_id_is_made_once_and_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (OsStr::new("a.jpg"), OsStr::new("b.jpg"));
+        let id = cluster_id(d.path(), a).unwrap();
+        assert_eq!(id.len(), 32, "{id}");
+        assert_eq!(cluster_id(d.path(), a).unwrap(), id);
+        assert_eq!(
+            load(d.path(), a).unwrap().unwrap().cluster_id,
+            Some(id.clone())
+        );
+        assert_ne!(cluster_id(d.path(), b).unwrap(), id);
     }
 }

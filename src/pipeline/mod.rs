@@ -16,6 +16,7 @@
 //! Shutdown flows downstream: dropping the input sender ends the read stage, which drops
 //! its sender, and so on; each stage drains what it holds before exiting.
 
+mod remote;
 pub mod runner;
 pub mod workers;
 

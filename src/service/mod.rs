@@ -24,6 +24,7 @@ mod page;
 pub mod recent;
 pub mod signals;
 pub mod systemd;
+mod worker;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -37,11 +38,12 @@ use crossbeam_channel::{
     Receiver, RecvTimeoutError, SendTimeoutError, Sender, bounded, select, unbounded,
 };
 
-use crate::config::{Config, ConfigError, ConfigSource, HotfolderConfig, ParamsConfig};
+use crate::cluster::{Cluster, ClusterError};
+use crate::config::{Config, ConfigError, ConfigSource, HotfolderConfig, ParamsConfig, Role};
 use crate::hotfolder::claim::{Claim, Scanner, changed_since_read, claim, unclaim};
 use crate::hotfolder::recover::{self, Begin, Recovered};
 use crate::hotfolder::sink::{HotSink, fail_item};
-use crate::hotfolder::{HotfolderError, Layout, RootLock, params, watch};
+use crate::hotfolder::{HotfolderError, Layout, RootLock, params, state, watch};
 use crate::pipeline::Pipeline;
 use crate::vocab::crash;
 use crate::vocab::error::{PipelineError, Stage};
@@ -68,6 +70,10 @@ pub enum ServiceError {
     },
     #[error("the pipeline stopped unexpectedly")]
     PipelineDied,
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error("{0}: --role needs a [cluster] table (the NATS server to use)")]
+    NoCluster(String),
 }
 
 /// The longest a start (model load, recovery, first scan) may keep extending systemd's
@@ -211,6 +217,36 @@ pub fn health_of(in_flight: i64, quiet: Duration, stuck: Duration) -> Result<Str
     }
 }
 
+/// Cluster mode: remove, every `every_s`, what the server holds for items that are no
+/// longer in `work/` (see [`Cluster::sweep`]); the first sweep runs at once, for what
+/// the last run of this node left.
+fn start_sweep(
+    cluster: Arc<Cluster>,
+    layout: &Layout,
+    every_s: u64,
+) -> Result<Sender<()>, ServiceError> {
+    let (stop_tx, stop_rx) = bounded::<()>(0);
+    let work = layout.work.clone();
+    let every = Duration::from_secs(every_s);
+    std::thread::Builder::new()
+        .name("hp-sweep".into())
+        .spawn(move || loop {
+            match cluster.sweep(|| state::cluster_ids(&work)) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(entries = n, "swept what finished items left on the server"),
+                Err(e) => tracing::warn!(error = %e, "the sweep of the server failed; trying again later"),
+            }
+            if !matches!(stop_rx.recv_timeout(every), Err(RecvTimeoutError::Timeout)) {
+                return;
+            }
+        })
+        .map_err(|source| ServiceError::Io {
+            context: "cannot start the sweep thread".into(),
+            source,
+        })?;
+    Ok(stop_tx)
+}
+
 /// A retry of an item in `work/`, due at a time.
 type Retry = (OsString, Instant);
 
@@ -228,6 +264,10 @@ struct Session {
     stop_tx: Option<Sender<()>>,
     claimer: Option<JoinHandle<()>>,
     watch: Option<watch::Watch>,
+    /// Cluster mode: the server this collect node queues its items on.
+    cluster: Option<Arc<Cluster>>,
+    /// Stops the cluster's sweep thread (dropped with the session).
+    _sweep: Option<Sender<()>>,
     _lock: RootLock,
 }
 
@@ -264,7 +304,23 @@ impl Session {
         if let Some(f) = crate::vocab::fault::check("load", Path::new(&cfg.source)) {
             f.act("load");
         }
-        let mut pipeline = Pipeline::start(cfg, sink)?;
+        let cluster = match &cfg.cluster {
+            Some(c) => {
+                let cluster = Arc::new(Cluster::connect(c)?);
+                // Fails, saying to run `hotpipe cluster init`, when it is not set up.
+                cluster.status()?;
+                Some(cluster)
+            }
+            None => None,
+        };
+        let mut pipeline = match &cluster {
+            Some(c) => Pipeline::remote(cfg, sink, Arc::clone(c))?,
+            None => Pipeline::start(cfg, sink)?,
+        };
+        let sweep = match (&cluster, &cfg.cluster) {
+            (Some(c), Some(cc)) => Some(start_sweep(Arc::clone(c), &layout, cc.sweep_s)?),
+            _ => None,
+        };
         {
             // The previous pipeline was drained and joined (or, one whose session failed
             // to start, never got an item): its counts are final.
@@ -311,6 +367,7 @@ impl Session {
             shared: Arc::clone(shared),
             stop_rx,
             next_id: 0,
+            cluster: cluster.is_some(),
         };
         let handle = std::thread::Builder::new()
             .name("hp-claim".into())
@@ -330,8 +387,20 @@ impl Session {
             stop_tx: Some(stop_tx),
             claimer: Some(handle),
             watch: Some(watch),
+            cluster,
+            _sweep: sweep,
             _lock: lock,
         })
+    }
+
+    /// Cluster mode: the item has left `work/` for good (or goes back to the inbox as
+    /// a new item): what the server holds for it can go.
+    fn forget(&self, item: &Item) {
+        if let (Some(c), Some(id)) = (&self.cluster, &item.cluster_id)
+            && let Err(e) = c.forget(id, &[])
+        {
+            tracing::warn!(file = ?item.path, error = %e, "cannot remove the item's entries on the server; the sweep will");
+        }
     }
 
     fn handle(&self, o: Outcome, shared: &Shared) {
@@ -352,6 +421,7 @@ impl Session {
             }
             Err(e) if changed_since_read(&o.item) => match unclaim(&self.layout, &name) {
                 Ok(()) => {
+                    self.forget(&o.item);
                     tracing::info!(file = ?e.path, stage = %e.stage, reason = %e.reason, "the file changed after it was claimed (its writer was not finished); back in the inbox to settle");
                 }
                 Err(err) => {
@@ -369,6 +439,7 @@ impl Session {
             }
             Err(e) => match fail_item(&self.layout, &name, &e.reason, e.stage) {
                 Ok(to) => {
+                    self.forget(&o.item);
                     shared.failed.fetch_add(1, Ordering::Relaxed);
                     let why = format!("{}: {}", e.stage, e.reason);
                     shared
@@ -464,6 +535,8 @@ struct Claimer {
     shared: Arc<Shared>,
     stop_rx: Receiver<()>,
     next_id: u64,
+    /// Cluster mode (collect node): each item gets its durable cluster id first.
+    cluster: bool,
 }
 
 impl Claimer {
@@ -485,6 +558,16 @@ impl Claimer {
         match begin {
             Ok(Begin::Process) => {
                 let mut item = Item::new(self.next_id, self.layout.work.join(&name));
+                if self.cluster {
+                    match state::cluster_id(&self.layout.work, &name) {
+                        Ok(id) => item.cluster_id = Some(id),
+                        Err(e) => {
+                            tracing::error!(file = ?name, error = %e, retry_s = self.hf.retry_s, "cannot record its cluster id; will retry");
+                            retries.push((name, retry_due(&self.hf)));
+                            return true;
+                        }
+                    }
+                }
                 match self.item_params(&name) {
                     Ok(p) => item.params = p,
                     Err(Refusal::Fail(reason)) => {
@@ -788,7 +871,23 @@ fn load(source: &ConfigSource) -> Result<Config, ServiceError> {
 
 /// Run the daemon until SIGTERM/SIGINT. Call [`signals::install`] first thing in
 /// `main` (before any thread exists) and pass its receiver.
-pub fn run(config: &ConfigSource, signals: Receiver<Signal>) -> Result<(), ServiceError> {
+///
+/// `role` (`--role`) overrides `[cluster] role`: a worker runs [`worker::run`] and needs
+/// no hot folder.
+pub fn run(
+    config: &ConfigSource,
+    signals: Receiver<Signal>,
+    role: Option<Role>,
+) -> Result<(), ServiceError> {
+    let cfg = config.load()?;
+    let cluster_role = cfg.cluster.as_ref().map(|c| c.role);
+    match (role, cluster_role) {
+        (Some(_), None) => return Err(ServiceError::NoCluster(cfg.source.clone())),
+        (Some(Role::Worker), _) | (None, Some(Role::Worker)) => {
+            return worker::run(&cfg, signals);
+        }
+        _ => {}
+    }
     let notifier = systemd::Notifier::from_env();
     let cfg = load(config)?;
     let shared = Arc::new(Shared::new(60));

@@ -22,6 +22,8 @@ pub mod guard;
 /// An input file's bytes, mapped.
 pub struct Input {
     map: Option<Mmap>,
+    /// Bytes that came over the network (a cluster worker's item), instead of a map.
+    owned: Option<Vec<u8>>,
     guard: Option<guard::Registration>,
     /// The file's size and mtime when it was opened.
     pub stat: SourceStat,
@@ -29,7 +31,11 @@ pub struct Input {
 
 impl Input {
     pub fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+        match (&self.map, &self.owned) {
+            (Some(m), _) => m,
+            (None, Some(v)) => v,
+            (None, None) => &[],
+        }
     }
 
     /// True when the file shrank while mapped (the bytes read past the new end were
@@ -61,6 +67,9 @@ impl StageWorker for Reader {
     }
 
     fn process(&mut self, item: &mut Item, _: ()) -> Result<Input, StageError> {
+        if let Some(bytes) = item.data.take() {
+            return owned_input(bytes, self.max_bytes);
+        }
         let input = read_input(&item.path, self.max_bytes)?;
         item.source = Some(input.stat);
         Ok(input)
@@ -89,6 +98,11 @@ pub fn read_input(path: &Path, max_bytes: u64) -> Result<Input, StageError> {
         .map_err(|e| StageError::io("cannot stat", e))?;
     check_file_type(&meta).map_err(StageError::Unsupported)?;
     let len = meta.len();
+    check_len(len, max_bytes)?;
+    map(&file, SourceStat::of(&meta))
+}
+
+fn check_len(len: u64, max_bytes: u64) -> Result<(), StageError> {
     if len == 0 {
         return Err(StageError::BadInput("empty file".to_string()));
     }
@@ -99,7 +113,22 @@ pub fn read_input(path: &Path, max_bytes: u64) -> Result<Input, StageError> {
             max_bytes >> 20
         )));
     }
-    map(&file, SourceStat::of(&meta))
+    Ok(())
+}
+
+/// A cluster worker's input, whose bytes came from the server: the same limits as a
+/// file's.
+fn owned_input(bytes: Vec<u8>, max_bytes: u64) -> Result<Input, StageError> {
+    check_len(bytes.len() as u64, max_bytes)?;
+    Ok(Input {
+        stat: SourceStat {
+            len: bytes.len() as u64,
+            mtime: None,
+        },
+        map: None,
+        owned: Some(bytes),
+        guard: None,
+    })
 }
 
 fn map(file: &File, stat: SourceStat) -> Result<Input, StageError> {
@@ -111,6 +140,7 @@ fn map(file: &File, stat: SourceStat) -> Result<Input, StageError> {
     let guard = guard::register(map.as_ptr(), map.len());
     Ok(Input {
         map: Some(map),
+        owned: None,
         guard: Some(guard),
         stat,
     })

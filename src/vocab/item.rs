@@ -46,6 +46,13 @@ pub struct Item {
     /// The item's parameters for the model (`[params]`), checked and complete; `None`
     /// when the config declares none.
     pub params: Option<Params>,
+    /// Cluster mode: the item's id on the server, unique and recorded in the item's
+    /// journal before anything about it leaves the host (so a resumed item is the same
+    /// item, and its re-enqueue a duplicate the server drops).
+    pub cluster_id: Option<String>,
+    /// Cluster mode, on a worker: the input's bytes as they came from the server (the
+    /// read stage takes them instead of mapping `path`, which then only names the item).
+    pub data: Option<Vec<u8>>,
 }
 
 /// Size and modification time of an input file when it was read.
@@ -80,6 +87,8 @@ impl Item {
             source: None,
             exif: None,
             params: None,
+            cluster_id: None,
+            data: None,
         }
     }
 }

@@ -32,7 +32,7 @@ fn cluster_json(verb: &str, cfg: &Path) -> Value {
     serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
 }
 
-/// Init creates the five, a second init finds them and applies a changed limit, three
+/// Init creates the seven, a second init finds them and applies a changed limit, three
 /// inits at once all succeed, and status reads the empty queue back from the server.
 #[test]
 fn init_is_idempotent_and_status_reads_the_server() {
@@ -60,7 +60,9 @@ fn init_is_idempotent_and_status_reads_the_server() {
         "hf1_work",
         "hf1_workers",
         "hf1_outcomes",
+        "hf1_attempts",
         "hf1_heartbeats",
+        "hf1_collect",
         "hf1_objects",
     ];
     let want = |action: &str| -> Vec<(String, String)> {
@@ -78,6 +80,8 @@ fn init_is_idempotent_and_status_reads_the_server() {
         "in_flight",
         "redelivered",
         "outcomes",
+        "attempts",
+        "object_messages",
         "object_bytes",
     ] {
         assert_eq!(status[k], 0, "{k}: {status}");
@@ -179,7 +183,7 @@ fn cluster_errors_say_what_to_do() {
 /// of one outcome the first wins; acks empty the queue; heartbeats list the workers.
 #[test]
 fn the_queue_redelivers_until_acknowledged_and_keeps_one_outcome() {
-    use hotpipe::cluster::queue::Enqueued;
+    use hotpipe::cluster::queue::{Enqueued, Recorded, Verdict};
     use hotpipe::cluster::{Cluster, ClusterError};
     use std::time::Duration;
     let Some(nats) = NatsServer::start() else {
@@ -194,11 +198,23 @@ fn the_queue_redelivers_until_acknowledged_and_keeps_one_outcome() {
         (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
     };
     let (a, b, cc) = (bytes(1, 1000), bytes(2, 3 << 20), bytes(3, 10));
-    assert_eq!(c.enqueue("id-a", "a.png", &a).unwrap(), Enqueued::Queued);
-    assert_eq!(c.enqueue("id-a", "a.png", &a).unwrap(), Enqueued::Duplicate);
-    assert_eq!(c.enqueue("id-b", "b.png", &b).unwrap(), Enqueued::Queued);
-    assert_eq!(c.enqueue("id-c", "c.png", &cc).unwrap(), Enqueued::Queued);
-    match c.enqueue("id-d", "d.png", &cc) {
+    assert_eq!(
+        c.enqueue("id-a", "a.png", &a, None).unwrap(),
+        Enqueued::Queued
+    );
+    assert_eq!(
+        c.enqueue("id-a", "a.png", &a, None).unwrap(),
+        Enqueued::Duplicate
+    );
+    assert_eq!(
+        c.enqueue("id-b", "b.png", &b, None).unwrap(),
+        Enqueued::Queued
+    );
+    assert_eq!(
+        c.enqueue("id-c", "c.png", &cc, None).unwrap(),
+        Enqueued::Queued
+    );
+    match c.enqueue("id-d", "d.png", &cc, None) {
         Err(ClusterError::Full { max_queue: 3, .. }) => {}
         other => panic!("a fourth item in a queue of 3: {other:?}"),
     }
@@ -208,10 +224,10 @@ fn the_queue_redelivers_until_acknowledged_and_keeps_one_outcome() {
     let names: Vec<&str> = first.iter().map(|l| l.item.name.as_str()).collect();
     assert_eq!(names, ["a.png", "b.png"]);
     assert!(first.iter().all(|l| l.delivered == 1));
-    assert_eq!(c.input(&first[0].item).unwrap(), a);
+    assert_eq!(c.input(&first[0].item).unwrap(), Some(a.clone()));
     assert_eq!(
         c.input(&first[1].item).unwrap(),
-        b,
+        Some(b),
         "3 MB through 1 MB messages"
     );
     assert!(
@@ -235,12 +251,16 @@ fn the_queue_redelivers_until_acknowledged_and_keeps_one_outcome() {
         "a stays the first lease's"
     );
 
-    assert!(c.commit("id-a", &serde_json::json!({"worker": 1})).unwrap());
-    assert!(!c.commit("id-a", &serde_json::json!({"worker": 2})).unwrap());
-    assert_eq!(
-        c.outcome("id-a").unwrap(),
-        Some(serde_json::json!({"worker": 1}))
-    );
+    let rec = |worker: &str| Recorded {
+        worker: worker.into(),
+        verdict: Verdict::Failed {
+            stage: "decode".into(),
+            reason: "not an image".into(),
+        },
+    };
+    assert!(c.commit("id-a", &rec("w1")).unwrap());
+    assert!(!c.commit("id-a", &rec("w2")).unwrap());
+    assert_eq!(c.outcome("id-a").unwrap(), Some(rec("w1")));
     assert_eq!(c.outcome("id-b").unwrap(), None);
     let s = c.status().unwrap();
     assert_eq!(
@@ -255,7 +275,10 @@ fn the_queue_redelivers_until_acknowledged_and_keeps_one_outcome() {
     assert_eq!((s.queue_depth, s.in_flight), (0, 0), "{s:?}");
     assert_eq!(s.outcomes, 1);
     assert!(s.object_bytes > 3 << 20, "{s:?}");
-    assert_eq!(c.enqueue("id-d", "d.png", &cc).unwrap(), Enqueued::Queued);
+    assert_eq!(
+        c.enqueue("id-d", "d.png", &cc, None).unwrap(),
+        Enqueued::Queued
+    );
 
     // Two workers' heartbeats: both listed (by `status --json` too).
     for w in ["gpu-2", "gpu-1"] {
@@ -266,5 +289,31 @@ fn the_queue_redelivers_until_acknowledged_and_keeps_one_outcome() {
     assert_eq!(
         cluster_json("status", &path)["workers"],
         serde_json::json!(["gpu-1", "gpu-2"])
+    );
+
+    // Forgetting an item removes its outcome, attempt count and objects whole; the
+    // sweep removes what no live item owns and keeps what one does.
+    assert_eq!(c.blame("id-a").unwrap(), 0);
+    assert_eq!(c.blame("id-a").unwrap(), 1);
+    let out = c.put_output("id-a", "w1", "0.png", &a[..10]).unwrap();
+    assert_eq!(c.object(&out, 0).unwrap().as_deref(), Some(&a[..10]));
+    c.forget("id-a", &[out.clone()]).unwrap();
+    assert_eq!(c.outcome("id-a").unwrap(), None);
+    assert_eq!(c.object(&out, 0).unwrap(), None);
+    let s = c.status().unwrap();
+    assert_eq!((s.outcomes, s.attempts), (0, 0), "no markers left: {s:?}");
+    c.put_output("id-b", "w9", "0.png", b"orphan").unwrap();
+    let live = || Some(std::collections::HashSet::from(["id-d".to_string()]));
+    // b's and c's input and b's output: d's input stays.
+    assert_eq!(c.sweep(live).unwrap(), 3);
+    let s = c.status().unwrap();
+    assert_eq!(
+        s.object_messages, 2,
+        "d's input: its entry and one chunk: {s:?}"
+    );
+    assert_eq!(
+        c.sweep(|| None).unwrap(),
+        0,
+        "an unreadable work/ removes nothing"
     );
 }
