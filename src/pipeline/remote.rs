@@ -141,7 +141,7 @@ impl Pipeline {
             threads: topo.into_threads(),
             telemetry,
             info,
-            decode_pool: BufPool::new(0),
+            decode_pool: BufPool::new(1),
             stop_sampler: None,
         })
     }

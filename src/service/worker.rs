@@ -355,6 +355,8 @@ impl Worker {
                 };
                 if self.commit(&lease, verdict) {
                     self.done.fetch_add(1, Ordering::Relaxed);
+                    let ms = o.item.started.elapsed().as_millis() as u64;
+                    tracing::info!(item = %lease.item.name, ms, "done");
                 } else if let Err(e) = self.cluster.purge_objects(&outputs) {
                     tracing::warn!(error = %e, "cannot remove a losing attempt's outputs; the sweep will");
                 }

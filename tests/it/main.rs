@@ -18,6 +18,7 @@ mod budget;
 mod channels;
 mod cli;
 mod cluster;
+mod cluster_run;
 mod colour;
 mod cuda;
 mod facecrop;

@@ -10,7 +10,8 @@ use super::{skip, wait_until, which};
 pub struct NatsServer {
     child: Child,
     pub port: u16,
-    _store: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    store: tempfile::TempDir,
 }
 
 impl NatsServer {
@@ -28,31 +29,50 @@ impl NatsServer {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = spawn(&bin, port, store.path());
         let mut s = NatsServer {
             child,
             port,
-            _store: store,
+            bin,
+            store,
         };
+        s.wait_up();
+        Some(s)
+    }
+
+    fn wait_up(&mut self) {
+        let port = self.port;
         let up = wait_until(Duration::from_secs(15), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
         assert!(
-            up && s.child.try_wait().unwrap().is_none(),
+            up && self.child.try_wait().unwrap().is_none(),
             "nats-server did not start on {port}"
         );
-        Some(s)
+    }
+
+    /// SIGKILL the server and start it again on the same port and store, after `down`.
+    pub fn kill_and_restart(&mut self, down: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        self.child = spawn(&self.bin, self.port, self.store.path());
+        self.wait_up();
     }
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
+}
+
+fn spawn(bin: &std::path::Path, port: u16, store: &std::path::Path) -> Child {
+    Command::new(bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 impl Drop for NatsServer {
