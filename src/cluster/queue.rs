@@ -444,6 +444,21 @@ impl Cluster {
         r.map_err(|e| self.server_err(format!("cannot record the outcome of {id}"), e))
     }
 
+    /// Whether the collect node has finished item `id` (and forgotten its input): an
+    /// attempt that ends after that is late, however its commit would go.
+    pub fn collected(&self, id: &str) -> Result<bool, ClusterError> {
+        self.rt
+            .block_on(async {
+                let store = self.js.get_object_store(&self.names.objects).await?;
+                match store.info(input_object(id)).await {
+                    Ok(_) => Ok(false),
+                    Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => Ok(true),
+                    Err(e) => Err(async_nats::Error::from(e)),
+                }
+            })
+            .map_err(|e| self.server_err(format!("cannot look up the input of {id}"), e))
+    }
+
     /// The outcome recorded for `id`, if any.
     pub fn outcome(&self, id: &str) -> Result<Option<Recorded>, ClusterError> {
         let got = self

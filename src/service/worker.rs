@@ -389,8 +389,16 @@ impl Worker {
             worker: self.id.clone(),
             verdict,
         };
+        let id = &lease.item.id;
         loop {
-            match self.cluster.commit(&lease.item.id, &rec) {
+            // The collect node forgets an item's outcome once it is published: a late
+            // attempt must lose to that too, not record an outcome nobody will take.
+            let r = match self.cluster.collected(id) {
+                Ok(true) => Ok(false),
+                Ok(false) => self.cluster.commit(id, &rec),
+                Err(e) => Err(e),
+            };
+            match r {
                 Ok(won) => {
                     if !won {
                         tracing::info!(item = %lease.item.name, "another worker recorded it first; this attempt's outputs go");
