@@ -297,7 +297,7 @@ fn the_queue_redelivers_until_acknowledged_and_keeps_one_outcome() {
     assert_eq!(c.blame("id-a").unwrap(), 1);
     let out = c.put_output("id-a", "w1", "0.png", &a[..10]).unwrap();
     assert_eq!(c.object(&out, 0).unwrap().as_deref(), Some(&a[..10]));
-    c.forget("id-a", &[out.clone()]).unwrap();
+    c.forget("id-a", std::slice::from_ref(&out)).unwrap();
     assert_eq!(c.outcome("id-a").unwrap(), None);
     assert_eq!(c.object(&out, 0).unwrap(), None);
     let s = c.status().unwrap();

@@ -188,16 +188,37 @@ fn assert_exactly_once(hf: &Path, cfg: &Path, inputs: &[String], failed: &[Strin
     f.sort();
     assert_eq!(f, failed, "failed/");
     assert!(names(&hf.join("inbox")).is_empty());
-    assert_eq!(hf.join("work").read_dir().unwrap().filter(|e| {
-        !e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')
-    }).count(), 0);
+    assert_eq!(
+        hf.join("work")
+            .read_dir()
+            .unwrap()
+            .filter(|e| {
+                !e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
+            .count(),
+        0
+    );
     let empty = wait_until(Duration::from_secs(20), || {
         let s = cluster_cmd("status", cfg);
-        ["queue_depth", "in_flight", "outcomes", "attempts", "object_messages"]
-            .iter()
-            .all(|k| s[k] == 0)
+        [
+            "queue_depth",
+            "in_flight",
+            "outcomes",
+            "attempts",
+            "object_messages",
+        ]
+        .iter()
+        .all(|k| s[k] == 0)
     });
-    assert!(empty, "the server still holds: {}", cluster_cmd("status", cfg));
+    assert!(
+        empty,
+        "the server still holds: {}",
+        cluster_cmd("status", cfg)
+    );
 }
 
 /// 300 inputs of which 3 are corrupt, 3 workers: 297 outputs exactly once (each the
@@ -225,16 +246,27 @@ fn three_workers_make_every_output_once_and_leave_the_server_empty() {
     let failed: Vec<String> = corrupt.iter().map(|i| inputs[*i].clone()).collect();
     assert_exactly_once(&hf, &cfg, &inputs, &failed);
     for f in &failed {
-        let side = std::fs::read_to_string(hf.join("failed").join(format!("{f}.error.json"))).unwrap();
+        let side =
+            std::fs::read_to_string(hf.join("failed").join(format!("{f}.error.json"))).unwrap();
         let v: Value = serde_json::from_str(&side).unwrap();
         assert_eq!(v["stage"], "decode", "{side}");
     }
     let per = nodes.done_per_worker();
-    assert_eq!(per.iter().sum::<usize>(), 297, "each recorded once: {per:?}");
-    assert!(per.iter().all(|&n| n > 0), "every worker took a share: {per:?}");
+    assert_eq!(
+        per.iter().sum::<usize>(),
+        297,
+        "each recorded once: {per:?}"
+    );
+    assert!(
+        per.iter().all(|&n| n > 0),
+        "every worker took a share: {per:?}"
+    );
     // The cluster's bytes are the single host's.
     let single = d.path().join("single");
-    let sample: Vec<PathBuf> = [0, 99, 298].iter().map(|i| hf.join("done").join(&inputs[*i])).collect();
+    let sample: Vec<PathBuf> = [0, 99, 298]
+        .iter()
+        .map(|i| hf.join("done").join(&inputs[*i]))
+        .collect();
     let r = process(&cfg, &single, &sample);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     for i in [0, 99, 298] {
@@ -270,7 +302,9 @@ fn killing_workers_at_random_loses_and_doubles_nothing() {
     };
     let mut rng = 12345u64;
     let mut next = || {
-        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (rng >> 33) as usize
     };
     let mut redelivered = 0u64;
@@ -288,8 +322,15 @@ fn killing_workers_at_random_loses_and_doubles_nothing() {
     assert!(finished, "done {}", stems(&hf.join("done"), false).len());
     assert_eq!(kills, 20);
     assert_exactly_once(&hf, &cfg, &inputs, &[]);
-    let alone: usize = nodes.worker_logs().iter().map(|l| l.matches("running it alone").count()).sum();
-    assert!(redelivered > 0 || alone > 0, "the kills hit items in flight (redelivered {redelivered}, alone {alone})");
+    let alone: usize = nodes
+        .worker_logs()
+        .iter()
+        .map(|l| l.matches("running it alone").count())
+        .sum();
+    assert!(
+        redelivered > 0 || alone > 0,
+        "the kills hit items in flight (redelivered {redelivered}, alone {alone})"
+    );
     assert!(alone > 0, "items delivered again ran alone");
 }
 
@@ -308,13 +349,19 @@ fn a_stopped_worker_loses_its_late_commits() {
     let mut nodes = Nodes::start(&cfg, 2, &[]);
     let inputs = deliver_all(&hf, 60, &[], Duration::ZERO);
     // Stop a worker once it holds items (it has recorded one).
-    assert!(wait_until(Duration::from_secs(60), || nodes.workers[0].log().contains(" done")));
+    assert!(wait_until(Duration::from_secs(60), || nodes.workers[0]
+        .log()
+        .contains(" done")));
     nodes.workers[0].signal(libc::SIGSTOP);
     std::thread::sleep(Duration::from_secs(6));
     nodes.workers[0].signal(libc::SIGCONT);
     assert!(wait_finished(&hf, 60, 0, Duration::from_secs(180)));
     assert_exactly_once(&hf, &cfg, &inputs, &[]);
-    let lost: usize = nodes.worker_logs().iter().map(|l| l.matches("another worker recorded it first").count()).sum();
+    let lost: usize = nodes
+        .worker_logs()
+        .iter()
+        .map(|l| l.matches("another worker recorded it first").count())
+        .sum();
     assert!(lost > 0, "a late commit lost:\n{}", nodes.workers[0].log());
     nodes.restart_dead();
 }
@@ -347,7 +394,12 @@ fn killing_the_server_and_the_collect_node_loses_and_doubles_nothing() {
     }
     let inputs = producer.join().unwrap();
     let finished = wait_finished(&hf, 200, 0, Duration::from_secs(300));
-    assert!(finished, "done {}; collect:\n{}", stems(&hf.join("done"), false).len(), nodes.collect.as_ref().unwrap().log());
+    assert!(
+        finished,
+        "done {}; collect:\n{}",
+        stems(&hf.join("done"), false).len(),
+        nodes.collect.as_ref().unwrap().log()
+    );
     assert_eq!(nodes.dead_logs.len(), 0, "no worker died");
     assert_exactly_once(&hf, &cfg, &inputs, &[]);
 }
@@ -374,7 +426,11 @@ fn a_poison_input_is_failed_after_max_attempts_and_blames_nobody_else() {
         restarts += nodes.restart_dead();
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(wait_finished(&hf, 20, 1, Duration::ZERO), "collect:\n{}", nodes.collect.as_ref().unwrap().log());
+    assert!(
+        wait_finished(&hf, 20, 1, Duration::ZERO),
+        "collect:\n{}",
+        nodes.collect.as_ref().unwrap().log()
+    );
     assert_exactly_once(&hf, &cfg, &inputs, &["poison.jpg".to_string()]);
     let side = std::fs::read_to_string(hf.join("failed/poison.jpg.error.json")).unwrap();
     assert!(side.contains("workers died on it 3 times"), "{side}");
