@@ -317,3 +317,25 @@ fn the_queue_redelivers_until_acknowledged_and_keeps_one_outcome() {
         "an unreadable work/ removes nothing"
     );
 }
+
+/// The server config `deploy/` ships is one the pinned nats-server accepts, with the
+/// fsync policy the README asks for.
+#[test]
+fn the_deployed_nats_config_is_valid() {
+    let Some(bin) = which("nats-server") else {
+        skip("cluster: no nats-server (scripts/setup.sh installs it into the venv)");
+        return;
+    };
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nats/nats-server.conf");
+    let out = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .arg("-t")
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.contains("is valid"), "{said}");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    assert!(text.contains("sync_interval: always"), "{text}");
+}
