@@ -2,20 +2,34 @@
 # Cluster mode throughput (issue 15): the same model-bound job through single-host
 # `hotpipe run` and through a collect node with 1, 2 and 3 workers on one nats-server,
 # all on this machine, the contenders alternating in each round; medians of ROUNDS.
-#   scripts/bench_cluster.sh [N_IMAGES=120] [ROUNDS=3]
-# Each worker gets one libtorch thread (infer_threads = 1), so on a machine with C cores
-# the workers scale until C. Prints images/s per contender and the ratios.
+#   scripts/bench_cluster.sh [N_IMAGES=120] [ROUNDS=3] [MODE=model]
+# MODE=model: the W1 bench model (48 channels, 8 layers) at 256 px, model-bound; each
+# worker gets one libtorch thread (infer_threads = 1), so on a machine with C cores the
+# workers scale until C. MODE=light: 128 px inputs through a tiny model at 64 px, single
+# host against one worker: what the cluster path costs per item.
+# Prints images/s per contender, the ratios, and the per-item difference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-n="${1:-120}"; rounds="${2:-3}"
+n="${1:-120}"; rounds="${2:-3}"; mode="${3:-model}"
 bin="$PWD/target/release/hotpipe"
 [ -x "$bin" ] || cargo build --release --locked --quiet
 w="$(mktemp -d /work/bench-cluster.XXXX 2>/dev/null || mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$w"' EXIT
 "$HOTPIPE_PYTHON" "$HOTPIPE_SHARED_BENCH/make_data.py" "$HOTPIPE_SHARED_BENCH/astronaut.png" "$w/data" "$n" 7 >/dev/null
-# Model-bound: the W1 bench model (48 channels, 8 layers) at 256 px.
-"$HOTPIPE_PYTHON" "$HOTPIPE_SHARED_BENCH/make_model.py" "$w/m.pt" 48 8 >/dev/null
+if [ "$mode" = light ]; then
+  "$HOTPIPE_PYTHON" - "$w/data" <<'PY'
+import glob, sys
+from PIL import Image
+for p in glob.glob(sys.argv[1] + "/*.jpg"):
+    im = Image.open(p); im.thumbnail((128, 128)); im.save(p, quality=90)
+PY
+  "$HOTPIPE_PYTHON" "$HOTPIPE_SHARED_BENCH/make_model.py" "$w/m.pt" 8 2 >/dev/null
+  size=64; contenders="single 1"
+else
+  "$HOTPIPE_PYTHON" "$HOTPIPE_SHARED_BENCH/make_model.py" "$w/m.pt" 48 8 >/dev/null
+  size=256; contenders="single 1 2 3"
+fi
 port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 nats-server -js -a 127.0.0.1 -p "$port" -sd "$w/nats" >/dev/null 2>&1 &
 sleep 1
@@ -26,7 +40,7 @@ path = "$w/m.pt"
 device = "cpu"
 max_batch = 4
 [preprocess]
-size = 256
+size = $size
 [encode]
 format = "jpeg"
 [pipeline]
@@ -63,7 +77,7 @@ run_one() {
 }
 declare -A res
 for r in $(seq "$rounds"); do
-  for c in single 1 2 3; do
+  for c in $contenders; do
     v="$(run_one "$c" "$r")"; res[$c]+="$v "
     echo "round $r: $c -> $v images/s" >&2
   done
@@ -71,8 +85,10 @@ done
 median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 s="$(echo "${res[single]}" | median)"
 printf '| contender | images/s (median of %s) | vs single-host run |\n| --- | --- | --- |\n' "$rounds"
-for c in single 1 2 3; do
+for c in $contenders; do
   m="$(echo "${res[$c]}" | median)"
   name="$c"; [ "$c" = single ] && name="single-host run" || name="cluster, $c worker(s)"
   printf '| %s | %s | %sx |\n' "$name" "$m" "$(python3 -c "print(f'{$m/$s:.2f}')")"
 done
+m1="$(echo "${res[1]}" | median)"
+python3 -c "print(f'per-item cost of the cluster path: {1000/$m1 - 1000/$s:.1f} ms (one worker against single host, medians)')"

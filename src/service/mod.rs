@@ -340,7 +340,14 @@ impl Session {
                 _ => None,
             })
             .collect();
-        shared.stuck_s.store(hf.stuck_s, Ordering::Relaxed);
+        // A collect node's items wait on the workers, which may be slow, busy with other
+        // queues or not started yet: that is no reason for systemd to restart it.
+        let stuck_s = if cluster.is_some() {
+            u64::MAX / 2
+        } else {
+            hf.stuck_s
+        };
+        shared.stuck_s.store(stuck_s, Ordering::Relaxed);
         let tx = pipeline.sender();
         pipeline.close_input();
         let outcomes = pipeline.outcomes().clone();

@@ -148,7 +148,8 @@ fn deliver_all(hf: &Path, n: usize, corrupt: &[usize], every: Duration) -> Vec<S
 fn stems(dir: &Path, skip_json: bool) -> Vec<String> {
     names(dir)
         .into_iter()
-        .filter(|n| !(skip_json && n.ends_with(".json")))
+        // Hidden names are writes in progress (a sidecar's temporary file).
+        .filter(|n| !n.starts_with('.') && !(skip_json && n.ends_with(".json")))
         .collect()
 }
 
