@@ -149,7 +149,7 @@ fn stems(dir: &Path, skip_json: bool) -> Vec<String> {
     names(dir)
         .into_iter()
         // Hidden names are writes in progress (a sidecar's temporary file).
-        .filter(|n| !n.starts_with('.') && !(skip_json && n.ends_with(".json")))
+        .filter(|n| !(n.starts_with('.') || skip_json && n.ends_with(".json")))
         .collect()
 }
 
