@@ -300,42 +300,95 @@ impl Cluster {
     }
 
     fn purge_keys(&self, bucket: &str, keys: &[String]) -> Result<(), ClusterError> {
+        let subjects: Vec<String> = keys.iter().map(|k| format!("$KV.{bucket}.{k}")).collect();
+        self.purge_subjects(&format!("KV_{bucket}"), &subjects)
+    }
+
+    /// Remove every message on each of `subjects` from `stream`, leaving no marker.
+    fn purge_subjects(&self, stream: &str, subjects: &[String]) -> Result<(), ClusterError> {
+        if subjects.is_empty() {
+            return Ok(());
+        }
         self.rt
             .block_on(async {
-                let stream = self.js.get_stream(format!("KV_{bucket}")).await?;
-                for key in keys {
-                    stream.purge().filter(format!("$KV.{bucket}.{key}")).await?;
+                let s = self.js.get_stream(stream).await?;
+                for subject in subjects {
+                    s.purge().filter(subject).await?;
                 }
                 Ok::<_, async_nats::Error>(())
             })
-            .map_err(|e| self.server_err(format!("cannot purge bucket {bucket}"), e))
+            .map_err(|e| self.server_err(format!("cannot purge stream {stream}"), e))
     }
 
     /// Remove what no live item owns: objects, outcomes and attempt counts of items that
     /// `live()` (called after the listing, so an item queued meanwhile is in it) does not
     /// name. What a worker that died between storing its outputs and committing left, or a
-    /// collect node that died between publishing and [`Cluster::forget`]. Returns how many
-    /// entries went; none when `live()` cannot say (`None`: `work/` unreadable).
+    /// collect node that died between publishing and [`Cluster::forget`]. Also the chunks
+    /// of an object whose upload died before its metadata entry was written (the server
+    /// was killed mid-upload): those no entry names, and that were unnamed at the last
+    /// sweep too (`orphans`, kept by the caller between sweeps), so an upload in progress
+    /// is never touched. Returns how many entries went; none when `live()` cannot say
+    /// (`None`: `work/` unreadable).
     pub fn sweep(
         &self,
         live: impl FnOnce() -> Option<HashSet<String>>,
+        orphans: &mut HashSet<String>,
     ) -> Result<usize, ClusterError> {
+        let n = &self.names;
+        let (objects, chunks, outcomes, attempts) = self.list_for_sweep()?;
+        let named: HashSet<&str> = objects.iter().map(|(_, nuid)| nuid.as_str()).collect();
+        let unnamed: HashSet<String> = (chunks.into_iter())
+            .filter(|c| {
+                !c.rsplit('.')
+                    .next()
+                    .is_some_and(|nuid| named.contains(nuid))
+            })
+            .collect();
+        let stale: Vec<String> = unnamed.intersection(orphans).cloned().collect();
+        *orphans = unnamed
+            .difference(&stale.iter().cloned().collect())
+            .cloned()
+            .collect();
+        let Some(live) = live() else {
+            return Ok(0);
+        };
+        let dead = |id: &str| !live.contains(id);
+        let objects: Vec<String> = (objects.into_iter())
+            .map(|(name, _)| name)
+            .filter(|o| object_item(o).is_some_and(dead))
+            .collect();
+        let outcomes: Vec<String> = outcomes.into_iter().filter(|k| dead(k)).collect();
+        let attempts: Vec<String> = attempts.into_iter().filter(|k| dead(k)).collect();
+        self.purge_objects(&objects)?;
+        self.purge_subjects(&format!("OBJ_{}", n.objects), &stale)?;
+        self.purge_keys(&n.outcomes, &outcomes)?;
+        self.purge_keys(&n.attempts, &attempts)?;
+        Ok(objects.len() + stale.len() + outcomes.len() + attempts.len())
+    }
+
+    /// What the sweep looks at: the objects (name, nuid), the chunk subjects, the outcome
+    /// and attempt keys.
+    #[allow(clippy::type_complexity)]
+    fn list_for_sweep(
+        &self,
+    ) -> Result<(Vec<(String, String)>, Vec<String>, Vec<String>, Vec<String>), ClusterError> {
         let n = &self.names;
         let listing = async {
             // A listing of an empty bucket would wait for a first entry forever.
-            let mut objects = Vec::new();
-            if self
-                .js
-                .get_stream(format!("OBJ_{}", n.objects))
-                .await?
-                .get_info()
-                .await?
-                .state
-                .messages
-                > 0
-            {
+            let obj_stream = self.js.get_stream(format!("OBJ_{}", n.objects)).await?;
+            let (mut objects, mut chunks) = (Vec::new(), Vec::new());
+            if obj_stream.get_info().await?.state.messages > 0 {
                 let store = self.js.get_object_store(&n.objects).await?;
-                objects = store.list().await?.map_ok(|o| o.name).try_collect().await?;
+                objects = (store.list().await?)
+                    .map_ok(|o| (o.name, o.nuid))
+                    .try_collect()
+                    .await?;
+                chunks = (obj_stream
+                    .info_with_subjects(format!("$O.{}.C.>", n.objects))
+                    .await?)
+                    .map_ok(|(subject, _)| subject)
+                    .try_collect()
+                    .await?;
             }
             let mut keys = Vec::new();
             for bucket in [&n.outcomes, &n.attempts] {
@@ -357,25 +410,11 @@ impl Cluster {
             }
             let attempts = keys.pop().unwrap_or_default();
             let outcomes = keys.pop().unwrap_or_default();
-            Ok::<_, async_nats::Error>((objects, outcomes, attempts))
+            Ok::<_, async_nats::Error>((objects, chunks, outcomes, attempts))
         };
-        let (objects, outcomes, attempts) = self
-            .rt
+        self.rt
             .block_on(async { tokio::time::timeout(SWEEP_LIST_LIMIT, listing).await? })
-            .map_err(|e| self.server_err("cannot list the buckets for the sweep", e))?;
-        let Some(live) = live() else {
-            return Ok(0);
-        };
-        let dead = |id: &str| !live.contains(id);
-        let objects: Vec<String> = (objects.into_iter())
-            .filter(|o| object_item(o).is_some_and(dead))
-            .collect();
-        let outcomes: Vec<String> = outcomes.into_iter().filter(|k| dead(k)).collect();
-        let attempts: Vec<String> = attempts.into_iter().filter(|k| dead(k)).collect();
-        self.purge_objects(&objects)?;
-        self.purge_keys(&n.outcomes, &outcomes)?;
-        self.purge_keys(&n.attempts, &attempts)?;
-        Ok(objects.len() + outcomes.len() + attempts.len())
+            .map_err(|e| self.server_err("cannot list the buckets for the sweep", e))
     }
 
     /// Up to `max` recorded outcomes not yet taken by the collect node, waiting at most

@@ -230,14 +230,17 @@ fn start_sweep(
     let every = Duration::from_secs(every_s);
     std::thread::Builder::new()
         .name("hp-sweep".into())
-        .spawn(move || loop {
-            match cluster.sweep(|| state::cluster_ids(&work)) {
+        .spawn(move || {
+            let mut orphans = std::collections::HashSet::new();
+            loop {
+            match cluster.sweep(|| state::cluster_ids(&work), &mut orphans) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(entries = n, "swept what finished items left on the server"),
                 Err(e) => tracing::warn!(error = %e, "the sweep of the server failed; trying again later"),
             }
             if !matches!(stop_rx.recv_timeout(every), Err(RecvTimeoutError::Timeout)) {
                 return;
+            }
             }
         })
         .map_err(|source| ServiceError::Io {

@@ -31,12 +31,13 @@ use crossbeam_channel::{Receiver, Sender, select};
 use super::ServiceError;
 use super::signals::Signal;
 use super::systemd;
-use crate::cluster::queue::{Lease, Recorded, Verdict};
+use crate::cluster::queue::{Lease, Recorded, Verdict, WorkItem};
 use crate::cluster::{Cluster, ClusterError};
 use crate::config::{Config, ParamsConfig};
 use crate::pipeline::Pipeline;
 use crate::vocab::error::{Stage, StageError};
 use crate::vocab::item::{Item, Outcome};
+use crate::vocab::params::Params;
 use crate::vocab::sink::{Encoded, Sink};
 
 /// How often a worker says it is alive (its entry expires after 30 s).
@@ -210,7 +211,9 @@ impl Worker {
         }
     }
 
-    /// Take work while there is room, until stopping.
+    /// Take work while there is room, until stopping. A fetched batch is held (its
+    /// leases kept alive) at once; its items go to the pipeline one by one, none while a
+    /// suspect runs alone.
     fn lease_loop(&self, tx: &Sender<Item>, slots: usize) {
         while !self.stopping.load(Ordering::Acquire) {
             let held = self.in_flight.load(Ordering::Acquire);
@@ -226,52 +229,81 @@ impl Worker {
                     continue;
                 }
             };
-            for lease in leases {
-                self.take(lease, tx);
+            let locals: Vec<u64> = leases.into_iter().map(|l| self.hold(l)).collect();
+            for local in locals {
+                while self.alone.load(Ordering::Acquire) != 0
+                    && !self.stopping.load(Ordering::Acquire)
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                if self.stopping.load(Ordering::Acquire) {
+                    // The rest are still held: handed back at exit.
+                    return;
+                }
+                self.take(local, tx);
             }
         }
     }
 
-    /// One leased item: skipped when it is finished already, failed when it killed too
+    /// Keep a lease (extended by the progress thread) under a new pipeline item id.
+    fn hold(&self, lease: Lease) -> u64 {
+        let local = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        leases.insert(local, lease);
+        local
+    }
+
+    /// One held item: skipped when it is finished already, failed when it killed too
     /// many workers, run alone when it is a suspect, else handed to the pipeline.
-    fn take(&self, lease: Lease, tx: &Sender<Item>) {
-        let id = lease.item.id.clone();
-        match self.cluster.outcome(&id) {
-            Ok(Some(_)) => return self.ack(lease),
+    fn take(&self, local: u64, tx: &Sender<Item>) {
+        let held = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((work, delivered)) = held.get(&local).map(|l| (l.item.clone(), l.delivered))
+        else {
+            return;
+        };
+        drop(held);
+        match self.cluster.outcome(&work.id) {
+            Ok(Some(_)) => return self.settle(local, true),
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "cannot look the item up; it will come again");
-                return self.nak(lease);
+                return self.settle(local, false);
             }
         }
-        let bytes = match self.cluster.input(&lease.item) {
+        let bytes = match self.cluster.input(&work) {
             // Its input is gone: the collect node finished it, this is a late copy.
-            Ok(None) => return self.ack(lease),
+            Ok(None) => return self.settle(local, true),
             Ok(Some(b)) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot fetch the input; it will come again");
-                return self.nak(lease);
+                return self.settle(local, false);
             }
         };
-        let local = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut item = Item::new(local, PathBuf::from(&lease.item.name));
-        item.cluster_id = Some(id.clone());
+        let mut item = Item::new(local, PathBuf::from(&work.name));
+        item.cluster_id = Some(work.id.clone());
         item.data = Some(bytes);
-        match self.item_params(&lease) {
+        match self.item_params(&work) {
             Ok(p) => item.params = p,
-            Err(reason) => return self.fail(lease, Stage::Claim, reason),
+            Err(reason) => {
+                if let Some(l) = self.take_lease(local) {
+                    self.fail(l, Stage::Claim, reason);
+                }
+                return;
+            }
         }
-        let suspect = lease.delivered > 1;
-        self.leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(local, lease);
-        if suspect && !self.run_alone(local, &id) {
+        if delivered > 1 && !self.run_alone(local, &work.id) {
             return;
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         if tx.send(item).is_err() {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Done with a held item without running it: acknowledged (`true`), or handed back.
+    fn settle(&self, local: u64, ack: bool) {
+        if let Some(l) = self.take_lease(local) {
+            if ack { self.ack(l) } else { self.nak(l) }
         }
     }
 
@@ -291,9 +323,7 @@ impl Worker {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot count the attempt; the item will come again");
-                if let Some(l) = self.take_lease(local) {
-                    self.nak(l);
-                }
+                self.settle(local, false);
                 return false;
             }
         };
@@ -312,11 +342,11 @@ impl Worker {
         true
     }
 
-    fn item_params(&self, lease: &Lease) -> Result<Option<crate::vocab::params::Params>, String> {
+    fn item_params(&self, work: &WorkItem) -> Result<Option<Params>, String> {
         let Some(schema) = &self.params else {
             return Ok(None);
         };
-        let given = match &lease.item.params {
+        let given = match &work.params {
             Some(serde_json::Value::Object(m)) => m.clone(),
             _ => Default::default(),
         };

@@ -305,14 +305,14 @@ fn the_queue_redelivers_until_acknowledged_and_keeps_one_outcome() {
     c.put_output("id-b", "w9", "0.png", b"orphan").unwrap();
     let live = || Some(std::collections::HashSet::from(["id-d".to_string()]));
     // b's and c's input and b's output: d's input stays.
-    assert_eq!(c.sweep(live).unwrap(), 3);
+    assert_eq!(c.sweep(live, &mut Default::default()).unwrap(), 3);
     let s = c.status().unwrap();
     assert_eq!(
         s.object_messages, 2,
         "d's input: its entry and one chunk: {s:?}"
     );
     assert_eq!(
-        c.sweep(|| None).unwrap(),
+        c.sweep(|| None, &mut Default::default()).unwrap(),
         0,
         "an unreadable work/ removes nothing"
     );
