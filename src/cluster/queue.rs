@@ -1,6 +1,7 @@
-//! The queue's primitives, on which the ingest/collect and worker roles are to be built
-//! (issue 15): an item enqueued with its bytes, leased by a worker, its lease extended,
-//! its outcome committed once, acknowledged.
+//! The queue's primitives, on which the collect node (`pipeline::remote`) and the worker
+//! (`service::worker`) are built: an item enqueued with its bytes, leased by a worker,
+//! its lease extended, its outcome committed once, acknowledged, collected, forgotten;
+//! the attempt count of suspects; the sweep of what no live item owns.
 //!
 //! Exactly one outcome per item rests on three server guarantees: a publish carrying
 //! `Nats-Msg-Id` twice within the duplicate window is stored once (ingest re-enqueues
