@@ -423,9 +423,14 @@ impl Worker {
         loop {
             // The collect node forgets an item's outcome once it is published: a late
             // attempt must lose to that too, not record an outcome nobody will take.
+            // A create whose confirmation was lost (the server died meanwhile) and is
+            // tried again finds this worker's own outcome: that one is a win.
             let r = match self.cluster.collected(id) {
                 Ok(true) => Ok(false),
-                Ok(false) => self.cluster.commit(id, &rec),
+                Ok(false) => match self.cluster.commit(id, &rec) {
+                    Ok(false) => (self.cluster.outcome(id)).map(|o| o.as_ref() == Some(&rec)),
+                    r => r,
+                },
                 Err(e) => Err(e),
             };
             match r {

@@ -12,14 +12,14 @@ use serde_json::Value;
 
 use crate::common::*;
 
-/// A hot folder on a cluster: `m.pt` (the restore model, or the slow one) on the CPU.
-fn cluster_config(dir: &Path, url: &str, slow: bool, cluster: &str) -> PathBuf {
+/// A hot folder on a cluster: `m.pt` (the restore model, or the slow one) on the CPU, fed
+/// at `size` px.
+fn cluster_config(dir: &Path, url: &str, slow: bool, size: u32, cluster: &str) -> PathBuf {
     if slow {
         slow_model(&dir.join("m.pt"));
     } else {
         restore_model(&dir.join("m.pt"));
     }
-    let size = if slow { 96 } else { 64 };
     write(
         &dir.join("pipeline.toml"),
         &format!(
@@ -231,7 +231,7 @@ fn three_workers_make_every_output_once_and_leave_the_server_empty() {
         return;
     };
     let d = tempfile::tempdir().unwrap();
-    let cfg = cluster_config(d.path(), &nats.url(), false, "");
+    let cfg = cluster_config(d.path(), &nats.url(), false, 64, "");
     cluster_cmd("init", &cfg);
     let hf = d.path().join("hf");
     let mut nodes = Nodes::start(&cfg, 3, &[]);
@@ -293,7 +293,7 @@ fn killing_workers_at_random_loses_and_doubles_nothing() {
         return;
     };
     let d = tempfile::tempdir().unwrap();
-    let cfg = cluster_config(d.path(), &nats.url(), true, "max_attempts = 6\n");
+    let cfg = cluster_config(d.path(), &nats.url(), true, 160, "max_attempts = 6\n");
     cluster_cmd("init", &cfg);
     let hf = d.path().join("hf");
     let mut nodes = Nodes::start(&cfg, 3, &[]);
@@ -311,7 +311,10 @@ fn killing_workers_at_random_loses_and_doubles_nothing() {
     let mut redelivered = 0u64;
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(1000 + (next() % 2000) as u64));
+        // A worker still loading its model holds nothing: kill one that is taking work
+        // (the model is slow enough at 160 px that a ready worker always holds items).
         let i = next() % 3;
+        nodes.workers[i].expect_log("cluster worker ready", Duration::from_secs(30));
         nodes.kill_worker(i);
         let s = cluster_cmd("status", &cfg);
         redelivered = redelivered.max(s["redelivered"].as_u64().unwrap());
@@ -344,7 +347,7 @@ fn a_stopped_worker_loses_its_late_commits() {
         return;
     };
     let d = tempfile::tempdir().unwrap();
-    let cfg = cluster_config(d.path(), &nats.url(), true, "");
+    let cfg = cluster_config(d.path(), &nats.url(), true, 96, "");
     cluster_cmd("init", &cfg);
     let hf = d.path().join("hf");
     let mut nodes = Nodes::start(&cfg, 2, &[]);
@@ -375,7 +378,7 @@ fn killing_the_server_and_the_collect_node_loses_and_doubles_nothing() {
         return;
     };
     let d = tempfile::tempdir().unwrap();
-    let cfg = cluster_config(d.path(), &nats.url(), true, "");
+    let cfg = cluster_config(d.path(), &nats.url(), true, 96, "");
     cluster_cmd("init", &cfg);
     let hf = d.path().join("hf");
     let mut nodes = Nodes::start(&cfg, 2, &[]);
@@ -414,7 +417,7 @@ fn a_poison_input_is_failed_after_max_attempts_and_blames_nobody_else() {
         return;
     };
     let d = tempfile::tempdir().unwrap();
-    let cfg = cluster_config(d.path(), &nats.url(), false, "");
+    let cfg = cluster_config(d.path(), &nats.url(), false, 64, "");
     cluster_cmd("init", &cfg);
     let hf = d.path().join("hf");
     let mut nodes = Nodes::start(&cfg, 2, &[("HOTPIPE_FAULTS", "decode:abort::poison")]);
