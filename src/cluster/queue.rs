@@ -163,20 +163,7 @@ impl Cluster {
     pub fn lease(&self, max: usize, wait: Duration) -> Result<Vec<Lease>, ClusterError> {
         let n = &self.names;
         let msgs = self
-            .rt
-            .block_on(async {
-                let stream = self.js.get_stream(&n.work_stream).await?;
-                let consumer: jetstream::consumer::PullConsumer =
-                    stream.get_consumer(&n.consumer).await?;
-                let batch = consumer
-                    .fetch()
-                    .max_messages(max)
-                    .expires(wait)
-                    .messages()
-                    .await?;
-                let msgs: Vec<jetstream::Message> = batch.try_collect().await?;
-                Ok::<_, async_nats::Error>(msgs)
-            })
+            .fetch(&n.work_stream, &n.consumer, max, wait)
             .map_err(|e| self.server_err("cannot fetch work", e))?;
         msgs.into_iter()
             .map(|msg| {
@@ -190,6 +177,28 @@ impl Cluster {
                 })
             })
             .collect()
+    }
+
+    /// Up to `max` messages from the durable pull consumer `consumer` on `stream`,
+    /// waiting at most `wait` for the first.
+    fn fetch(
+        &self,
+        stream: &str,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<jetstream::Message>, async_nats::Error> {
+        self.rt.block_on(async {
+            let stream = self.js.get_stream(stream).await?;
+            let consumer: jetstream::consumer::PullConsumer = stream.get_consumer(consumer).await?;
+            let batch = consumer
+                .fetch()
+                .max_messages(max)
+                .expires(wait)
+                .messages()
+                .await?;
+            batch.try_collect().await
+        })
     }
 
     /// The item's bytes, checked against the size it was queued with; `None` when they
@@ -424,20 +433,7 @@ impl Cluster {
     pub fn recorded(&self, max: usize, wait: Duration) -> Result<Vec<Taken>, ClusterError> {
         let n = &self.names;
         let msgs = self
-            .rt
-            .block_on(async {
-                let stream = self.js.get_stream(format!("KV_{}", n.outcomes)).await?;
-                let consumer: jetstream::consumer::PullConsumer =
-                    stream.get_consumer(&n.collector).await?;
-                let batch = consumer
-                    .fetch()
-                    .max_messages(max)
-                    .expires(wait)
-                    .messages()
-                    .await?;
-                let msgs: Vec<jetstream::Message> = batch.try_collect().await?;
-                Ok::<_, async_nats::Error>(msgs)
-            })
+            .fetch(&format!("KV_{}", n.outcomes), &n.collector, max, wait)
             .map_err(|e| self.server_err("cannot fetch outcomes", e))?;
         let prefix = format!("$KV.{}.", n.outcomes);
         Ok(msgs

@@ -42,18 +42,9 @@ impl Stage {
     /// The stage named `s` (as [`Stage::as_str`] writes it), e.g. from a cluster worker's
     /// recorded outcome.
     pub fn parse(s: &str) -> Option<Stage> {
-        [
-            Stage::Claim,
-            Stage::Read,
-            Stage::Decode,
-            Stage::Detect,
-            Stage::Fit,
-            Stage::Infer,
-            Stage::Encode,
-            Stage::Publish,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
+        std::iter::once(Stage::Claim)
+            .chain(crate::vocab::telemetry::STAGES)
+            .find(|st| st.as_str() == s)
     }
 }
 
