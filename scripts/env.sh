@@ -7,7 +7,11 @@ HOTPIPE_TORCH_VERSION="2.11.0"
 # The nats-server cluster mode is tested against (scripts/setup.sh installs it).
 HOTPIPE_NATS_VERSION="2.15.1"
 HOTPIPE_VENV="${HOTPIPE_VENV:-$HOTPIPE_CACHE/venv-torch$HOTPIPE_TORCH_VERSION}"
+# The F2P generator's own venv (scripts/setup_f2p.sh; examples/f2p/requirements.txt).
+HOTPIPE_F2P_VENV="${HOTPIPE_F2P_VENV:-$HOTPIPE_CACHE/venv-f2p}"
+HOTPIPE_F2P_PYTHON="$HOTPIPE_F2P_VENV/bin/python"
 export HOTPIPE_CACHE HOTPIPE_VENV HOTPIPE_TORCH_VERSION HOTPIPE_NATS_VERSION
+export HOTPIPE_F2P_VENV HOTPIPE_F2P_PYTHON
 export VIRTUAL_ENV="$HOTPIPE_VENV"
 export PATH="$HOTPIPE_VENV/bin:$HOME/.cargo/bin:$PATH"
 export LIBTORCH_USE_PYTORCH=1

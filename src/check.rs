@@ -56,6 +56,8 @@ pub struct ModelFound {
     pub path: PathBuf,
     /// A Python pipeline (`entry`), run in worker processes.
     pub python: Option<String>,
+    /// What the Python pipeline said it is (`describe()`, with its class).
+    pub about: Option<serde_json::Value>,
     pub batch: usize,
     pub devices: Vec<DeviceRun>,
 }
@@ -95,6 +97,28 @@ fn config_name(v: impl fmt::Debug) -> String {
         out.push(c.to_ascii_lowercase());
     }
     out
+}
+
+/// A Python pipeline's `describe()` for people: its pipeline class, library and version
+/// on one line, then whatever else it said, one key a line.
+fn about_text(about: &serde_json::Value) -> String {
+    let text = |k: &str| about.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    let mut lines = vec![format!(
+        "  pipeline: {} ({} {})",
+        [text("pipeline"), text("class")]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .unwrap_or("?"),
+        text("library"),
+        text("version")
+    )];
+    for (k, v) in about.as_object().into_iter().flatten() {
+        if !["pipeline", "class", "library", "version"].contains(&k.as_str()) && !v.is_null() {
+            let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+            lines.push(format!("  {k}: {v}"));
+        }
+    }
+    lines.join("\n")
 }
 
 pub fn check(cfg: &Config) -> Result<CheckReport, PipelineError> {
@@ -183,6 +207,7 @@ fn check_model(cfg: &Config) -> Result<Option<ModelFound>, PipelineError> {
     Ok(Some(ModelFound {
         path: m.path.clone(),
         python: m.python.as_ref().map(|p| p.entry.clone()),
+        about: plan.models[0].about(),
         batch,
         devices,
     }))
@@ -219,6 +244,7 @@ impl CheckReport {
             serde_json::json!({
                 "path": m.path.to_string_lossy(),
                 "python_entry": m.python,
+                "pipeline": m.about,
                 "batch": m.batch,
                 "devices": devices,
             })
@@ -288,6 +314,9 @@ impl fmt::Display for CheckReport {
                         f,
                         "model: {entry} (Python pipeline, a worker process per device)"
                     )?;
+                    if let Some(about) = &m.about {
+                        writeln!(f, "{}", about_text(about))?;
+                    }
                     writeln!(f, "  device: {}", device_name(d.device))?;
                     writeln!(
                         f,

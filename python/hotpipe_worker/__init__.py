@@ -25,6 +25,8 @@ The user's class (a complete example: examples/f2p/pipeline.py, and the README's
         def __init__(self, device: str, options: dict): ...   # once per worker
         def output_shape(self, height, width, channels):
             return (k, out_height, out_width, out_channels)   # per input; C' 1, 3 or 4
+        def describe(self):   # optional: what `hotpipe check` shows and each sidecar keeps
+            return {"library": "diffsynth", "version": "2.1.12", ...}   # JSON values
         def __call__(self, images, params):
             # images: N x H x W x C uint8 (RGB, or RGBA with decode.alpha = "keep"): a
             # view of shared memory, valid during the call (copy what you keep);
@@ -46,7 +48,7 @@ Frames, hotpipe -> worker:
      "params": [...]}                           rows start..start+N of both slots
     {"op": "stop"}
 worker -> hotpipe:
-    {"op": "ready", "output": [K, H', W', C']}
+    {"op": "ready", "output": [K, H', W', C'], "about": {...}}   what describe() said
     {"op": "done", "id": n, "errors": [null | {"error": "...", "oom": bool}, ...]}
     {"op": "fatal", "error": "last lines of the traceback"}
 """
@@ -128,6 +130,7 @@ class Worker:
             int(v) for v in self.pipeline.output_shape(self.h, self.w, self.c)
         )
         self.out_row = self.k * self.oh * self.ow * self.oc
+        self.about = describe(cls, self.pipeline)
         self.torch = getattr(self.pipeline, "inputs", "numpy") == "torch"
         self.limit = self.max_batch
         self.clean = 0
@@ -228,6 +231,19 @@ class Worker:
         out[first * self.k : (first + rows) * self.k] = y
 
 
+def describe(cls, pipeline):
+    """The class's own `describe()` (which library, version, weights), with the class's
+    name; checked to be JSON here, where a mistake can name the class."""
+    about = {"class": f"{cls.__module__}.{cls.__qualname__}".removeprefix("hotpipe_user_pipeline.")}
+    if hasattr(pipeline, "describe"):
+        extra = pipeline.describe()
+        if not isinstance(extra, dict):
+            raise TypeError(f"{about['class']}.describe() returned {type(extra).__name__}, not a dict")
+        json.dumps(extra)  # raises TypeError naming the value that is not JSON
+        about.update(extra)
+    return about
+
+
 def _empty_cache():
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
@@ -249,7 +265,10 @@ def main():
         tb = traceback.format_exc().strip().splitlines()
         write_frame(ctrl_out, {"op": "fatal", "error": "\n".join(tb[-4:]) or repr(e)})
         return 1
-    write_frame(ctrl_out, {"op": "ready", "output": [worker.k, worker.oh, worker.ow, worker.oc]})
+    write_frame(
+        ctrl_out,
+        {"op": "ready", "output": [worker.k, worker.oh, worker.ow, worker.oc], "about": worker.about},
+    )
     while True:
         msg = read_frame(ctrl_in)
         if msg is None or msg["op"] == "stop":

@@ -120,14 +120,7 @@ impl Pipeline {
         topo.stage("fit", fitters, &fit_rx, commit)?;
         let assembler = Arc::clone(&ring.assembler);
         start_inference(&mut topo, cfg, plan, ring, enc_tx, &reporter)?;
-        start_encoders(
-            &mut topo,
-            cfg,
-            info.outputs_per_input,
-            &enc_rx,
-            sink,
-            reporter,
-        )?;
+        start_encoders(&mut topo, cfg, &info, &enc_rx, sink, reporter)?;
 
         // The sampler reads channel lengths through receiver clones, which do not keep
         // any stage alive (a stage ends when its senders are gone).
@@ -366,12 +359,13 @@ fn start_inference(
 fn start_encoders(
     topo: &mut Topology,
     cfg: &Config,
-    per_input: usize,
+    info: &RuntimeInfo,
     enc_rx: &Receiver<(Item, Inferred)>,
     sink: Arc<dyn Sink>,
     reporter: Reporter,
 ) -> Result<(), PipelineError> {
     let n = cfg.pipeline.encode_threads;
+    let per_input = info.outputs_per_input;
     reporter.telemetry.set_threads(Stage::Publish, n);
     // Each worker holds one input's encoded outputs at a time (it publishes them before
     // the next), so the pool never makes a worker wait for another's buffers.
@@ -386,14 +380,18 @@ fn start_encoders(
         sink,
         ext: cfg.encode.format.extension(),
         reporter,
-        provenance: provenance(cfg)?.map(Arc::new),
+        provenance: provenance(cfg, info)?.map(Arc::new),
     };
     topo.stage("encode", encoders, enc_rx, publish)
 }
 
 /// With `[params]`: the model's path and the SHA-256 of its file, for the sidecars
-/// (hashed once, at start-up).
-fn provenance(cfg: &Config) -> Result<Option<serde_json::Value>, PipelineError> {
+/// (hashed once, at start-up); for a Python pipeline also its entry, its options and
+/// what it said it is (library, version, weights).
+fn provenance(
+    cfg: &Config,
+    info: &RuntimeInfo,
+) -> Result<Option<serde_json::Value>, PipelineError> {
     if cfg.params.is_none() {
         return Ok(None);
     }
@@ -404,10 +402,16 @@ fn provenance(cfg: &Config) -> Result<Option<serde_json::Value>, PipelineError> 
         context: format!("cannot hash the model {}", m.path.display()),
         source,
     })?;
-    Ok(Some(serde_json::json!({
+    let mut p = serde_json::json!({
         "path": m.path.to_string_lossy(),
         "sha256": hash,
-    })))
+    });
+    if let Some(py) = &m.python {
+        p["entry"] = py.entry.clone().into();
+        p["options"] = py.options.clone();
+        p["pipeline"] = info.about.clone().unwrap_or_default();
+    }
+    Ok(Some(p))
 }
 
 fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {

@@ -141,6 +141,7 @@ impl Pipeline {
             outputs_per_input: 1,
             model: "the cluster's workers".to_string(),
             precision: tch::Kind::Uint8,
+            about: None,
         };
         Ok(Pipeline {
             input: Some(input_tx),

@@ -252,6 +252,20 @@ impl Model {
         matches!(self.engine, Engine::Python(_))
     }
 
+    /// What a Python pipeline said it is (`describe()`, with its class); `None` for
+    /// TorchScript.
+    pub fn about(&self) -> Option<serde_json::Value> {
+        match &self.engine {
+            Engine::Python(sup) => Some(
+                sup.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .about()
+                    .clone(),
+            ),
+            _ => None,
+        }
+    }
+
     /// Input `(H, W)`.
     pub fn input_hw(&self) -> (i64, i64) {
         self.in_hw
@@ -398,7 +412,7 @@ impl Model {
                 rows.get(i)
                     .copied()
                     .flatten()
-                    .map_or_else(|| serde_json::json!({}), Params::to_json)
+                    .map_or_else(|| sup.placeholders().clone(), Params::to_json)
             })
             .collect();
         let [k, oh, ow, oc] = sup.output();

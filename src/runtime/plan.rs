@@ -33,6 +33,9 @@ pub struct RuntimeInfo {
     pub outputs_per_input: usize,
     pub model: String,
     pub precision: Kind,
+    /// A Python pipeline's own account of itself (`describe()`: library, version,
+    /// weights), with its class.
+    pub about: Option<serde_json::Value>,
 }
 
 /// The loaded models and the numbers derived from them.
@@ -118,6 +121,11 @@ impl RuntimePlan {
             BatchSize::Auto => DEFAULT_BATCH,
         };
         let module_dir = WorkerSpec::default_module_dir();
+        let placeholders = serde_json::Value::Object(
+            (cfg.params.iter().flat_map(|p| &p.specs))
+                .map(|s| (s.name.clone(), s.placeholder().to_json()))
+                .collect(),
+        );
         // On the CPU, `cpu_infer_workers` processes share the batches as TorchScript
         // copies do (a pipeline that holds the GIL scales only across processes).
         let mut devices = m.devices.clone();
@@ -131,6 +139,9 @@ impl RuntimePlan {
                 entry: py.entry.clone(),
                 device: d.to_string(),
                 options: py.options.clone(),
+                placeholders: placeholders.clone(),
+                cpu_threads: (d.tch() == Device::Cpu)
+                    .then(|| (cfg.pipeline.infer_threads / devices.len()).max(1)),
             })
             .collect();
         let shape = Shape {
@@ -176,6 +187,7 @@ impl RuntimePlan {
             outputs_per_input: m.outputs_per_input(),
             model: m.path().display().to_string(),
             precision: m.kind(),
+            about: m.about(),
         }
     }
 }

@@ -156,6 +156,8 @@ class OnGpu:
         entry: format!("{}:OnGpu", entry.display()),
         device: "cuda:0".into(),
         options: serde_json::json!({}),
+        placeholders: serde_json::json!({}),
+        cpu_threads: None,
     };
     let shape = Shape {
         slots: 2,

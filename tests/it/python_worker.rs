@@ -60,6 +60,8 @@ fn spec(dir: &Path, class: &str) -> Option<WorkerSpec> {
         entry: format!("{}:{class}", file.display()),
         device: "cpu".into(),
         options: json!({}),
+        placeholders: json!({}),
+        cpu_threads: None,
     })
 }
 

@@ -20,7 +20,7 @@ use crate::vocab::telemetry::Timer;
 /// The loop; returns when the assembler is closed and drained (the supervisor, dropped
 /// then, stops its worker).
 pub fn run_worker(mut sup: Supervisor, parts: WorkerParts) {
-    let no_params = Value::Object(Default::default());
+    let no_params = sup.placeholders().clone();
     while let Some(batch) = parts.assembler.next_batch() {
         let timer = Timer::start();
         let n = batch.rows.len();

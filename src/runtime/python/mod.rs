@@ -39,6 +39,13 @@ pub struct WorkerSpec {
     pub device: String,
     /// Passed to the class's constructor.
     pub options: Value,
+    /// The parameters handed for a row that carries no item's (a batch's empty rows,
+    /// `check`'s dummy batch): each declared parameter's placeholder, a value its schema
+    /// accepts, so a pipeline never sees a missing key.
+    pub placeholders: Value,
+    /// On the CPU, the worker's share of `infer_threads`: its `OMP_NUM_THREADS` (torch's
+    /// intra-op threads), unless hotpipe's own environment sets one.
+    pub cpu_threads: Option<usize>,
 }
 
 impl WorkerSpec {

@@ -110,6 +110,7 @@ pub fn start_workers(
         .enumerate()
         .map(|(index, ((spec, worker), stats))| {
             stats.alive.store(true, Ordering::Relaxed);
+            let about = worker.about.clone();
             Supervisor {
                 spec,
                 index,
@@ -122,6 +123,7 @@ pub fn start_workers(
                 },
                 backoff: FIRST_BACKOFF,
                 output,
+                about,
                 stats,
             }
         })
@@ -139,10 +141,21 @@ pub struct Supervisor {
     limits: Limits,
     backoff: Duration,
     output: [usize; 4],
+    about: serde_json::Value,
     stats: Arc<ModelWorkerStats>,
 }
 
 impl Supervisor {
+    /// What the pipeline said it is at its first start (`describe()`, with its class).
+    pub fn about(&self) -> &serde_json::Value {
+        &self.about
+    }
+
+    /// The parameters for a row without an item's ([`super::WorkerSpec::placeholders`]).
+    pub fn placeholders(&self) -> &serde_json::Value {
+        &self.spec.placeholders
+    }
+
     /// Outputs per input, height, width, channels.
     pub fn output(&self) -> [usize; 4] {
         self.output

@@ -47,6 +47,9 @@ pub struct PyWorker {
     from: BufReader<ChildStdout>,
     /// Outputs per input, height, width, channels, as the worker reported them.
     pub output: [usize; 4],
+    /// What the pipeline says it is (`describe()`: library, version, weights), with its
+    /// class; an object.
+    pub about: Value,
     next_id: u64,
 }
 
@@ -67,6 +70,11 @@ impl PyWorker {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        if let Some(n) = spec.cpu_threads
+            && std::env::var_os("OMP_NUM_THREADS").is_none()
+        {
+            cmd.env("OMP_NUM_THREADS", n.to_string());
+        }
         // SAFETY: between fork and exec only prctl, getppid, dup2, fcntl and _exit run,
         // all async-signal-safe. The worker is killed when hotpipe dies (a SIGKILLed
         // daemon leaves no worker behind), and exits at once if hotpipe already died
@@ -103,6 +111,7 @@ impl PyWorker {
             to,
             from,
             output: [0; 4],
+            about: Value::Null,
             next_id: 0,
         };
         w.handshake(spec, input)?;
@@ -143,6 +152,10 @@ impl PyWorker {
             )));
         }
         self.output = [k, oh, ow, oc];
+        self.about = match ready.get("about") {
+            Some(v @ Value::Object(_)) => v.clone(),
+            _ => json!({}),
+        };
         Ok(())
     }
 
