@@ -21,6 +21,7 @@ mod cluster;
 mod cluster_run;
 mod colour;
 mod cuda;
+mod f2p;
 mod facecrop;
 mod hotfolder;
 mod journald;
