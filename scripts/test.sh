@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# The F2P generator's own venv and the tiny Qwen-Image-Edit fixture (tests/it/f2p.rs).
+scripts/setup_f2p.sh
 source scripts/env.sh
 # What only the tests need: headless Chromium for the status page's test.
 if ! command -v chromium >/dev/null 2>&1; then
