@@ -565,3 +565,37 @@ fn check_names_the_f2p_pipeline_its_library_and_version() {
     assert!(r.stdout.contains("lora: {"), "{}", r.stdout);
     f.assert_offline();
 }
+
+/// The full-size timing run's models (scripts/f2p_full.py, for a lent GPU) build at the
+/// published sizes: on the meta device (no memory), counted (about 20.4 B, 8.3 B and
+/// 0.13 B parameters) and equal to DiffSynth's own full-size classes, its pipeline
+/// assembled with the real processor's image sizes and the text encoder looking for the
+/// tokenizer's image token, so the first run on a GPU does not fail on a typo.
+#[test]
+fn the_full_size_f2p_models_build_at_the_published_sizes() {
+    let Some((py, fixture)) = f2p_env() else {
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(py)
+        .arg(root.join("scripts/f2p_full.py"))
+        .arg("meta")
+        .env("HOTPIPE_F2P_FIXTURE", &fixture)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let n = |k: &str| j["parameters"][k].as_f64().unwrap();
+    assert!((20.0e9..21.0e9).contains(&n("transformer")), "{j}");
+    assert!((8.0e9..8.6e9).contains(&n("text_encoder")), "{j}");
+    assert!((0.11e9..0.14e9).contains(&n("vae")), "{j}");
+    assert_eq!(j["parameters"], j["diffsynth_parameters"], "{j}");
+    assert_eq!(j["image_token_id"][0], j["image_token_id"][1], "{j}");
+    assert_eq!(j["max_pixels"], 12_845_056);
+}
