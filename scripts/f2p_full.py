@@ -164,7 +164,9 @@ def alone(faces, out):
     crops = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(Path(faces).iterdir())]
     params = {"prompt": "a woman in a red coat walking in a park, full body", "negative_prompt": "",
               "seed": 0}
+    t = time.perf_counter()
     gen(crops[0][None], [dict(params, steps=2, cfg_scale=4.0)])  # warm-up
+    report["warmup_s"] = time.perf_counter() - t
     for name, steps, cfg, n in SETTINGS:
         torch.cuda.synchronize()
         t = time.perf_counter()

@@ -4,10 +4,38 @@
 # scripts and the device script.
 # Then, from the session's device tool, one call:
 #   run(command="bash .device/device_w1.sh", carry=[".device"], timeout_s=540)
+# `scripts/prepare_device.sh f2p` prepares the full-size F2P timing run instead (the carry
+# holds 64 MiB, too little for both):
+#   run(command="bash .device/device_f2p.sh", carry=[".device"], timeout_s=420)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
+if [ "${1:-}" = f2p ]; then
+  [ -f models/f2p-tiny/diffsynth/model_configs.json ] || scripts/setup_f2p.sh
+  cargo build --release --locked --quiet
+  rm -rf .device && mkdir -p .device/bin .device/share/hotpipe/python .device/f2p-wheels
+  cp target/release/hotpipe .device/bin/ && strip .device/bin/hotpipe
+  cp -r python/hotpipe_worker .device/share/hotpipe/python/
+  cp -r models/mtcnn .device/mtcnn
+  cp -r models/f2p-tiny .device/f2p-tiny
+  cp "$HOTPIPE_SHARED_BENCH"/make_data.py "$HOTPIPE_SHARED_BENCH"/astronaut.png .device/
+  cp examples/f2p/pipeline.py scripts/f2p_full.py scripts/device_f2p.sh .device/
+  cp examples/f2p/pipeline.toml .device/f2p.toml
+  # diffusers and what it imports (the device's python3 has torch, torchvision, pillow,
+  # numpy), at the versions of examples/f2p/requirements.txt, for whichever Python 3 it is.
+  want="diffusers transformers tokenizers safetensors huggingface_hub regex PyYAML packaging
+    filelock fsspec tqdm requests urllib3 idna certifi charset-normalizer importlib_metadata
+    zipp typing_extensions httpx2 httpcore2 anyio h11 truststore"
+  pins=$(for p in $want; do grep -i "^$p==" examples/f2p/requirements.txt; done)
+  for v in 3.10 3.11 3.12 3.13; do
+    # shellcheck disable=SC2086
+    "$HOTPIPE_PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "$v" \
+      -d .device/f2p-wheels $pins || echo "[prepare] no wheels for Python $v" >&2
+  done
+  du -sh .device
+  exit 0
+fi
 # The test target requires the test-only fault points, and building it builds
 # target/release/hotpipe with them too: the plain build (no fault points) comes after.
 test_bin=$(cargo test --release --no-run --features fault-injection --test it \
