@@ -57,6 +57,8 @@ fn main() {
             entry: format!("{}:Identity", entry.display()),
             device: "cpu".into(),
             options: json!({}),
+            placeholders: json!({}),
+            cpu_threads: None,
         };
         let shape = Shape {
             slots: 2,
