@@ -5,6 +5,11 @@
 //! - `--no-as-needed -ltorch`: `libtorch.so` pulls in `libtorch_cuda.so`, but nothing in
 //!   our objects references it directly, so the default `--as-needed` drops it and CUDA is
 //!   then never available (verified on an H200, see shared/gpu/README.md).
+//!
+//! And one thing for the Python backend: the interpreter of the venv that libtorch came
+//! from (`<venv>/lib/pythonX.Y/site-packages/torch/lib` -> `<venv>/bin/python`, the one
+//! scripts/setup.sh made, with numpy), as `HOTPIPE_BUILD_PYTHON`: the default
+//! `[model] python` when nothing else names one.
 
 fn main() {
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect(
@@ -14,6 +19,15 @@ fn main() {
     println!("cargo:rustc-link-arg=-L{lib}");
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch,--as-needed");
     println!("cargo:rerun-if-changed=build.rs");
+    let venv_python = std::path::Path::new(&lib)
+        .ancestors()
+        .nth(5)
+        .map(|venv| venv.join("bin/python"))
+        .filter(|p| p.is_file());
+    println!(
+        "cargo:rustc-env=HOTPIPE_BUILD_PYTHON={}",
+        venv_python.map_or_else(String::new, |p| p.display().to_string())
+    );
 
     // The CUDA stream/event shim (src/runtime/cuda/shim.cpp). It includes only libtorch's
     // device-generic c10 headers, which the PyPI wheel ships next to its lib directory, so

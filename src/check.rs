@@ -58,6 +58,8 @@ pub struct ModelFound {
     pub python: Option<String>,
     /// What the Python pipeline said it is (`describe()`, with its class).
     pub about: Option<serde_json::Value>,
+    /// The interpreter its workers run (`[model] python`, or the default it fell to).
+    pub interpreter: Option<PathBuf>,
     pub batch: usize,
     pub devices: Vec<DeviceRun>,
 }
@@ -208,6 +210,7 @@ fn check_model(cfg: &Config) -> Result<Option<ModelFound>, PipelineError> {
         path: m.path.clone(),
         python: m.python.as_ref().map(|p| p.entry.clone()),
         about: plan.models[0].about(),
+        interpreter: m.python.as_ref().map(|p| p.interpreter.clone()),
         batch,
         devices,
     }))
@@ -245,6 +248,7 @@ impl CheckReport {
                 "path": m.path.to_string_lossy(),
                 "python_entry": m.python,
                 "pipeline": m.about,
+                "python": m.interpreter.as_ref().map(|p| p.to_string_lossy()),
                 "batch": m.batch,
                 "devices": devices,
             })
@@ -314,6 +318,9 @@ impl fmt::Display for CheckReport {
                         f,
                         "model: {entry} (Python pipeline, a worker process per device)"
                     )?;
+                    if let Some(python) = &m.interpreter {
+                        writeln!(f, "  python: {}", python.display())?;
+                    }
                     if let Some(about) = &m.about {
                         writeln!(f, "{}", about_text(about))?;
                     }

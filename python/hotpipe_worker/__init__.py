@@ -61,7 +61,10 @@ import struct
 import sys
 import traceback
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError as _e:  # told to hotpipe by main(), which needs only the standard library
+    np, _NUMPY_MISSING = None, _e
 
 _LEN = struct.Struct("<I")
 MAX_FRAME = 16 << 20
@@ -259,6 +262,12 @@ def main():
     hello = read_frame(ctrl_in)
     if hello is None or hello.get("op") != "hello":
         return 2
+    if np is None:
+        write_frame(ctrl_out, {"op": "fatal", "error": (
+            f"{sys.executable} has no numpy ({_NUMPY_MISSING}): [model] python must name the "
+            "interpreter of a venv with numpy and the pipeline's own packages "
+            "(scripts/setup.sh's, or examples/f2p's scripts/setup_f2p.sh)")})
+        return 1
     try:
         worker = Worker(hello)
     except BaseException as e:  # noqa: B036 - reported, then the worker exits

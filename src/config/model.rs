@@ -84,8 +84,10 @@ pub struct ModelConfig {
 pub struct PythonModel {
     /// `path/to/pipeline.py:ClassName`, the path resolved against the config's folder.
     pub entry: String,
-    /// The interpreter: `python`, else `$HOTPIPE_PYTHON`, else the active venv's, else
-    /// `python3` on the PATH.
+    /// The interpreter: `python` (a bare name looked up on the PATH, a path resolved
+    /// against the config's folder), else `$HOTPIPE_PYTHON`, else the active venv's,
+    /// else the venv hotpipe was built against (scripts/setup.sh's), else `python3` on the
+    /// PATH.
     pub interpreter: PathBuf,
     /// Given to the class's constructor, as JSON.
     pub options: serde_json::Value,
@@ -218,6 +220,20 @@ fn python(
         }
     };
     let interpreter = match &m.python {
+        // A bare command name, as in a shell: the PATH's, not a file beside the config.
+        Some(p) if !p.get_ref().contains('/') => match on_path(p.get_ref()) {
+            Some(found) => found,
+            None => {
+                return cx.err(
+                    p.span(),
+                    "model.python",
+                    format!(
+                        "no `{}` on the PATH; name the interpreter of a venv with your pipeline's packages (e.g. /opt/venv/bin/python)",
+                        p.get_ref()
+                    ),
+                );
+            }
+        },
         Some(p) => cx.resolve(p.get_ref()),
         None => default_interpreter(),
     };
@@ -257,12 +273,30 @@ fn is_identifier(s: &str) -> bool {
 
 /// hotpipe's own venv when the environment names it (`scripts/env.sh` does), else the
 /// first `python3` on the PATH.
+/// Without `[model] python`: `$HOTPIPE_PYTHON`, the active venv's, the venv hotpipe was
+/// built against when it is still there (it has numpy: scripts/setup.sh made it), else
+/// `python3` on the PATH. `check` prints which.
 fn default_interpreter() -> PathBuf {
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let built = Some(PathBuf::from(env!("HOTPIPE_BUILD_PYTHON"))).filter(|p| p.is_file());
     var("HOTPIPE_PYTHON")
         .map(PathBuf::from)
         .or_else(|| var("VIRTUAL_ENV").map(|v| PathBuf::from(v).join("bin/python")))
+        .or(built)
+        .or_else(|| on_path("python3"))
         .unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+/// `name` as a shell finds it: the first executable file of that name on the PATH.
+fn on_path(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 /// `model.device`: one name, or a list of distinct CUDA devices.

@@ -560,3 +560,108 @@ fn two_cpu_workers_share_the_batches_through_one_shared_file() {
     assert_eq!(rows.len(), 2, "two workers served: {calls}");
     assert_eq!(rows.values().sum::<usize>(), 16, "{calls}");
 }
+
+/// A minimal Python pipeline (numpy in, the same out) and its config, with `python`
+/// given as `python_line` (or left out when `None`).
+fn echo_config(dir: &Path, python_line: Option<&str>) -> PathBuf {
+    write(
+        &dir.join("echo.py"),
+        "class Echo:\n    def __init__(self, device, options): pass\n    def output_shape(self, h, w, c): return (1, h, w, c)\n    def __call__(self, images, params): return images.copy()\n",
+    );
+    let python = python_line.map_or_else(String::new, |p| format!("python = {p}\n"));
+    write(
+        &dir.join("echo.toml"),
+        &format!(
+            "[model]\nbackend = \"python\"\nentry = \"echo.py:Echo\"\n{python}device = \"cpu\"\nmax_batch = 1\n\n[preprocess]\nsize = 16\n\n[encode]\nformat = \"png\"\n"
+        ),
+    )
+}
+
+/// `hotpipe check` with only `env` (and a PATH of `path`): the rest of hotpipe's own
+/// environment (the venv scripts/env.sh activates) is left out, as in a plain shell.
+fn check_bare(cfg: &Path, path: &str, env: &[(&str, &str)]) -> Cli {
+    let mut cmd = hotpipe();
+    cmd.env_clear()
+        .env("PATH", path)
+        .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+        .envs(env.iter().copied())
+        .args(["check", "--config"])
+        .arg(cfg);
+    cmd.output().unwrap().into()
+}
+
+/// Which interpreter a Python pipeline runs, from a plain shell (issue 31, item 2): a bare
+/// command name is looked up on the PATH (it was resolved against the config's folder);
+/// without `python` and without the venv's environment the default is the venv hotpipe
+/// was built against, which has numpy (it was `python3` on the PATH, which had none: a
+/// traceback and "model worker died"); `check` prints the interpreter; one without numpy
+/// is named in a plain error that says what to do.
+#[test]
+fn the_python_backend_finds_its_interpreter_from_a_plain_shell() {
+    let Some(py) = python() else {
+        skip("python backend: needs HOTPIPE_PYTHON (run through scripts/test.sh)");
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let bin = d.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    // A wrapper, not a symlink (a venv is found from the path the interpreter is run as).
+    let wrapper = write(
+        &bin.join("hp-test-python"),
+        &format!("#!/bin/sh\nexec {} \"$@\"\n", py.display()),
+    );
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let plain = format!("{}:/usr/bin:/bin", bin.display());
+
+    let r = check_bare(
+        &echo_config(d.path(), Some("\"hp-test-python\"")),
+        &plain,
+        &[],
+    );
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    let want = format!("  python: {}", bin.join("hp-test-python").display());
+    assert!(r.stdout.contains(&want), "{}", r.stdout);
+
+    let r = check_bare(
+        &echo_config(d.path(), Some("\"no-such-python\"")),
+        &plain,
+        &[],
+    );
+    assert_eq!(r.code, Some(78), "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("model.python") && r.stderr.contains("no `no-such-python` on the PATH"),
+        "{}",
+        r.stderr
+    );
+
+    // No `python`, no venv in the environment: the build's venv, not /usr/bin/python3.
+    let r = check_bare(&echo_config(d.path(), None), "/usr/bin:/bin", &[]);
+    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains(&format!("  python: {}", py.display())),
+        "{}",
+        r.stdout
+    );
+
+    // An interpreter without numpy: said plainly, with what to do.
+    let bare = d.path().join("bare");
+    let made = std::process::Command::new("/usr/bin/python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&bare)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let line = format!("\"{}\"", bare.join("bin/python").display());
+    let r = check_bare(&echo_config(d.path(), Some(&line)), &plain, &[]);
+    assert_ne!(r.code, Some(0), "{}", r.stdout);
+    assert!(
+        r.stderr.contains("has no numpy (No module named 'numpy')")
+            && r.stderr.contains("[model] python must name"),
+        "{}",
+        r.stderr
+    );
+}
