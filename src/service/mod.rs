@@ -185,8 +185,9 @@ impl Shared {
             .clone()
     }
 
-    /// Ok when idle or progressing; Err (with why) when items are in flight and no stage
-    /// has finished anything for `stuck_s`.
+    /// Ok when idle, progressing, or running a batch within what it is allowed
+    /// ([`Telemetry::busy_within_allowance`]); Err (with why) when items are in flight,
+    /// no stage has finished anything for `stuck_s`, and no batch explains it.
     pub fn health(&self) -> Result<String, String> {
         let tel = self.telemetry();
         let since_stage = tel.started.elapsed().saturating_sub(Duration::from_millis(
@@ -195,20 +196,30 @@ impl Shared {
         let since_activity = self.started.elapsed().saturating_sub(Duration::from_millis(
             self.last_activity_ms.load(Ordering::Relaxed),
         ));
+        let stuck = Duration::from_secs(self.stuck_s.load(Ordering::Relaxed));
         health_of(
             self.in_flight.load(Ordering::Relaxed),
             since_stage.min(since_activity),
-            Duration::from_secs(self.stuck_s.load(Ordering::Relaxed)),
+            stuck,
+            || tel.busy_within_allowance(stuck),
         )
     }
 }
 
-/// The health rule, separate so it can be tested without a stuck pipeline.
-pub fn health_of(in_flight: i64, quiet: Duration, stuck: Duration) -> Result<String, String> {
+/// The health rule, separate so it can be tested without a stuck pipeline; `busy` says
+/// whether a batch within its allowance explains the quiet.
+pub fn health_of(
+    in_flight: i64,
+    quiet: Duration,
+    stuck: Duration,
+    busy: impl FnOnce() -> Option<String>,
+) -> Result<String, String> {
     if in_flight <= 0 {
         Ok("idle".into())
     } else if quiet < stuck {
         Ok(format!("{in_flight} in flight, progressing"))
+    } else if let Some(busy) = busy() {
+        Ok(format!("{in_flight} in flight, {busy}"))
     } else {
         Err(format!(
             "{in_flight} item(s) in flight and no stage progress for {:.0} s",
@@ -1091,12 +1102,14 @@ mod tests {
     #[test]
     fn health_rule() {
         let s = Duration::from_secs(10);
-        assert!(health_of(0, Duration::from_secs(100), s).is_ok());
-        assert!(health_of(3, Duration::from_secs(2), s).is_ok());
+        assert!(health_of(0, Duration::from_secs(100), s, || None).is_ok());
+        assert!(health_of(3, Duration::from_secs(2), s, || None).is_ok());
         assert!(
-            health_of(3, Duration::from_secs(11), s)
+            health_of(3, Duration::from_secs(11), s, || None)
                 .unwrap_err()
                 .contains("3 item(s)")
         );
+        let busy = || Some("a batch running for 70 s (allowed 930 s)".to_string());
+        assert!(health_of(3, Duration::from_secs(70), s, busy).is_ok());
     }
 }

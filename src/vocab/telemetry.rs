@@ -54,6 +54,13 @@ pub struct Telemetry {
     /// Last time any stage finished an item (ms since `started`), for the watchdog and
     /// the health check.
     pub last_progress_ms: AtomicU64,
+    /// When the last batch began ([`clock_ms`]), and its progress mark: a batch that began
+    /// after the last progress is still running.
+    pub batch_started_ms: AtomicU64,
+    pub batch_started_progress_ms: AtomicU64,
+    /// The longest batch so far (ms): where no timeout bounds a batch, four times this
+    /// is how long one may take before the stage is stuck.
+    pub longest_batch_ms: AtomicU64,
     /// One per model worker process (the Python backend; empty for TorchScript models,
     /// which run inside hotpipe).
     pub model_workers: Mutex<Vec<Arc<ModelWorkerStats>>>,
@@ -71,6 +78,20 @@ pub struct ModelWorkerStats {
     pub failed_items: AtomicU64,
     /// Whether a worker process is running now.
     pub alive: AtomicBool,
+    /// When the batch it is on began ([`clock_ms`]; 0: none), its restarts included.
+    pub running_since_ms: AtomicU64,
+    /// How long one batch may take before the worker is stuck: its `batch_timeout_s`
+    /// plus twice its measured start-up (a worker killed for overrunning is started
+    /// again within the same batch), plus 30 s; 0 with no timeout (then the learned bound
+    /// of [`Telemetry::busy_within_allowance`] applies).
+    pub allowed_ms: AtomicU64,
+}
+
+/// Milliseconds on one monotonic clock for the whole process (from its first use), so
+/// the supervisor and the health rule agree on when a batch began.
+pub fn clock_ms() -> u64 {
+    static ZERO: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    ZERO.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 impl Default for Telemetry {
@@ -82,6 +103,9 @@ impl Default for Telemetry {
             batch_rows: AtomicU64::new(0),
             batch_hist: Default::default(),
             last_progress_ms: AtomicU64::new(0),
+            batch_started_ms: AtomicU64::new(0),
+            batch_started_progress_ms: AtomicU64::new(0),
+            longest_batch_ms: AtomicU64::new(0),
             model_workers: Mutex::new(Vec::new()),
         }
     }
@@ -98,6 +122,10 @@ impl Telemetry {
 
     /// Record one item's work in a stage (`items` items, e.g. a batch of rows).
     pub fn record(&self, stage: Stage, busy: Duration, items: u64) {
+        if stage == Stage::Infer {
+            self.longest_batch_ms
+                .fetch_max(busy.as_millis() as u64, Ordering::Relaxed);
+        }
         let s = self.stage(stage);
         s.busy_ns
             .fetch_add(busy.as_nanos() as u64, Ordering::Relaxed);
@@ -110,6 +138,44 @@ impl Telemetry {
         s.hist[b].fetch_add(1, Ordering::Relaxed);
         self.last_progress_ms
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Why a quiet pipeline is not stuck, if it is not: a batch is running and has not
+    /// yet taken what it is allowed, for a model worker its `allowed_ms`, else (no
+    /// timeout, or a TorchScript model) `stuck` or four times the longest batch so far,
+    /// whichever is longer. A generation that takes minutes is then not a stuck service;
+    /// one that overruns its own bound is.
+    pub fn busy_within_allowance(&self, stuck: Duration) -> Option<String> {
+        let now = clock_ms();
+        let learned =
+            (4 * self.longest_batch_ms.load(Ordering::Relaxed)).max(stuck.as_millis() as u64);
+        let within = |since: u64, allowed: u64| {
+            let ran = now.saturating_sub(since);
+            (since > 0 && ran < allowed).then(|| {
+                format!(
+                    "a batch running for {:.0} s (allowed {:.0} s)",
+                    ran as f64 / 1e3,
+                    allowed as f64 / 1e3
+                )
+            })
+        };
+        let workers = self.model_workers();
+        if !workers.is_empty() {
+            return workers.iter().find_map(|w| {
+                let allowed = match w.allowed_ms.load(Ordering::Relaxed) {
+                    0 => learned,
+                    a => a,
+                };
+                within(w.running_since_ms.load(Ordering::Relaxed), allowed)
+            });
+        }
+        // In-process models: the last batch is still running if no progress was made
+        // since it began (every batch's end is progress).
+        let running = self.last_progress_ms.load(Ordering::Relaxed)
+            == self.batch_started_progress_ms.load(Ordering::Relaxed);
+        running
+            .then(|| within(self.batch_started_ms.load(Ordering::Relaxed), learned))
+            .flatten()
     }
 
     pub fn failed(&self, stage: Stage) {
@@ -129,6 +195,11 @@ impl Telemetry {
     }
 
     pub fn batch(&self, rows: usize) {
+        self.batch_started_progress_ms.store(
+            self.last_progress_ms.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        self.batch_started_ms.store(clock_ms(), Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.batch_rows.fetch_add(rows as u64, Ordering::Relaxed);
         let b = (usize::BITS - rows.max(1).leading_zeros() - 1).min(7) as usize;

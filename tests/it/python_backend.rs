@@ -665,3 +665,46 @@ fn the_python_backend_finds_its_interpreter_from_a_plain_shell() {
         r.stderr
     );
 }
+
+/// A generation longer than `stuck_s` is not a stuck service (issue 31, item 1): with a
+/// Python pipeline taking 6 s a batch, `stuck_s = 2` and `batch_timeout_s = 120`,
+/// /healthz stays 200 throughout and says a batch is running within what it is allowed
+/// (it was 503 "no stage progress" from second 2 on, and the watchdog, fed by the same
+/// rule, would have been withheld).
+#[test]
+fn a_long_generation_within_its_timeout_is_healthy() {
+    let Some(py) = python() else {
+        skip("python backend: needs HOTPIPE_PYTHON (run through scripts/test.sh)");
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let cfg = slow_config(d.path(), &py, 6.0, 30);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("settle_ms = 50\n", "settle_ms = 50\nstuck_s = 2\n")
+        .replace("listen = \"off\"", "listen = \"127.0.0.1:0\"");
+    std::fs::write(&cfg, text).unwrap();
+    let hf = d.path().join("hf");
+    let daemon = Daemon::start(&cfg, &[]);
+    daemon.expect_log("hot folder ready", Duration::from_secs(120));
+    let addr = daemon.metrics_addr();
+    deliver(&hf, "a.png", &png_bytes(1));
+    let mut seen = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            seen.push(http_get(&addr, "/healthz"));
+            std::thread::sleep(Duration::from_millis(200));
+            hf.join("done/a.png").is_file()
+        }),
+        "{}",
+        daemon.log()
+    );
+    let bad: Vec<_> = seen.iter().filter(|(code, _)| *code != 200).collect();
+    assert!(bad.is_empty(), "unhealthy during a healthy batch: {bad:?}");
+    assert!(
+        seen.iter()
+            .any(|(_, body)| body.contains("a batch running for") && body.contains("(allowed ")),
+        "{seen:?}"
+    );
+    assert_eq!(daemon.stop().0, Some(0));
+}

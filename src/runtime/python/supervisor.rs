@@ -16,7 +16,7 @@ use serde_json::Value;
 use super::shm::{Layout, SharedSlots, ShmFile};
 use super::worker::{Job, PyWorker, RowError};
 use super::{PyError, WorkerSpec};
-use crate::vocab::telemetry::ModelWorkerStats;
+use crate::vocab::telemetry::{ModelWorkerStats, clock_ms};
 
 /// The first restart's wait; it doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -70,6 +70,7 @@ pub fn start_workers(
     let file = ShmFile::create()?;
     let [h, w, c] = shape.hwc;
     let input = [shape.slots + specs.len(), shape.rows, h, w, c];
+    let t = Instant::now();
     let started: Vec<Result<PyWorker, PyError>> = std::thread::scope(|s| {
         let handles: Vec<_> = specs
             .iter()
@@ -84,6 +85,11 @@ pub fn start_workers(
             .collect()
     });
     let mut workers = started.into_iter().collect::<Result<Vec<_>, _>>()?;
+    // What a batch may take before the worker counts as stuck: its timeout, and twice
+    // the start-up just measured for the restart an overrun brings, and a margin.
+    let allowed_ms = limits.batch_timeout.map_or(0, |b| {
+        (b + 2 * t.elapsed() + Duration::from_secs(30)).as_millis() as u64
+    });
     let output = workers[0].output;
     if let Some((i, other)) = workers.iter().enumerate().find(|(_, w)| w.output != output) {
         return Err(PyError::Fatal(format!(
@@ -110,6 +116,7 @@ pub fn start_workers(
         .enumerate()
         .map(|(index, ((spec, worker), stats))| {
             stats.alive.store(true, Ordering::Relaxed);
+            stats.allowed_ms.store(allowed_ms, Ordering::Relaxed);
             let about = worker.about.clone();
             Supervisor {
                 spec,
@@ -276,6 +283,20 @@ impl Supervisor {
     /// One try of `job`. `Ok(Err(why))`: the worker died or overran, and is gone; `why`
     /// is the reason an input that does this every time fails with.
     fn run_once(
+        &mut self,
+        job: Job,
+        params: &[Value],
+    ) -> Result<Result<Vec<Option<RowError>>, String>, PyError> {
+        // A restart (the pipeline loading again) counts as part of the batch's time.
+        self.stats
+            .running_since_ms
+            .store(clock_ms(), Ordering::Relaxed);
+        let r = self.run_once_started(job, params);
+        self.stats.running_since_ms.store(0, Ordering::Relaxed);
+        r
+    }
+
+    fn run_once_started(
         &mut self,
         job: Job,
         params: &[Value],
