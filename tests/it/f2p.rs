@@ -161,6 +161,32 @@ impl F2p {
         cmd.output().unwrap().into()
     }
 
+    /// `process --json --manifest` over the astronaut photo saved once per row as
+    /// `<name>.png`, each row `(name, its parameters as JSON fields)`, with `extra` args;
+    /// the output folder and the summary (the run must have succeeded).
+    fn manifest(&self, rows: &[(&str, String)], extra: &[&str]) -> (PathBuf, serde_json::Value) {
+        let d = self.dir.path();
+        let photo = astronaut();
+        let mut lines = String::new();
+        for (name, fields) in rows {
+            std::fs::write(d.join(format!("{name}.png")), &photo).unwrap();
+            lines.push_str(&format!("{{\"image\": \"{name}.png\", {fields}}}\n"));
+        }
+        let manifest = write(&d.join("jobs.jsonl"), &lines);
+        let out = d.join("out");
+        let (cfg, out_s, man) = (
+            self.cfg.display().to_string(),
+            out.display().to_string(),
+            manifest.display().to_string(),
+        );
+        let mut args = vec!["process", "--json", "--config", &cfg, "--out", &out_s];
+        args.extend(extra);
+        args.extend(["--manifest", man.as_str()]);
+        let r = self.cli(&args);
+        assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
+        (out, serde_json::from_str(&r.stdout).unwrap())
+    }
+
     /// No worker tried the network.
     fn assert_offline(&self) {
         let log = std::fs::read_to_string(self.dir.path().join("net.log")).unwrap_or_default();
@@ -392,36 +418,12 @@ fn a_manifest_through_the_f2p_example_matches_diffsynth_called_directly() {
         return;
     };
     let d = f.dir.path();
-    let photo = astronaut();
-    for n in ["a", "b"] {
-        std::fs::write(d.join(format!("{n}.png")), &photo).unwrap();
-    }
     let row =
         r#""prompt": "a woman in a red coat walking in a park, full body", "seed": 7, "steps": 2"#;
-    let manifest = write(
-        &d.join("jobs.jsonl"),
-        &format!("{{\"image\": \"a.png\", {row}}}\n{{\"image\": \"b.png\", {row}}}\n"),
+    let (out, summary) = f.manifest(
+        &[("a", row.to_string()), ("b", row.to_string())],
+        &["--set", "encode.format=png"],
     );
-    let out = d.join("out");
-    let (cfg, out_s, man) = (
-        f.cfg.display().to_string(),
-        out.display().to_string(),
-        manifest.display().to_string(),
-    );
-    let r = f.cli(&[
-        "process",
-        "--json",
-        "--config",
-        &cfg,
-        "--set",
-        "encode.format=png",
-        "--out",
-        &out_s,
-        "--manifest",
-        &man,
-    ]);
-    assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
-    let summary: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(
         (summary["done"].as_u64(), summary["failed"].as_u64()),
         (Some(2), Some(0)),
@@ -488,38 +490,15 @@ fn the_f2p_example_runs_on_diffusers_edit_and_edit_plus() {
         let Some(f) = F2p::new(lines) else {
             return;
         };
-        let d = f.dir.path();
-        let photo = astronaut();
-        for n in ["a", "b", "c"] {
-            std::fs::write(d.join(format!("{n}.png")), &photo).unwrap();
-        }
         let row = |prompt: &str| format!(r#""prompt": "{prompt}", "seed": 5, "steps": 2"#);
-        let manifest = write(
-            &d.join("jobs.jsonl"),
-            &format!(
-                "{{\"image\": \"a.png\", {}}}\n{{\"image\": \"b.png\", {}}}\n{{\"image\": \"c.png\", {}}}\n",
-                row("a man in a grey suit"),
-                row("a man in a grey suit"),
-                row("a man in a green jacket")
-            ),
+        let (out, _) = f.manifest(
+            &[
+                ("a", row("a man in a grey suit")),
+                ("b", row("a man in a grey suit")),
+                ("c", row("a man in a green jacket")),
+            ],
+            &[],
         );
-        let out = d.join("out");
-        let (cfg, out_s, man) = (
-            f.cfg.display().to_string(),
-            out.display().to_string(),
-            manifest.display().to_string(),
-        );
-        let r = f.cli(&[
-            "process",
-            "--json",
-            "--config",
-            &cfg,
-            "--out",
-            &out_s,
-            "--manifest",
-            &man,
-        ]);
-        assert_eq!(r.code, Some(0), "{class}\n{}\n{}", r.stdout, r.stderr);
         f.assert_offline();
         let read = |n: &str| std::fs::read(out.join(format!("{n}.jpg"))).unwrap();
         assert_eq!(read("a"), read("b"), "{class}: same seed, different bytes");
