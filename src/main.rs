@@ -240,10 +240,27 @@ fn main() -> ExitCode {
     match real_main(cli.command, named) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain_text(&e));
             ExitCode::from(exit_status(&e))
         }
     }
+}
+
+/// The error and its causes, `: `-joined as anyhow's `{:#}` does, but a cause whose text
+/// the message already holds (an error that prints its source) is not said twice.
+fn chain_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let t = cause.to_string();
+        if text.contains(&t) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&t);
+    }
+    text
 }
 
 /// 78 when the error, or one it wraps, says the config is wrong; 2 for parameters the

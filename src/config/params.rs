@@ -164,8 +164,9 @@ impl ParamsConfig {
             .specs
             .iter()
             .map(|s| match given.get(&s.name) {
-                Some(v) => s.check(v),
-                None => s.default.clone().ok_or_else(|| ParamError::Missing {
+                // `null` is "no value", as an empty CSV cell is: the default.
+                Some(v) if !v.is_null() => s.check(v),
+                _ => s.default.clone().ok_or_else(|| ParamError::Missing {
                     key: s.name.clone(),
                 }),
             })
@@ -174,7 +175,9 @@ impl ParamsConfig {
     }
 
     /// A parameters file's bytes to the object [`ParamsConfig::resolve`] takes.
+    /// A byte-order mark (what Windows editors write first) is skipped.
     pub fn parse_json(bytes: &[u8]) -> Result<Map<String, Value>, ParamError> {
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
         match serde_json::from_slice::<Value>(bytes) {
             Ok(Value::Object(m)) => Ok(m),
             Ok(other) => Err(ParamError::NotAnObject(json_kind(&other))),
@@ -267,7 +270,11 @@ impl ParamSpec {
         };
         let value = match (self.kind, v) {
             (ParamKind::Str, Value::String(s)) => ParamValue::Str(s.clone()),
-            (ParamKind::Int, Value::Number(n)) => ParamValue::Int(n.as_i64().ok_or_else(wrong)?),
+            (ParamKind::Int, Value::Number(n)) => ParamValue::Int(
+                n.as_i64()
+                    .or_else(|| whole(n.as_f64()?))
+                    .ok_or_else(wrong)?,
+            ),
             (ParamKind::Float, Value::Number(n)) => {
                 ParamValue::Float(n.as_f64().ok_or_else(wrong)?)
             }
@@ -314,7 +321,12 @@ impl ParamSpec {
         let t = text.trim();
         Ok(match self.kind {
             ParamKind::Str => Value::String(text.to_string()),
-            ParamKind::Int => Value::from(t.parse::<i64>().map_err(|_| wrong())?),
+            ParamKind::Int => Value::from(
+                t.parse::<i64>()
+                    .ok()
+                    .or_else(|| whole(t.parse().ok()?))
+                    .ok_or_else(wrong)?,
+            ),
             ParamKind::Float => {
                 let f = t.parse::<f64>().map_err(|_| wrong())?;
                 serde_json::Number::from_f64(f)
@@ -328,6 +340,13 @@ impl ParamSpec {
             }),
         })
     }
+}
+
+/// A float that is a whole number (`7.0`, what spreadsheets and some JSON writers make
+/// of 7) as that integer; `None` for `7.5` or one out of `i64`'s range.
+fn whole(f: f64) -> Option<i64> {
+    // 2^63 is exact in f64; `as` saturates, so the range is checked first.
+    (f.fract() == 0.0 && f.abs() < 9.223_372_036_854_775_808e18).then_some(f as i64)
 }
 
 /// A TOML value from the schema as JSON, for the same checks a drop's value gets.
@@ -468,6 +487,18 @@ mod tests {
         assert_eq!(
             p.to_json(),
             serde_json::json!({"hd": false, "prompt": "a red coat", "scale": 1.5, "seed": 7, "style": "photo"})
+        );
+        // `null` is the default, 7.0 is 7, and a byte-order mark is not the object.
+        let p = s
+            .resolve(&json(
+                "\u{feff}{\"prompt\": \"\", \"seed\": 7.0, \"style\": null}",
+            ))
+            .unwrap();
+        assert_eq!(p.get("seed"), Some(&ParamValue::Int(7)));
+        assert_eq!(p.get("style"), Some(&ParamValue::Str("photo".into())));
+        assert_eq!(
+            s.parse_texts([("seed", "7.0")]).unwrap()["seed"],
+            Value::from(7)
         );
         // An integer is a number too.
         let p = s.resolve(&json(r#"{"prompt": "", "scale": 2}"#)).unwrap();

@@ -140,19 +140,49 @@ fn a_manifest_gives_each_image_its_own_prompt_in_mixed_batches() {
             i * 3
         ));
     }
-    let manifest = write(&d.path().join("jobs.jsonl"), &lines);
     let cfg = config(d.path(), SCHEMA);
     let out = d.path().join("out");
-    let r = cli([
-        "process".as_ref(),
-        "--quiet".as_ref(),
-        "--config".as_ref(),
-        cfg.as_os_str(),
-        "--out".as_ref(),
-        out.as_os_str(),
-        "--manifest".as_ref(),
-        manifest.as_os_str(),
-    ]);
+    let process = |manifest: &Path| {
+        cli([
+            "process".as_ref(),
+            "--quiet".as_ref(),
+            "--config".as_ref(),
+            cfg.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+            "--manifest".as_ref(),
+            manifest.as_os_str(),
+        ])
+    };
+    // A row naming a missing image (line 51 of 102) and a bad seed (line 102) stop the
+    // run before any work, both named.
+    let bad = format!(
+        "{}{{\"image\": \"faces/gone.png\", \"prompt\": \"x\"}}\n{}{{\"image\": \"faces/f000.png\", \"prompt\": \"x\", \"seed\": \"7\"}}\n",
+        lines
+            .lines()
+            .take(50)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+        lines
+            .lines()
+            .skip(50)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+    );
+    let r = process(&write(&d.path().join("bad.jsonl"), &bad));
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("2 rows cannot run")
+            && r.stderr
+                .contains("line 51: image `faces/gone.png` not found")
+            && r.stderr
+                .contains("line 102: parameter `seed` must be an integer"),
+        "{}",
+        r.stderr
+    );
+    assert!(!out.exists(), "nothing ran");
+
+    let r = process(&write(&d.path().join("jobs.jsonl"), &lines));
     assert_eq!(r.code, Some(0), "{}\n{}", r.stdout, r.stderr);
     assert!(
         r.stdout.contains(&format!("done {n}, failed 0")),
@@ -362,7 +392,13 @@ fn the_same_parameters_give_the_same_bytes_and_mistakes_name_the_key() {
     ] {
         let (r, o) = run("bad", params);
         assert_eq!(r.code, Some(2), "{params:?}: {}", r.stderr);
-        assert!(r.stderr.contains(needle), "{params:?}: {}", r.stderr);
+        // Said once: not again as the error's cause.
+        assert_eq!(
+            r.stderr.matches(needle).count(),
+            1,
+            "{params:?}: {}",
+            r.stderr
+        );
         assert!(names(&o).is_empty(), "nothing processed");
     }
 }
