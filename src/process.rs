@@ -29,7 +29,11 @@ use crate::vocab::telemetry::{STAGES, Telemetry};
 pub struct Summary {
     pub done: usize,
     pub failed: Vec<ItemError>,
+    /// Every output written, in the order they were.
     pub outputs: Vec<PathBuf>,
+    /// Each input that was done, with its outputs (an output named `-1` belongs to the
+    /// input this says, not to the one that came first).
+    pub results: Vec<(PathBuf, Vec<PathBuf>)>,
     pub elapsed: Duration,
     pub report: String,
     pub info: RuntimeInfo,
@@ -82,6 +86,10 @@ impl Summary {
             "precision": precision_name(info.precision),
             "failures": failures,
             "outputs": self.outputs.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>(),
+            "results": self.results.iter().map(|(input, outputs)| serde_json::json!({
+                "input": input.to_string_lossy(),
+                "outputs": outputs.iter().map(|p| p.to_string_lossy()).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
             "stages": self.stages,
             "frame_buffers_created": self.frame_buffers_created,
         })
@@ -99,10 +107,13 @@ impl fmt::Display for Summary {
             self.elapsed.as_secs_f64(),
             self.images_per_s()
         )?;
+        let devices: Vec<String> = self.info.devices.iter().map(|&d| device_name(d)).collect();
         writeln!(
             f,
-            "runtime: {} on {:?}, batch {}",
-            self.info.model, self.info.devices, self.info.max_batch
+            "runtime: {} on {}, batch {}",
+            self.info.model,
+            devices.join(", "),
+            self.info.max_batch
         )?;
         for e in &self.failed {
             writeln!(f, "failed: {}: {}: {}", e.path.display(), e.stage, e.reason)?;
@@ -242,12 +253,14 @@ pub fn run_jobs(
         ShownBar::new(b)
     });
     let mut last_log = Instant::now();
-    let (mut done, mut failed, mut outputs) = (0usize, Vec::new(), Vec::new());
+    let (mut done, mut failed, mut outputs, mut results) =
+        (0usize, Vec::new(), Vec::new(), Vec::new());
     for outcome in pipeline.outcomes().iter() {
         match outcome.result {
             Ok(paths) => {
                 done += 1;
-                outputs.extend(paths);
+                outputs.extend(paths.iter().cloned());
+                results.push((outcome.item.path, paths));
             }
             Err(e) => {
                 tracing::warn!(file = ?e.path, stage = %e.stage, reason = %e.reason, "failed");
@@ -284,6 +297,7 @@ pub fn run_jobs(
         done,
         failed,
         outputs,
+        results,
         elapsed,
         report,
         info,

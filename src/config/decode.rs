@@ -11,7 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::ConfigError;
-use super::parse::Ctx;
+use super::parse::{Ctx, name_in};
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +55,19 @@ pub struct DecodeConfig {
     pub background: Option<[u8; 3]>,
 }
 
+impl DctScaling {
+    const NAMES: &[(&'static str, DctScaling)] = &[
+        ("auto", DctScaling::Auto),
+        ("fast", DctScaling::Fast),
+        ("off", DctScaling::Off),
+    ];
+
+    /// As `decode.dct_scaling` spells it.
+    pub fn name(self) -> &'static str {
+        name_in(Self::NAMES, self)
+    }
+}
+
 /// The smallest configurable budget: below this, ordinary photos would not fit.
 const MIN_BUDGET_MIB: i64 = 16;
 
@@ -89,11 +102,7 @@ pub(super) fn validate(
     let dct_scaling = cx.choice(
         &d.dct_scaling,
         "decode.dct_scaling",
-        &[
-            ("auto", DctScaling::Auto),
-            ("fast", DctScaling::Fast),
-            ("off", DctScaling::Off),
-        ],
+        DctScaling::NAMES,
         DctScaling::Auto,
     )?;
     let background = cx.choice(

@@ -4,7 +4,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::ConfigError;
-use super::parse::Ctx;
+use super::parse::{Ctx, name_in};
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +23,17 @@ pub enum Format {
 }
 
 impl Format {
+    const NAMES: &[(&'static str, Format)] = &[
+        ("jpeg", Format::Jpeg),
+        ("png", Format::Png),
+        ("webp", Format::Webp),
+    ];
+
+    /// As `encode.format` spells it.
+    pub fn name(self) -> &'static str {
+        name_in(Self::NAMES, self)
+    }
+
     pub fn extension(self) -> &'static str {
         match self {
             Format::Jpeg => "jpg",
@@ -44,16 +55,7 @@ pub struct EncodeConfig {
 
 pub(super) fn validate(cx: &Ctx, e: &RawEncode) -> Result<EncodeConfig, ConfigError> {
     Ok(EncodeConfig {
-        format: cx.choice(
-            &e.format,
-            "encode.format",
-            &[
-                ("jpeg", Format::Jpeg),
-                ("png", Format::Png),
-                ("webp", Format::Webp),
-            ],
-            Format::Jpeg,
-        )?,
+        format: cx.choice(&e.format, "encode.format", Format::NAMES, Format::Jpeg)?,
         quality: cx.int_in(&e.quality, "encode.quality", 1, 100, 90u8)?,
         // A boolean by type (serde refuses anything else, naming the line); any value
         // of it is valid.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::parse::{Ctx, parse_device};
+use super::parse::{Ctx, name_in, parse_device};
 use super::{ConfigError, DeviceChoice, ModelConfig};
 
 #[derive(Debug, Deserialize)]
@@ -36,6 +36,28 @@ pub enum FaceSelect {
 pub enum NoFacePolicy {
     Fail,
     Pass,
+}
+
+impl FaceSelect {
+    const NAMES: &[(&'static str, FaceSelect)] = &[
+        ("largest", FaceSelect::Largest),
+        ("most_confident", FaceSelect::MostConfident),
+    ];
+
+    /// As `face_crop.select` spells it.
+    pub fn name(self) -> &'static str {
+        name_in(Self::NAMES, self)
+    }
+}
+
+impl NoFacePolicy {
+    const NAMES: &[(&'static str, NoFacePolicy)] =
+        &[("fail", NoFacePolicy::Fail), ("pass", NoFacePolicy::Pass)];
+
+    /// As `face_crop.on_no_face` spells it.
+    pub fn name(self) -> &'static str {
+        name_in(Self::NAMES, self)
+    }
 }
 
 /// `[face_crop] detect_size` when not set.
@@ -82,10 +104,7 @@ pub(super) fn validate(
         select: cx.choice(
             &f.select,
             "face_crop.select",
-            &[
-                ("largest", FaceSelect::Largest),
-                ("most_confident", FaceSelect::MostConfident),
-            ],
+            FaceSelect::NAMES,
             FaceSelect::MostConfident,
         )?,
         margin,
@@ -108,7 +127,7 @@ pub(super) fn validate(
         on_no_face: cx.choice(
             &f.on_no_face,
             "face_crop.on_no_face",
-            &[("fail", NoFacePolicy::Fail), ("pass", NoFacePolicy::Pass)],
+            NoFacePolicy::NAMES,
             NoFacePolicy::Fail,
         )?,
         device,

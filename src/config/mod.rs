@@ -214,7 +214,11 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        // Absolute, so every path resolved against it (the model, the weights) still
+        // names the same file in a sidecar read from another directory.
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
+        let base = std::path::absolute(dir.unwrap_or(Path::new(".")))
+            .unwrap_or_else(|_| dir.map(Path::to_path_buf).unwrap_or_default());
         Config::from_toml_with(
             &text,
             overrides,
@@ -259,6 +263,48 @@ impl Config {
         let raw = RawConfig::deserialize(toml::de::Deserializer::from(doc))
             .map_err(|e| cx.toml_err(&e))?;
         Config::validate(&cx, &raw, cuda_count)
+    }
+
+    /// What decides an output's pixels besides the model and its parameters, as resolved
+    /// (defaults included) and spelt as the config spells it: recorded in every sidecar
+    /// with the hotpipe version, so a result can be made again from its sidecar alone.
+    pub fn recipe(&self) -> serde_json::Value {
+        let p = &self.preprocess;
+        let d = &self.decode;
+        let face_crop = self.face_crop.as_ref().map(|f| {
+            serde_json::json!({
+                "weights": f.weights.to_string_lossy(),
+                "select": f.select.name(),
+                "margin": f.margin,
+                "min_face": f.min_face,
+                "detect_size": f.detect_size,
+                "refine_size": f.refine_size,
+                "thresholds": f.thresholds,
+                "on_no_face": f.on_no_face.name(),
+            })
+        });
+        serde_json::json!({
+            "hotpipe": env!("CARGO_PKG_VERSION"),
+            "config": std::path::absolute(&self.source)
+                .map_or_else(|_| self.source.clone(), |p| p.to_string_lossy().into_owned()),
+            "decode": {
+                "dct_scaling": d.dct_scaling.name(),
+                "alpha": d.background.map_or(serde_json::json!("keep"), |b| serde_json::json!(b)),
+            },
+            "face_crop": face_crop,
+            "preprocess": {
+                "size": [p.width, p.height],
+                "fit": p.fit.name(),
+                "filter": p.filter.name(),
+                "pad_color": p.pad_color,
+                "mean": p.mean,
+                "std": p.std,
+            },
+            "encode": {
+                "format": self.encode.format.name(),
+                "quality": self.encode.quality,
+            },
+        })
     }
 
     /// Step two: every section checked, defaults resolved.

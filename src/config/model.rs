@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::parse::{Ctx, parse_device};
+use super::parse::{Ctx, name_in, parse_device};
 use super::{ConfigError, DeviceChoice};
 
 #[derive(Debug, Deserialize)]
@@ -57,6 +57,19 @@ pub enum Precision {
     Fp32,
     Fp16,
     Bf16,
+}
+
+impl Precision {
+    const NAMES: &[(&'static str, Precision)] = &[
+        ("fp32", Precision::Fp32),
+        ("fp16", Precision::Fp16),
+        ("bf16", Precision::Bf16),
+    ];
+
+    /// As `model.precision` spells it.
+    pub fn name(self) -> &'static str {
+        name_in(Self::NAMES, self)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,11 +166,7 @@ pub(super) fn validate(
         precision: cx.choice(
             &m.precision,
             "model.precision",
-            &[
-                ("fp32", Precision::Fp32),
-                ("fp16", Precision::Fp16),
-                ("bf16", Precision::Bf16),
-            ],
+            Precision::NAMES,
             Precision::Fp32,
         )?,
     })

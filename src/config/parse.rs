@@ -350,6 +350,15 @@ fn shifted(v: Spanned<DeValue<'_>>, by: usize) -> Spanned<DeValue<'_>> {
     Spanned::new(span, inner)
 }
 
+/// The name a config key spells `value` with, from the same table `Ctx::choice` reads
+/// it by, so a value is written back (sidecars, `check`) exactly as it is configured.
+pub(super) fn name_in<T: Copy + PartialEq>(table: &[(&'static str, T)], value: T) -> &'static str {
+    table
+        .iter()
+        .find(|(_, v)| *v == value)
+        .map_or("?", |(n, _)| n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::Override;

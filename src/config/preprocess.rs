@@ -5,7 +5,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::ConfigError;
-use super::parse::Ctx;
+use super::parse::{Ctx, name_in};
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +48,36 @@ pub enum Filter {
     Lanczos3,
 }
 
+impl FitMode {
+    const NAMES: &[(&'static str, FitMode)] = &[
+        ("crop", FitMode::Crop),
+        ("pad", FitMode::Pad),
+        ("stretch", FitMode::Stretch),
+    ];
+
+    /// As `preprocess.fit` spells it.
+    pub fn name(self) -> &'static str {
+        name_in(Self::NAMES, self)
+    }
+}
+
+impl Filter {
+    const NAMES: &[(&'static str, Filter)] = &[
+        ("nearest", Filter::Nearest),
+        ("box", Filter::Box),
+        ("bilinear", Filter::Bilinear),
+        ("hamming", Filter::Hamming),
+        ("catmull-rom", Filter::CatmullRom),
+        ("mitchell", Filter::Mitchell),
+        ("lanczos3", Filter::Lanczos3),
+    ];
+
+    /// As `preprocess.filter` spells it.
+    pub fn name(self) -> &'static str {
+        name_in(Self::NAMES, self)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PreprocessConfig {
     pub width: u32,
@@ -68,28 +98,11 @@ pub(super) fn validate(cx: &Ctx, p: &RawPreprocess) -> Result<PreprocessConfig, 
     Ok(PreprocessConfig {
         width,
         height,
-        fit: cx.choice(
-            &p.fit,
-            "preprocess.fit",
-            &[
-                ("crop", FitMode::Crop),
-                ("pad", FitMode::Pad),
-                ("stretch", FitMode::Stretch),
-            ],
-            FitMode::Crop,
-        )?,
+        fit: cx.choice(&p.fit, "preprocess.fit", FitMode::NAMES, FitMode::Crop)?,
         filter: cx.choice(
             &p.filter,
             "preprocess.filter",
-            &[
-                ("nearest", Filter::Nearest),
-                ("box", Filter::Box),
-                ("bilinear", Filter::Bilinear),
-                ("hamming", Filter::Hamming),
-                ("catmull-rom", Filter::CatmullRom),
-                ("mitchell", Filter::Mitchell),
-                ("lanczos3", Filter::Lanczos3),
-            ],
+            Filter::NAMES,
             Filter::Bilinear,
         )?,
         mean: triple(cx, &p.mean, "preprocess.mean", false)?,

@@ -152,6 +152,13 @@ impl Sink for HotSink {
         }
         Ok(written)
     }
+
+    /// Where it was dropped (`inbox/<name>`), not `work/` where it was read: the path the
+    /// producer knows. It moves on to `done/` under the same name (`-N` if taken), or is
+    /// deleted; the sidecar's hash finds it either way.
+    fn input_origin(&self, item: &Item) -> Option<PathBuf> {
+        Some(self.layout.inbox.join(item.path.file_name()?))
+    }
 }
 
 /// Step 4: move the input to `done/` (or delete it) and drop its state. Its parameters

@@ -246,6 +246,7 @@ fn decoders(cfg: &Config, pool: &Arc<BufPool>, region_chosen_later: bool) -> Vec
             Decoder::new(cfg.decode.clone(), Arc::clone(pool))
                 .with_scaling(target)
                 .with_exif(cfg.encode.keep_metadata)
+                .with_digest(sidecars(cfg))
         })
         .collect()
 }
@@ -385,18 +386,33 @@ fn start_encoders(
     topo.stage("encode", encoders, enc_rx, publish)
 }
 
-/// With `[params]`: the model's path and the SHA-256 of its file, for the sidecars
-/// (hashed once, at start-up); for a Python pipeline also its entry, its options and
-/// what it said it is (library, version, weights).
+/// Whether outputs get sidecars: with `[params]` (what each was made with) or
+/// `[face_crop]` (where the face was).
+fn sidecars(cfg: &Config) -> bool {
+    cfg.params.is_some() || cfg.face_crop.is_some()
+}
+
+/// What every sidecar records besides its input and parameters (`None` without
+/// sidecars): `model` and `recipe` ([`Config::recipe`]).
 fn provenance(
     cfg: &Config,
     info: &RuntimeInfo,
-) -> Result<Option<serde_json::Value>, PipelineError> {
-    if cfg.params.is_none() {
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, PipelineError> {
+    if !sidecars(cfg) {
         return Ok(None);
     }
+    let mut p = serde_json::Map::new();
+    p.insert("model".into(), model_provenance(cfg, info)?);
+    p.insert("recipe".into(), cfg.recipe());
+    Ok(Some(p))
+}
+
+/// The model's path and the SHA-256 of its file (hashed once, at start-up); a
+/// TorchScript model's precision; for a Python pipeline its entry, its options and what
+/// it said it is (library, version, weights). `null` without a model.
+fn model_provenance(cfg: &Config, info: &RuntimeInfo) -> Result<serde_json::Value, PipelineError> {
     let Some(m) = &cfg.model else {
-        return Ok(Some(serde_json::json!({ "path": null })));
+        return Ok(serde_json::Value::Null);
     };
     let hash = file_sha256(&m.path).map_err(|source| PipelineError::Io {
         context: format!("cannot hash the model {}", m.path.display()),
@@ -410,8 +426,10 @@ fn provenance(
         p["entry"] = py.entry.clone().into();
         p["options"] = py.options.clone();
         p["pipeline"] = info.about.clone().unwrap_or_default();
+    } else {
+        p["precision"] = m.precision.name().into();
     }
-    Ok(Some(p))
+    Ok(p)
 }
 
 fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
@@ -427,7 +445,7 @@ fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(format!("{:x}", h.finalize()))
 }
 
 /// Sample queue depths every 50 ms until told to stop.

@@ -121,33 +121,42 @@ pub struct Publish {
     pub sink: Arc<dyn Sink>,
     pub ext: &'static str,
     pub reporter: Reporter,
-    /// What made the outputs (the model's path and hash), recorded in the sidecar of every
-    /// item with parameters, so any output can be made again.
-    pub provenance: Option<Arc<serde_json::Value>>,
+    /// What made the outputs besides the input and its parameters (`model`: its path,
+    /// hash and options; `recipe`: the settings), for every sidecar; `None` when outputs
+    /// get no sidecars (no `[params]`, no `[face_crop]`).
+    pub provenance: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
 }
 
 impl Publish {
-    /// The item's sidecar with its parameters and the model that used them, beside what a
-    /// stage before put there (the face crop's box).
-    fn record_params(&self, item: &mut Item) {
-        let Some(params) = &item.params else {
+    /// The item's sidecar, beside what a stage before put there (the face crop's box):
+    /// the input it came from (path, name, hash, size), its parameters and what made it,
+    /// so any output can be traced to its input and made again.
+    fn record(&self, item: &mut Item) {
+        let Some(provenance) = &self.provenance else {
             return;
         };
         let mut sidecar = match item.sidecar.take() {
             Some(serde_json::Value::Object(m)) => m,
             _ => serde_json::Map::new(),
         };
-        sidecar.insert("params".into(), params.to_json());
-        if let Some(p) = &self.provenance {
-            sidecar.insert("model".into(), (**p).clone());
+        let input = serde_json::json!({
+            "name": item.path.file_name().map(|n| n.to_string_lossy()),
+            "path": self.sink.input_origin(item).map(|p| p.to_string_lossy().into_owned()),
+            "sha256": item.input_sha256,
+            "bytes": item.source.map(|s| s.len),
+        });
+        sidecar.insert("input".into(), input);
+        if let Some(params) = &item.params {
+            sidecar.insert("params".into(), params.to_json());
         }
+        sidecar.extend(provenance.iter().map(|(k, v)| (k.clone(), v.clone())));
         item.sidecar = Some(serde_json::Value::Object(sidecar));
     }
 }
 
 impl Emit<Encoded> for Publish {
     fn emit(&mut self, mut item: Item, bytes: Encoded) -> Result<(), Closed> {
-        self.record_params(&mut item);
+        self.record(&mut item);
         let t = Timer::start();
         let published: Result<Vec<PathBuf>, StageError> =
             self.sink.publish(&item, &bytes, self.ext);

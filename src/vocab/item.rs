@@ -43,6 +43,9 @@ pub struct Item {
     /// `stages::metadata`): set by decode, written and dropped by encode. `None` unless
     /// the key is on, so by default nothing of the input's metadata travels.
     pub exif: Option<Vec<u8>>,
+    /// SHA-256 of the input's bytes, in hex, for its sidecar (set by decode when outputs
+    /// get sidecars): which file made an output, even after a rename.
+    pub input_sha256: Option<String>,
     /// The item's parameters for the model (`[params]`), checked and complete; `None`
     /// when the config declares none.
     pub params: Option<Params>,
@@ -86,6 +89,7 @@ impl Item {
             sidecar: None,
             source: None,
             exif: None,
+            input_sha256: None,
             params: None,
             cluster_id: None,
             data: None,

@@ -57,4 +57,10 @@ pub trait Sink: Send + Sync {
         outputs: &Encoded,
         ext: &str,
     ) -> Result<Vec<PathBuf>, StageError>;
+
+    /// Where the item's input was given, for its outputs' sidecars (`None`: not on this
+    /// host). By default the file it was read from, made absolute.
+    fn input_origin(&self, item: &Item) -> Option<PathBuf> {
+        std::path::absolute(&item.path).ok()
+    }
 }

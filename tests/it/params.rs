@@ -231,6 +231,71 @@ fn a_manifest_gives_each_image_its_own_prompt_in_mixed_batches() {
     assert_ne!(a.as_raw(), &b, "the prompt changes the output");
 }
 
+/// Two inputs with the same stem, run with a config named relatively from its own
+/// folder: each output's sidecar names its own input (path, name, hash, size), the
+/// model by its absolute path with its precision, and the settings that made it;
+/// `--json`'s `results` pairs each input with its outputs.
+#[test]
+fn every_sidecar_names_its_input_and_what_made_it() {
+    let d = tempfile::tempdir().unwrap();
+    if tint_model(&d.path().join("tint.pt")).is_none() {
+        return;
+    }
+    let inputs = [d.path().join("faces/a.png"), d.path().join("other/a.png")];
+    for (i, p) in inputs.iter().enumerate() {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        write_png(p, 32, 32, i as u32);
+    }
+    config(d.path(), SCHEMA);
+    let r: Cli = hotpipe()
+        .current_dir(d.path())
+        .args([
+            "process", "--quiet", "--json", "-c", "p.toml", "--out", "out",
+        ])
+        .args(["--param", "prompt=x", "faces/a.png", "other/a.png"])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let summary: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let results = summary["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{summary}");
+    for res in results {
+        let given = res["input"].as_str().unwrap();
+        let input = d.path().join(given);
+        // The output and its sidecar.
+        let [output, json] = &res["outputs"].as_array().unwrap()[..] else {
+            panic!("one output each: {res}")
+        };
+        let output = d.path().join(output.as_str().unwrap());
+        assert!(output.exists(), "{res}");
+        let side = sidecar(&d.path().join(json.as_str().unwrap()));
+        let i = &side["input"];
+        assert_eq!(i["path"], input.to_string_lossy().as_ref(), "{side}");
+        assert_eq!(i["name"], "a.png");
+        assert_eq!(i["sha256"], sha256(&input).as_str());
+        assert_eq!(i["bytes"], std::fs::metadata(&input).unwrap().len());
+        let m = &side["model"];
+        assert_eq!(
+            m["path"],
+            d.path().join("tint.pt").to_string_lossy().as_ref()
+        );
+        assert_eq!(m["precision"], "fp32");
+        let recipe = &side["recipe"];
+        assert_eq!(
+            recipe["config"],
+            d.path().join("p.toml").to_string_lossy().as_ref()
+        );
+        assert_eq!(recipe["preprocess"]["size"], serde_json::json!([32, 32]));
+        assert_eq!(recipe["preprocess"]["filter"], "lanczos3");
+        assert_eq!(recipe["encode"]["format"], "png");
+        assert_eq!(recipe["decode"]["dct_scaling"], "auto");
+        assert_eq!(recipe["face_crop"], serde_json::Value::Null);
+    }
+    let (a, b) = (sha256(&inputs[0]), sha256(&inputs[1]));
+    assert_ne!(a, b, "two different inputs");
+}
+
 /// A model returning K = 3 outputs per input: `check` says so, `process` and the hot
 /// folder write `<name>_1 .. <name>_3` with a sidecar each that names its output and
 /// the parameters, and every output is the model's own for its input, prompt and seed,
@@ -502,9 +567,19 @@ fn parameters_files_travel_with_their_images_and_bad_ones_fail_with_the_key() {
     std::fs::write(&src, png_bytes(32, 32, 1)).unwrap();
     let got = image::open(hf.join("outbox/a.png")).unwrap().into_rgb8();
     assert_eq!(got.as_raw(), &reference(&model, &src, "a red coat", 5));
+    let side = sidecar(&hf.join("outbox/a.json"));
     assert_eq!(
-        sidecar(&hf.join("outbox/a.json"))["params"],
+        side["params"],
         serde_json::json!({"prompt": "a red coat", "seed": 5})
+    );
+    // Its input: where it was dropped, and its bytes' hash (those now in done/).
+    assert_eq!(
+        side["input"]["path"],
+        hf.join("inbox/a.png").to_string_lossy().as_ref()
+    );
+    assert_eq!(
+        side["input"]["sha256"],
+        sha256(&hf.join("done/a.png")).as_str()
     );
     assert_eq!(
         sidecar(&hf.join("outbox/c.json"))["params"],
