@@ -345,8 +345,9 @@ impl ParamSpec {
 /// A float that is a whole number (`7.0`, what spreadsheets and some JSON writers make
 /// of 7) as that integer; `None` for `7.5` or one out of `i64`'s range.
 fn whole(f: f64) -> Option<i64> {
-    // 2^63 is exact in f64; `as` saturates, so the range is checked first.
-    (f.fract() == 0.0 && f.abs() < 9.223_372_036_854_775_808e18).then_some(f as i64)
+    // 2^63 is exact in f64 (i64::MAX rounds up to it); `as` saturates, so the range is
+    // checked first.
+    (f.fract() == 0.0 && f.abs() < i64::MAX as f64).then_some(f as i64)
 }
 
 /// A TOML value from the schema as JSON, for the same checks a drop's value gets.
