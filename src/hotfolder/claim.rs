@@ -8,9 +8,10 @@
 //! early), and, with inotify, its writer has closed it ([`super::watch::Writers`]: a
 //! writer that pauses longer than `settle_ms` would otherwise lose its file). Names
 //! starting with `.` or ending in `.part`, `.tmp`, `.crdownload` are
-//! ignored until renamed. Entries that are not regular files are "ready" at once: they
-//! are claimed (a rename moves a symlink itself and never opens a FIFO) and quarantined
-//! by [`super::recover::begin`].
+//! ignored until renamed. A folder settles the same way, by its whole tree, and is then
+//! emptied into the inbox ([`super::folders`]). Other entries that are not regular files
+//! are "ready" at once: they are claimed (a rename moves a symlink itself and never opens
+//! a FIFO) and quarantined by [`super::recover::begin`].
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -32,6 +33,9 @@ pub fn ignored(name: &OsStr) -> bool {
 struct Seen {
     size: u64,
     mtime: Option<SystemTime>,
+    /// 1 for a file; for a folder, the entries in its tree (`size` is their bytes and
+    /// `mtime` the newest).
+    entries: u64,
     since: Instant,
 }
 
@@ -73,11 +77,46 @@ impl Scanner {
         self.pending.values().map(|s| s.since + self.settle).min()
     }
 
-    /// List the inbox and return the entries ready to claim, sorted by name.
+    /// List the inbox and return the entries ready to claim, sorted by name. Settled
+    /// folders are emptied into the inbox first, so their files are listed too.
     pub fn scan(&mut self, layout: &Layout) -> std::io::Result<Vec<OsString>> {
+        let (ready, folders) = self.list(layout)?;
+        let mut moved = 0;
+        for name in &folders {
+            match super::folders::empty_into_inbox(layout, name) {
+                Ok((n, true)) => {
+                    moved += n;
+                    tracing::info!(folder = ?name, files = n, "folder emptied into the inbox");
+                }
+                Ok((n, false)) => {
+                    moved += n;
+                    tracing::warn!(folder = ?name, files = n, "folder emptied into the inbox but for what is not a regular file (links, names still being written); it stays");
+                    // Left alone until it changes again.
+                    if let Ok(t) = super::folders::tree_stat(&layout.inbox.join(name)) {
+                        let seen = Seen {
+                            size: t.bytes,
+                            mtime: t.newest,
+                            entries: t.entries,
+                            since: Instant::now(),
+                        };
+                        self.settled.insert(name.clone(), seen);
+                    }
+                }
+                Err(e) => tracing::error!(folder = ?name, error = %e, "cannot empty the folder"),
+            }
+        }
+        if moved == 0 {
+            return Ok(ready);
+        }
+        Ok(self.list(layout)?.0)
+    }
+
+    /// One listing: the entries ready to claim, and the folders that have settled.
+    fn list(&mut self, layout: &Layout) -> std::io::Result<(Vec<OsString>, Vec<OsString>)> {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut ready = Vec::new();
+        let mut folders = Vec::new();
         let mut present = HashMap::new();
         let mut settled = HashMap::new();
         for e in std::fs::read_dir(&layout.inbox)? {
@@ -89,20 +128,34 @@ impl Scanner {
             let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
                 continue;
             };
-            if !meta.file_type().is_file() {
+            let seen = if meta.is_dir() {
+                let Ok(t) = super::folders::tree_stat(&e.path()) else {
+                    continue;
+                };
+                Seen {
+                    size: t.bytes,
+                    mtime: t.newest,
+                    entries: t.entries,
+                    since: now,
+                }
+            } else if meta.is_file() {
+                Seen {
+                    size: meta.len(),
+                    mtime: meta.modified().ok(),
+                    entries: 1,
+                    since: now,
+                }
+            } else {
                 ready.push(name);
                 continue;
-            }
-            let seen = Seen {
-                size: meta.len(),
-                mtime: meta.modified().ok(),
-                since: now,
             };
             let old_enough = seen
                 .mtime
                 .and_then(|m| wall.duration_since(m).ok())
                 .is_some_and(|age| age >= self.settle);
-            let unchanged = |p: &Seen| p.size == seen.size && p.mtime == seen.mtime;
+            let unchanged = |p: &Seen| {
+                p.size == seen.size && p.mtime == seen.mtime && p.entries == seen.entries
+            };
             let was_ready = self.settled.get(&name).is_some_and(unchanged);
             let stable = match self.pending.get(&name) {
                 Some(p) if unchanged(p) => {
@@ -122,6 +175,13 @@ impl Scanner {
                 // Settled or not, it is not finished: look again a settle time after now
                 // (its writer's close also nudges a scan).
                 present.insert(name, seen);
+            } else if meta.is_dir() && was_ready {
+                // Emptied already, with leftovers: nothing new to do.
+                present.remove(&name);
+                settled.insert(name, seen);
+            } else if meta.is_dir() && (old_enough || stable) {
+                present.remove(&name);
+                folders.push(name);
             } else if old_enough || stable || was_ready {
                 present.remove(&name);
                 settled.insert(name.clone(), seen);
@@ -131,7 +191,7 @@ impl Scanner {
         self.pending = present;
         self.settled = settled;
         ready.sort();
-        Ok(ready)
+        Ok((ready, folders))
     }
 }
 
@@ -232,6 +292,28 @@ mod tests {
         // Changed: it settles again.
         std::fs::write(&p, b"{\"a\": 1}").unwrap();
         assert!(s.scan(&l).unwrap().is_empty());
+    }
+
+    /// A folder being filled is not ready (it was claimed and failed at once, while
+    /// `cp -r` was still copying); once its tree is unchanged for the settle time its
+    /// files are in the inbox, ready, and the folder is gone.
+    #[test]
+    fn a_folder_waits_for_its_tree_to_settle_then_its_files_are_ready() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Layout::new(d.path());
+        l.prepare().unwrap();
+        let dir = l.inbox.join("batch");
+        std::fs::create_dir(&dir).unwrap();
+        let mut s = Scanner::new(Duration::from_millis(300), None);
+        for name in ["a.jpg", "b.jpg", "c.jpg"] {
+            std::fs::write(dir.join(name), b"1").unwrap();
+            assert!(s.scan(&l).unwrap().is_empty(), "still being filled");
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        assert!(s.scan(&l).unwrap().is_empty(), "not settled yet");
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(s.scan(&l).unwrap(), ["a.jpg", "b.jpg", "c.jpg"]);
+        assert!(!dir.exists());
     }
 
     #[test]

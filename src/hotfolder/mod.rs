@@ -7,6 +7,7 @@
 //! ```
 //! - [`watch`]: notify watcher (or polling, or none) that only nudges a scan;
 //! - [`claim`]: the inbox scan, readiness (settle) and the claim by rename;
+//! - [`folders`]: folders dropped into the inbox, emptied into it once settled;
 //! - [`state`]: the durable per-item journal in `work/` (crashes blamed, outputs being published);
 //! - [`sink`]: publication into `outbox/`, the final move to `done/`, quarantine in `failed/`;
 //! - [`recover`]: what start-up (and every retry) does with an item found in `work/`;
@@ -18,6 +19,7 @@
 //! step it guards, so the process may be killed at any instruction.
 
 pub mod claim;
+pub mod folders;
 pub mod params;
 pub mod publish;
 pub mod recover;

@@ -661,6 +661,12 @@ impl Claimer {
     /// parameters file (claimed here if it is still in the inbox), else the defaults.
     fn item_params(&self, name: &OsStr) -> Result<Option<Params>, Refusal> {
         let Some(schema) = &self.params else {
+            if params::is_params_file(name) {
+                // Not an image, whatever it holds: say what it was taken for.
+                return Err(Refusal::Fail(
+                    "a parameters file, but the config declares no [params]: add a [params.schema] naming its keys for them to reach the model (its image is processed without it)".into(),
+                ));
+            }
             return Ok(None);
         };
         let shown = params::companion_shown(name);

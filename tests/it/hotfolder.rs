@@ -479,7 +479,11 @@ fn t4_hostile_inbox() {
     std::os::unix::fs::symlink("/etc/passwd", inbox.join("passwd.jpg")).unwrap();
     let fifo = std::ffi::CString::new(inbox.join("pipe.jpg").to_str().unwrap()).unwrap();
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
-    std::fs::create_dir(inbox.join("x.jpg")).unwrap();
+    // A folder: its photo is processed, its link stays in it, and it stays.
+    std::fs::create_dir(stage.join("x.jpg")).unwrap();
+    std::fs::write(stage.join("x.jpg/inner.jpg"), &good).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", stage.join("x.jpg/link.jpg")).unwrap();
+    std::fs::rename(stage.join("x.jpg"), inbox.join("x.jpg")).unwrap();
     std::fs::write(stage.join("linked.jpg"), &good).unwrap();
     std::fs::hard_link(stage.join("linked.jpg"), inbox.join("linked.jpg")).unwrap();
     put("with space ü 漢.jpg", &good);
@@ -492,12 +496,11 @@ fn t4_hostile_inbox() {
         ("notes.txt", ""),
         ("passwd.jpg", "symbolic link"),
         ("pipe.jpg", "FIFO"),
-        ("x.jpg", "directory"),
         ("linked.jpg", "hard links"),
     ];
     let failed = hf.join("failed");
     assert!(
-        wait_until(Duration::from_secs(30), || count(&hf.join("done")) == 2
+        wait_until(Duration::from_secs(30), || count(&hf.join("done")) == 3
             && count(&failed) == 2 * failing.len()),
         "done {:?} failed {:?}\n{}",
         names(&hf.join("done")),
@@ -527,14 +530,63 @@ fn t4_hostile_inbox() {
     assert_eq!(
         outs,
         vec![
+            "inner.jpg".to_string(),
             "new_line.jpg".to_string(),
             "with space ü 漢.jpg".to_string()
         ]
     );
+    assert_eq!(names(&inbox.join("x.jpg")), ["link.jpg"]);
     assert!(daemon.alive(), "still up");
     let rss = vm_rss_kib(daemon.pid());
     eprintln!("RSS: {rss0} KiB at start, {rss} KiB after the hostile inbox");
     assert!(rss < rss0 + 200 * 1024, "RSS bounded: {rss0} -> {rss} KiB");
+    assert_eq!(daemon.stop().0, Some(0));
+}
+
+/// A folder copied into the inbox file by file (as `cp -r` does) waits until its tree
+/// settles, then every photo in it (subfolders too) is processed and the folder goes; a
+/// `<stem>.json` without `[params]` goes to `failed/` saying why. Before, the folder was
+/// claimed the moment it appeared and failed while its files were still coming.
+#[test]
+fn a_folder_copied_into_the_inbox_is_processed_once_it_settles() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(
+        d.path(),
+        "settle_ms = 600
+",
+        "",
+    );
+    let hf = d.path().join("hf");
+    let mut daemon = Daemon::start(&cfg, &[]);
+    daemon.expect_log("hot folder ready", Duration::from_secs(30));
+    let batch = hf.join("inbox/batch");
+    std::fs::create_dir(&batch).unwrap();
+    std::fs::create_dir(batch.join("more")).unwrap();
+    let mut want = Vec::new();
+    for i in 0..6u32 {
+        let name = format!("p{i}.jpg");
+        let to = if i % 2 == 0 {
+            batch.join(&name)
+        } else {
+            batch.join("more").join(&name)
+        };
+        slow_write(&to, &jpeg_bytes(i), 4096, |_| Duration::from_millis(20));
+        want.push(name);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    std::fs::write(hf.join("inbox/p0.json"), br#"{"prompt": "x"}"#).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || count(&hf.join("done")) == 6
+            && count(&hf.join("failed")) == 2),
+        "done {:?} failed {:?}\n{}",
+        names(&hf.join("done")),
+        names(&hf.join("failed")),
+        daemon.log()
+    );
+    assert_eq!(names(&hf.join("outbox")), want);
+    assert_eq!(names(&hf.join("inbox")), Vec::<String>::new());
+    let side = std::fs::read_to_string(hf.join("failed/p0.json.error.json")).unwrap();
+    assert!(side.contains("declares no [params]"), "{side}");
     assert_eq!(daemon.stop().0, Some(0));
 }
 
