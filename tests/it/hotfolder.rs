@@ -557,7 +557,7 @@ fn a_folder_copied_into_the_inbox_is_processed_once_it_settles() {
         "",
     );
     let hf = d.path().join("hf");
-    let mut daemon = Daemon::start(&cfg, &[]);
+    let daemon = Daemon::start(&cfg, &[]);
     daemon.expect_log("hot folder ready", Duration::from_secs(30));
     let batch = hf.join("inbox/batch");
     std::fs::create_dir(&batch).unwrap();
