@@ -53,10 +53,12 @@ worker -> hotpipe:
     {"op": "fatal", "error": "last lines of the traceback"}
 """
 
+import faulthandler
 import importlib.util
 import json
 import mmap
 import os
+import signal
 import struct
 import sys
 import traceback
@@ -259,6 +261,10 @@ def main():
     # The user's prints go to stderr (hotpipe's log), never into the protocol.
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    # A hung batch: hotpipe sends SIGUSR1 before the kill, and every thread's Python
+    # stack goes to stderr (its log), from the signal handler in C, so even a thread
+    # stuck inside an extension with the GIL held is shown.
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     hello = read_frame(ctrl_in)
     if hello is None or hello.get("op") != "hello":
         return 2

@@ -140,6 +140,7 @@ fn a_python_pipeline_serves_the_hot_folder_and_isolates_the_inputs_that_break_it
     let (_, metrics) = http_get(&daemon.metrics_addr(), "/metrics");
     let (health, _) = http_get(&daemon.metrics_addr(), "/healthz");
     let pid = daemon.pid();
+    let log = daemon.log();
     let (code, _) = daemon.stop();
     assert_eq!(code, Some(0));
     assert!(
@@ -221,8 +222,17 @@ fn a_python_pipeline_serves_the_hot_folder_and_isolates_the_inputs_that_break_it
     assert_eq!(images("failed"), 3);
     assert_eq!(images("done"), good.len());
     assert_eq!(good.len(), 49);
-    // Each culprit that takes the worker down does so max_attempts (2) times, and every
-    // halving on the way there costs a restart too.
+    // The hang is logged at WARN with the worker's Python stack (faulthandler), which
+    // shows the line it hung on.
+    assert!(
+        log.contains("WARN")
+            && log.contains("model worker hung")
+            && log.contains("most recent call first")
+            && log.contains("in __call__"),
+        "{log}"
+    );
+    // Each culprit that takes the worker down does so max_attempts (2) times, and the
+    // batch it was in once more.
     let restarts: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("hotpipe_model_worker_restarts_total{worker=\"0\"} "))

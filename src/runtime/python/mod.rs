@@ -7,8 +7,8 @@
 //! - [`shm`]: the memory both sides map (the pipeline's batch slots and output slots:
 //!   pixels are never copied across the process boundary);
 //! - [`worker`]: one process, its handshake and its control frames;
-//! - [`supervisor`]: restarts with back-off, and a lost batch run again in halves so the
-//!   input that kills a worker fails alone;
+//! - [`supervisor`]: restarts with back-off, and a lost batch run again one image at a
+//!   time so the input that kills a worker fails alone;
 //! - [`infer`]: the inference worker loop over the assembler and the output ring.
 //!
 //! The worker side, and the contract the user's class keeps, is

@@ -1,8 +1,11 @@
 //! Workers kept alive across their deaths, and the lost batch found out.
 //!
-//! A batch on which a worker dies or overruns its time limit is run again in halves on a
-//! restarted worker, down to single images, so the input that kills it fails alone (after
-//! `max_attempts` tries) and every other image of the batch is still made. Restarts back
+//! A batch on which a worker dies or overruns its time limit is run again one image at a
+//! time on a restarted worker, so the input that kills it fails alone (after
+//! `max_attempts` tries, each retry after the rest of the batch) and every other image is
+//! made after one lost batch, not after one per halving (a hung image held the others for
+//! three timeouts). Singles cost no more restarts than halves: only the images that kill
+//! the worker take it down again. Restarts back
 //! off (0.1 s doubling to 10 s, reset by a batch that succeeds), so a worker that dies at
 //! once does not spin. A worker found dead before a batch is sent (killed while idle) is
 //! started again first, without counting an attempt against anyone.
@@ -197,8 +200,8 @@ impl Supervisor {
         let n = params.len();
         let mut outcomes = vec![RowOutcome::Made; n];
         let mut attempts = vec![0u32; n];
-        let mut todo = vec![(0, n)];
-        while let Some((start, rows)) = todo.pop() {
+        let mut todo = std::collections::VecDeque::from([(0, n)]);
+        while let Some((start, rows)) = todo.pop_front() {
             if rows == 0 {
                 continue;
             }
@@ -215,15 +218,16 @@ impl Supervisor {
                     }
                 }
                 Err(why) if rows > 1 => {
-                    let half = rows / 2;
-                    todo.push((start + half, rows - half));
-                    todo.push((start, half));
-                    tracing::warn!(rows, %why, device = self.spec.device, "model worker lost a batch; running it again in halves");
+                    for row in (start..start + rows).rev() {
+                        todo.push_front((row, 1));
+                    }
+                    tracing::warn!(rows, %why, device = self.spec.device, "model worker lost a batch; running its images again one at a time");
                 }
                 Err(why) => {
                     attempts[start] += 1;
                     if attempts[start] < self.limits.max_attempts {
-                        todo.push((start, 1));
+                        // After the others: they should not wait for it again.
+                        todo.push_back((start, 1));
                     } else {
                         outcomes[start] = RowOutcome::KilledWorker(why);
                     }
@@ -322,6 +326,7 @@ impl Supervisor {
                 self.lost();
                 match e {
                     PyError::Died(how) => {
+                        tracing::warn!(rows = job.rows, device = self.spec.device, %how, "model worker died during a batch");
                         Ok(Err(format!("model worker died on this input ({how})")))
                     }
                     PyError::Timeout(s) => Ok(Err(format!(

@@ -39,6 +39,9 @@ pub enum RowError {
     OutOfMemory(String),
 }
 
+/// How long a hung worker has to write its stack before it is killed.
+const STACK_DUMP_WAIT: Duration = Duration::from_millis(500);
+
 /// A running worker. Dropping it stops the process (asked, then killed): a worker never
 /// outlives its handle, and dies with hotpipe (`PR_SET_PDEATHSIG`) if hotpipe is killed.
 pub struct PyWorker {
@@ -69,7 +72,7 @@ impl PyWorker {
             .env("PYTHONUNBUFFERED", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
         if let Some(n) = spec.cpu_threads
             && std::env::var_os("OMP_NUM_THREADS").is_none()
         {
@@ -104,6 +107,9 @@ impl PyWorker {
             python: spec.python.display().to_string(),
             source,
         })?;
+        if let Some(err) = child.stderr.take() {
+            relay_stderr(err, child.id(), &spec.device);
+        }
         let to = child.stdin.take().expect("piped stdin");
         let from = BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut w = PyWorker {
@@ -193,8 +199,7 @@ impl PyWorker {
         if let Some(t) = timeout
             && !self.answers_within(t)?
         {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            self.dump_stack_and_kill(t, job.rows);
             return Err(PyError::Timeout(t.as_secs()));
         }
         let done = self.recv()?;
@@ -212,6 +217,28 @@ impl PyWorker {
             )));
         }
         Ok(errors)
+    }
+
+    /// A hung worker: say so, have it write every thread's Python stack to stderr (the
+    /// log; `faulthandler` on SIGUSR1, registered by `hotpipe_worker`), give it a moment
+    /// to, then kill it.
+    fn dump_stack_and_kill(&mut self, waited: Duration, rows: usize) {
+        tracing::warn!(
+            pid = self.child.id(),
+            rows,
+            waited_s = waited.as_secs(),
+            "model worker hung: no answer within batch_timeout_s; its Python stack follows, then it is killed"
+        );
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: `kill` has no memory effects; the pid is our own child, not yet
+            // waited for, so it cannot have been reused.
+            unsafe { libc::kill(pid, libc::SIGUSR1) };
+            // faulthandler writes from the signal handler at once; this covers the
+            // scheduling of a loaded machine.
+            std::thread::sleep(STACK_DUMP_WAIT);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     fn send(&mut self, msg: &Value) -> Result<(), PyError> {
@@ -295,6 +322,27 @@ fn python_path(module_dir: &std::path::Path) -> std::ffi::OsString {
 /// Spawn `cmd` from one thread that lives as long as the process: `PR_SET_PDEATHSIG`
 /// fires when the *thread* that forked a child ends, so a worker started by a thread that
 /// ends earlier (a config reload's, a test's) would be killed with it.
+/// The worker's stderr (its prints, Python's warnings and tracebacks, a hung worker's
+/// stack) into hotpipe's log, a line an event, so they are found beside what hotpipe says
+/// of the worker and carry its device. The thread ends when the worker does.
+fn relay_stderr(err: std::process::ChildStderr, pid: u32, device: &str) {
+    let device = device.to_string();
+    let relay = move || {
+        for line in std::io::BufRead::lines(BufReader::new(err)) {
+            let Ok(line) = line else { break };
+            tracing::info!(target: "hotpipe::worker", pid, device, "{line}");
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("hp-py-stderr".into())
+        .spawn(relay)
+    {
+        // The pipe's read end went with the closure: the worker's prints now fail
+        // (EPIPE) rather than block it once the pipe is full.
+        tracing::error!(error = %e, "cannot start the thread relaying a worker's stderr; its prints are lost");
+    }
+}
+
 fn spawn_kept(mut cmd: Command) -> std::io::Result<Child> {
     type Request = (Command, Sender<std::io::Result<Child>>);
     static KEEPER: OnceLock<Option<Sender<Request>>> = OnceLock::new();
