@@ -21,6 +21,7 @@ pub(super) struct RawFaceCrop {
     refine_size: Option<Spanned<i64>>,
     thresholds: Option<Spanned<[f64; 3]>>,
     on_no_face: Option<Spanned<String>>,
+    max_upscale: Option<Spanned<f64>>,
     device: Option<Spanned<String>>,
 }
 
@@ -81,8 +82,15 @@ pub struct FaceCropConfig {
     pub refine_size: u32,
     pub thresholds: [f32; 3],
     pub on_no_face: NoFacePolicy,
+    /// The most a face's crop may be enlarged to `[preprocess] size`; a photo whose face
+    /// needs more fails (`None`: any, with a warning past [`WARN_UPSCALE`]).
+    pub max_upscale: Option<f32>,
     pub device: DeviceChoice,
 }
+
+/// Past this enlargement of the crop a result is visibly soft: the sidecar and the log
+/// say so (a 48 px face made 1024 px is 21x).
+pub const WARN_UPSCALE: f32 = 4.0;
 
 /// `model` is the validated `[model]`, if any: its device is the default for the crop.
 pub(super) fn validate(
@@ -130,6 +138,7 @@ pub(super) fn validate(
             NoFacePolicy::NAMES,
             NoFacePolicy::Fail,
         )?,
+        max_upscale: max_upscale(cx, &f.max_upscale)?,
         device,
     })
 }
@@ -147,6 +156,21 @@ fn margin(cx: &Ctx, v: &Option<Spanned<f64>>) -> Result<f32, ConfigError> {
         );
     }
     Ok(m as f32)
+}
+
+fn max_upscale(cx: &Ctx, v: &Option<Spanned<f64>>) -> Result<Option<f32>, ConfigError> {
+    let Some(s) = v else {
+        return Ok(None);
+    };
+    let m = *s.get_ref();
+    if !(1.0..=64.0).contains(&m) {
+        return cx.err(
+            s.span(),
+            "face_crop.max_upscale",
+            format!("is {m}; allowed: 1.0 to 64.0 (how many times a face's crop may be enlarged)"),
+        );
+    }
+    Ok(Some(m as f32))
 }
 
 fn thresholds(cx: &Ctx, v: &Option<Spanned<[f64; 3]>>) -> Result<[f32; 3], ConfigError> {
@@ -222,6 +246,10 @@ mod tests {
         for (text, key) in [
             ("[face_crop]\n\nselect = \"biggest\"\n", "face_crop.select"),
             ("[face_crop]\n\nmargin = 5.0\n", "face_crop.margin"),
+            (
+                "[face_crop]\n\nmax_upscale = 0.5\n",
+                "face_crop.max_upscale",
+            ),
             ("[face_crop]\n\nmin_face = 4\n", "face_crop.min_face"),
             ("[face_crop]\n\ndetect_size = 10\n", "face_crop.detect_size"),
             (

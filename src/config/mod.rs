@@ -41,6 +41,7 @@ pub use decode::{DctScaling, DecodeConfig};
 pub use encode::{EncodeConfig, Format};
 pub use face_crop::{
     DEFAULT_DETECT_SIZE, DEFAULT_REFINE_SIZE, FaceCropConfig, FaceSelect, NoFacePolicy,
+    WARN_UPSCALE,
 };
 pub use hotfolder::{HotfolderConfig, OnSuccess, WatcherKind};
 pub use metrics::MetricsConfig;
@@ -275,12 +276,13 @@ impl Config {
             serde_json::json!({
                 "weights": f.weights.to_string_lossy(),
                 "select": f.select.name(),
-                "margin": f.margin,
+                "margin": short(f.margin),
                 "min_face": f.min_face,
                 "detect_size": f.detect_size,
                 "refine_size": f.refine_size,
-                "thresholds": f.thresholds,
+                "thresholds": f.thresholds.map(short),
                 "on_no_face": f.on_no_face.name(),
+                "max_upscale": f.max_upscale.map(short),
             })
         });
         serde_json::json!({
@@ -297,8 +299,8 @@ impl Config {
                 "fit": p.fit.name(),
                 "filter": p.filter.name(),
                 "pad_color": p.pad_color,
-                "mean": p.mean,
-                "std": p.std,
+                "mean": p.mean.map(|m| m.map(short)),
+                "std": p.std.map(|s| s.map(short)),
             },
             "encode": {
                 "format": self.encode.format.name(),
@@ -362,6 +364,14 @@ impl Config {
             metrics,
         })
     }
+}
+
+/// An `f32` setting as the config wrote it (0.05, not 0.05000000074505806): its
+/// shortest decimal, which reads back as the same `f32`.
+fn short(x: f32) -> serde_json::Value {
+    x.to_string()
+        .parse::<f64>()
+        .map_or(serde_json::Value::Null, serde_json::Value::from)
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use std::time::Duration;
 use fast_image_resize as fir;
 use serde_json::json;
 
-use crate::config::{Config, DeviceChoice, FaceCropConfig, FaceSelect, NoFacePolicy};
+use crate::config::{Config, DeviceChoice, FaceCropConfig, FaceSelect, NoFacePolicy, WARN_UPSCALE};
 use crate::vocab::error::{PipelineError, Stage, StageError, torch_message};
 use crate::vocab::item::{Frame, Item, Region};
 use crate::vocab::stage::StageWorker;
@@ -70,6 +70,8 @@ pub struct FoundFace {
 pub struct FaceCropper {
     nets: Nets,
     cfg: FaceCropConfig,
+    /// The longer side of `[preprocess] size`: what each crop is resized to.
+    output_side: u32,
     resizer: fir::Resizer,
     /// The coarse pass's integral images, one per photo of a batch, reused.
     ints: Vec<detect::Integral>,
@@ -83,12 +85,15 @@ pub struct FaceCropper {
 
 impl FaceCropper {
     /// Load the MTCNN weights on the configured device.
-    pub fn new(cfg: &FaceCropConfig) -> Result<FaceCropper, PipelineError> {
+    /// Load the MTCNN weights on the configured device; crops will be resized to
+    /// `output_side` (the longer side of `[preprocess] size`).
+    pub fn new(cfg: &FaceCropConfig, output_side: u32) -> Result<FaceCropper, PipelineError> {
         let device = cfg.device.tch();
         let nets = Nets::load(&cfg.weights, device)?;
         Ok(FaceCropper {
             nets,
             cfg: cfg.clone(),
+            output_side,
             resizer: fir::Resizer::new(),
             ints: Vec::new(),
             fine: detect::Integral::default(),
@@ -379,7 +384,7 @@ pub fn workers(cfg: &Config) -> Result<Vec<FaceCropper>, PipelineError> {
         return Ok(Vec::new());
     };
     (0..cfg.pipeline.detect_threads)
-        .map(|_| FaceCropper::new(fc))
+        .map(|_| FaceCropper::new(fc, cfg.preprocess.width.max(cfg.preprocess.height)))
         .collect()
 }
 
@@ -389,6 +394,40 @@ pub fn worker_batch(fc: &FaceCropConfig) -> usize {
         MAX_BATCH_CPU
     } else {
         MAX_BATCH
+    }
+}
+
+impl FaceCropper {
+    /// How many times the face's crop is enlarged to the output, in its sidecar (`face
+    /// .upscale`); past `max_upscale` the photo fails, past [`WARN_UPSCALE`] the sidecar
+    /// (`warnings`) and the log say the result will be soft.
+    fn check_upscale(
+        &self,
+        item: &Item,
+        face: &FoundFace,
+        side: &mut serde_json::Value,
+    ) -> Result<(), StageError> {
+        let crop = (face.crop.x1 - face.crop.x0).max(1.0);
+        let up = self.output_side as f32 / crop;
+        side["face"]["upscale"] = json!((up as f64 * 100.0).round() / 100.0);
+        let what = format!(
+            "the face's crop is {crop:.0} px, enlarged {up:.1}x to {} px",
+            self.output_side
+        );
+        if let Some(max) = self.cfg.max_upscale
+            && up > max
+        {
+            return Err(StageError::BadInput(format!(
+                "the face is too small for the output: {what}, over face_crop.max_upscale ({max})"
+            )));
+        }
+        if up > WARN_UPSCALE {
+            tracing::warn!(file = ?item.path, upscale = format!("{up:.1}"), "{what}: the result will be soft");
+            side["warnings"] = json!([format!(
+                "{what}: the result will be soft (face_crop.max_upscale refuses such photos)"
+            )]);
+        }
+        Ok(())
     }
 }
 
@@ -433,8 +472,13 @@ impl StageWorker for FaceCropper {
             };
             match choose(&faces, select) {
                 Some(face) => {
+                    let mut side = sidecar(&frame, faces.len(), Some(face));
+                    if let Err(e) = self.check_upscale(item, face, &mut side) {
+                        out.push(Err(e));
+                        continue;
+                    }
                     item.region = Some(face.crop);
-                    item.sidecar = Some(sidecar(&frame, faces.len(), Some(face)));
+                    item.sidecar = Some(side);
                 }
                 None if policy == NoFacePolicy::Pass => {
                     item.region = None;

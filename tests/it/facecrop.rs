@@ -105,7 +105,7 @@ fn two_faces(a: &RgbImage) -> RgbImage {
 /// Every face the library finds in `path` (original-image pixels).
 fn library_faces(cfg: &Path, path: &Path) -> Vec<FoundFace> {
     let cfg = Config::load(cfg).unwrap();
-    let mut cropper = FaceCropper::new(cfg.face_crop.as_ref().unwrap()).unwrap();
+    let mut cropper = FaceCropper::new(cfg.face_crop.as_ref().unwrap(), 1024).unwrap();
     let mut dec = Decoder::new(cfg.decode.clone(), BufPool::new(2));
     let frame = dec.decode(&std::fs::read(path).unwrap()).unwrap();
     cropper.detect(&[&frame]).pop().unwrap().unwrap()
@@ -285,6 +285,55 @@ fn sidecar_describes_the_face_and_the_crop_is_the_face() {
     assert!(db >= 38.0, "crop differs from the face square: {db:.1} dB");
 }
 
+/// The astronaut's face crop (about 165 px) made 1024 px is 6.2x: the sidecar says how
+/// much and warns; with `max_upscale = 4` the photo fails saying why.
+#[test]
+fn a_small_face_is_warned_about_or_refused() {
+    let Some((w, a)) = fixtures() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("astro.jpg");
+    a.save(&src).unwrap();
+    let cfg = config(d.path(), &w, "margin = 0.25", "");
+    let run = |out: &str, extra: &[&str]| {
+        let out = d.path().join(out);
+        let mut args = vec!["process", "--quiet", "--json", "-c", cfg.to_str().unwrap()];
+        args.extend([
+            "--set",
+            "preprocess.size=1024",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        args.extend(extra);
+        args.push(src.to_str().unwrap());
+        (cli(args), out)
+    };
+    let (r, out) = run("warned", &[]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let s = sidecar(&out, "astro");
+    let up = s["face"]["upscale"].as_f64().unwrap();
+    assert!((5.5..7.0).contains(&up), "{s}");
+    let warning = s["warnings"][0].as_str().unwrap_or_default();
+    assert!(
+        warning.contains(&format!("enlarged {up:.1}x to 1024 px")) && warning.contains("soft"),
+        "{s}"
+    );
+    // At 128 px nothing is enlarged: no warning.
+    let (r, out) = run("fine", &["--set", "preprocess.size=128"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(sidecar(&out, "astro")["warnings"].is_null());
+
+    let (r, out) = run("refused", &["--set", "face_crop.max_upscale=4"]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    let summary: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let reason = summary["failures"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("the face is too small for the output")
+            && reason.contains("over face_crop.max_upscale (4)"),
+        "{reason}"
+    );
+    assert!(names(&out).is_empty());
+}
+
 #[test]
 fn a_face_at_the_border_is_padded_not_shifted() {
     let Some((w, a)) = fixtures() else { return };
@@ -420,7 +469,7 @@ fn boxes_are_in_original_pixels_when_the_frame_was_decoded_smaller() {
     // min_face 12: the same pyramid for both frames (12 working pixels either way).
     let cfg = config(d.path(), &w, "min_face = 12", "");
     let cfg = Config::load(&cfg).unwrap();
-    let mut cropper = FaceCropper::new(cfg.face_crop.as_ref().unwrap()).unwrap();
+    let mut cropper = FaceCropper::new(cfg.face_crop.as_ref().unwrap(), 1024).unwrap();
     let pool = BufPool::new(4);
     let frame = |orig: u32| {
         let mut px = pool.get(a.as_raw().len());
