@@ -5,15 +5,19 @@
 //!
 //! - **read+decode+fit**: each file mapped by the read stage (from the page cache after
 //!   the first pass, so the disk itself is hardly measured), decoded and resized into a
-//!   row as the pipeline does; once with DCT-scaled JPEG decoding disabled and once
-//!   enabled on one thread (what the scaling buys on this data), then with
-//!   `pipeline.decode_threads` threads;
+//!   row as the pipeline does; once with DCT-scaled JPEG decoding disabled and, where
+//!   the config lets the pipeline use it (not with the face crop, which needs every
+//!   pixel), once enabled, on one thread (what the scaling buys on this data), then
+//!   with `pipeline.decode_threads` threads;
 //! - **face detect** (with `[face_crop]`): both MTCNN passes on decoded frames, with
 //!   `pipeline.detect_threads` workers set up as the pipeline sets them up;
 //! - **inference**: batches of `max_batch` fitted images, on the first configured device;
 //! - **encode**: the model's outputs, with `pipeline.encode_threads` threads;
 //!
-//! then the whole pipeline (`process` into a temporary folder, files read from disk).
+//! then the whole pipeline (`process` into a temporary folder, files read from disk),
+//! counting the images it made (a failure, such as a photo without a face, is cheap and
+//! would inflate the rate). Files that cannot be read or decoded are left out of every
+//! measurement and listed with their reasons.
 //! The stage with the lowest rate alone bounds the pipeline; on a CPU-only machine the
 //! stages also share the cores, so the report gives that ceiling as well (the per-image
 //! CPU time of all stages together, over the core count).
@@ -105,6 +109,8 @@ impl Rate {
 #[derive(Debug, Clone)]
 pub struct BenchReport {
     pub images: usize,
+    /// Files of the folder left out (they do not read or decode), with why.
+    pub skipped: Vec<(PathBuf, String)>,
     pub cores: usize,
     /// The model file (`None` without `[model]`) and the devices it is configured on.
     pub model: Option<PathBuf>,
@@ -112,13 +118,15 @@ pub struct BenchReport {
     /// Images per DCT scale (index M - 1: decoded at M/8; index 7: full decode).
     pub scales: [usize; 8],
     pub decode_fit_full: Rate,
-    pub decode_fit_scaled: Rate,
+    /// `None` when the pipeline would not scale (the face crop, `dct_scaling = "off"`).
+    pub decode_fit_scaled: Option<Rate>,
     pub decode_fit: Rate,
     /// The face crop's detect stage, with whether it ran on the CPU.
     pub detect: Option<(Rate, bool)>,
     pub infer: Option<Rate>,
     pub encode: Rate,
-    pub pipeline: Option<Rate>,
+    /// The whole pipeline's rate over the images it made, and how many failed.
+    pub pipeline: Option<(Rate, usize)>,
 }
 
 impl BenchReport {
@@ -136,7 +144,11 @@ impl BenchReport {
     /// Images/s the cores allow when every CPU stage shares them (the inference too when
     /// it runs on the CPU): cores / (sum of per-image CPU time).
     pub fn cpu_ceiling(&self, infer_on_cpu: bool) -> f64 {
-        let mut ms = self.decode_fit_scaled.ms_per_image() + self.encode.ms_per_image();
+        let decode = self
+            .decode_fit_scaled
+            .as_ref()
+            .unwrap_or(&self.decode_fit_full);
+        let mut ms = decode.ms_per_image() + self.encode.ms_per_image();
         if let Some((d, true)) = &self.detect {
             ms += d.ms_per_image();
         }
@@ -152,6 +164,13 @@ impl BenchReport {
         self.infer.as_ref().is_some_and(|r| r.name.contains("cpu"))
     }
 
+    /// How many times faster one thread decodes and fits with DCT scaling (`None` when
+    /// the pipeline would not scale).
+    fn dct_speedup(&self) -> Option<f64> {
+        let s = self.decode_fit_scaled.as_ref()?;
+        Some(s.images_per_s() / self.decode_fit_full.images_per_s().max(1e-9))
+    }
+
     /// What `bench --json` prints: each measured stage under its own key (`null` when it
     /// did not run), the bound and the figures the text derives from them.
     pub fn to_json(&self) -> serde_json::Value {
@@ -163,6 +182,9 @@ impl BenchReport {
         });
         serde_json::json!({
             "images": self.images,
+            "skipped": self.skipped.iter().map(|(p, why)| serde_json::json!({
+                "file": p.to_string_lossy(), "reason": why,
+            })).collect::<Vec<_>>(),
             "cores": self.cores,
             "model": self.model.as_ref().map(|p| p.to_string_lossy()),
             "devices": self.devices,
@@ -170,18 +192,21 @@ impl BenchReport {
                 .map(|m| (format!("{m}/8"), self.scales[m - 1].into()))
                 .collect::<serde_json::Map<String, serde_json::Value>>(),
             "decode_fit_full": self.decode_fit_full.to_json(),
-            "decode_fit_scaled": self.decode_fit_scaled.to_json(),
+            "decode_fit_scaled": self.decode_fit_scaled.as_ref().map(Rate::to_json),
             "decode_fit": self.decode_fit.to_json(),
             "detect": detect,
             "infer": self.infer.as_ref().map(Rate::to_json),
             "encode": self.encode.to_json(),
-            "pipeline": self.pipeline.as_ref().map(Rate::to_json),
-            "dct_speedup": self.decode_fit_scaled.images_per_s()
-                / self.decode_fit_full.images_per_s().max(1e-9),
+            "pipeline": self.pipeline.as_ref().map(|(r, failed)| {
+                let mut j = r.to_json();
+                j["failed"] = (*failed).into();
+                j
+            }),
+            "dct_speedup": self.dct_speedup(),
             "bound": { "name": bound.name, "images_per_s": bound.images_per_s() },
             "cpu_ceiling_images_per_s": self.cpu_ceiling(self.infer_on_cpu()),
             "pipeline_fraction_of_bound": self.pipeline.as_ref()
-                .map(|p| p.images_per_s() / bound.images_per_s().max(1e-9)),
+                .map(|(p, _)| p.images_per_s() / bound.images_per_s().max(1e-9)),
         })
     }
 }
@@ -193,16 +218,32 @@ impl fmt::Display for BenchReport {
             "{} images, {} cores; each stage alone, then the whole pipeline",
             self.images, self.cores
         )?;
+        if !self.skipped.is_empty() {
+            writeln!(
+                f,
+                "skipped {} files (they are not measured):",
+                self.skipped.len()
+            )?;
+            for (p, why) in &self.skipped {
+                writeln!(f, "  {}: {why}", p.display())?;
+            }
+        }
+        self.table(f)?;
+        self.notes(f)
+    }
+}
+
+impl BenchReport {
+    /// One line per stage alone, then the whole pipeline.
+    fn table(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "{:<44} {:>7} {:>10} {:>13}",
             "stage", "threads", "images/s", "ms/image/thr"
         )?;
-        let mut rows = vec![
-            &self.decode_fit_full,
-            &self.decode_fit_scaled,
-            &self.decode_fit,
-        ];
+        let mut rows = vec![&self.decode_fit_full];
+        rows.extend(self.decode_fit_scaled.as_ref());
+        rows.push(&self.decode_fit);
         rows.extend(self.detect.as_ref().map(|(r, _)| r));
         rows.extend(self.infer.as_ref());
         rows.push(&self.encode);
@@ -216,7 +257,7 @@ impl fmt::Display for BenchReport {
                 r.ms_per_image()
             )?;
         }
-        if let Some(p) = &self.pipeline {
+        if let Some((p, _)) = &self.pipeline {
             // Its threads wait on each other, so a per-thread cost means nothing here.
             writeln!(
                 f,
@@ -227,16 +268,26 @@ impl fmt::Display for BenchReport {
                 "-"
             )?;
         }
+        Ok(())
+    }
+
+    /// What the table means: DCT scaling, the bound, the ceiling, the pipeline.
+    fn notes(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scales: Vec<String> = (1..=8)
             .filter(|&m| self.scales[m - 1] > 0)
             .map(|m| format!("{m}/8: {}", self.scales[m - 1]))
             .collect();
-        writeln!(
-            f,
-            "JPEG DCT scaling (images per scale): {}; it made decode+fit {:.2}x faster on one thread",
-            scales.join(", "),
-            self.decode_fit_scaled.images_per_s() / self.decode_fit_full.images_per_s().max(1e-9)
-        )?;
+        match self.dct_speedup() {
+            Some(x) => writeln!(
+                f,
+                "JPEG DCT scaling (images per scale): {}; it made decode+fit {x:.2}x faster on one thread",
+                scales.join(", "),
+            )?,
+            None => writeln!(
+                f,
+                "JPEG DCT scaling: not used by this config (the face crop needs every pixel, or decode.dct_scaling = \"off\")"
+            )?,
+        }
         let b = self.bound();
         writeln!(
             f,
@@ -246,12 +297,17 @@ impl fmt::Display for BenchReport {
             self.cores,
             self.cpu_ceiling(self.infer_on_cpu())
         )?;
-        if let Some(p) = &self.pipeline {
+        if let Some((p, failed)) = &self.pipeline {
             writeln!(
                 f,
-                "whole pipeline: {:.1} images/s = {:.0}% of the slowest stage alone",
+                "whole pipeline: {:.1} images/s made = {:.0}% of the slowest stage alone{}",
                 p.images_per_s(),
-                100.0 * p.images_per_s() / b.images_per_s().max(1e-9)
+                100.0 * p.images_per_s() / b.images_per_s().max(1e-9),
+                if *failed > 0 {
+                    format!(" ({failed} failed and are not counted)")
+                } else {
+                    String::new()
+                }
             )?;
         }
         Ok(())
@@ -311,8 +367,17 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
         decode_fit(cfg, &files, min, name, threads, scaled)
     };
     let decode_fit_full = decode_fit_on("read+decode+fit (full decode)", 1, false);
-    let decode_fit_scaled = decode_fit_on("read+decode+fit (DCT-scaled JPEG)", 1, true);
-    let decode_fit_n = decode_fit_on("read+decode+fit (DCT-scaled JPEG)", pl.decode_threads, true);
+    // Measured only where the pipeline would scale: with the face crop (which turns it
+    // off) the "gain" was two runs of one thing, noise.
+    let scaling = scale_target(cfg).is_some();
+    let decode_fit_scaled =
+        scaling.then(|| decode_fit_on("read+decode+fit (DCT-scaled JPEG)", 1, true));
+    let name = if scaling {
+        "read+decode+fit (DCT-scaled JPEG)"
+    } else {
+        "read+decode+fit (full decode)"
+    };
+    let decode_fit_n = decode_fit_on(name, pl.decode_threads, true);
     let detect = detect(cfg, &files, folder, min)?;
     let inferred = infer(cfg, sample.fitted, min)?;
     let encode = encode(
@@ -323,13 +388,14 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
         min,
     );
     let pipeline = if opts.pipeline {
-        Some(whole_pipeline(cfg, paths)?)
+        Some(whole_pipeline(cfg, files.to_vec())?)
     } else {
         None
     };
 
     Ok(BenchReport {
         images: files.len(),
+        skipped: sample.skipped,
         cores: crate::config::available_cores(),
         model: cfg.model.as_ref().map(|m| m.path.clone()),
         devices: (cfg.model.iter())
@@ -350,6 +416,8 @@ pub fn run(cfg: &Config, folder: &Path, opts: &BenchOptions) -> Result<BenchRepo
 /// the later stages start from.
 struct Sample {
     files: Vec<PathBuf>,
+    /// The files left out, with why.
+    skipped: Vec<(PathBuf, String)>,
     /// Images per DCT scale, as in [`BenchReport::scales`].
     scales: [usize; 8],
     /// Up to 64 rows fitted from the first images: the inference input.
@@ -358,7 +426,7 @@ struct Sample {
 
 impl Sample {
     fn load(cfg: &Config, folder: &Path, paths: &[PathBuf]) -> Result<Sample, BenchError> {
-        let mut first_err = String::from("the folder is empty");
+        let mut skipped = Vec::new();
         let mut scales = [0usize; 8];
         let mut good = Vec::new();
         let mut fitted: Vec<Vec<u8>> = Vec::new();
@@ -370,9 +438,7 @@ impl Sample {
             let input = match read_input(p, cfg.decode.max_file_bytes) {
                 Ok(input) => input,
                 Err(e) => {
-                    if good.is_empty() {
-                        first_err = format!("{}: {e}", p.display());
-                    }
+                    skipped.push((p.clone(), e.to_string()));
                     continue;
                 }
             };
@@ -387,15 +453,20 @@ impl Sample {
                     }
                     good.push(p.clone());
                 }
-                Err(e) if good.is_empty() => first_err = format!("{}: {e}", p.display()),
-                Err(_) => {}
+                Err(e) => skipped.push((p.clone(), e.to_string())),
             }
         }
         if good.is_empty() || fitted.is_empty() {
-            return Err(BenchError::NoImages(folder.to_path_buf(), first_err));
+            let first = skipped
+                .first()
+                .map_or("the folder is empty".into(), |(p, e)| {
+                    format!("{}: {e}", p.display())
+                });
+            return Err(BenchError::NoImages(folder.to_path_buf(), first));
         }
         Ok(Sample {
             files: good,
+            skipped,
             scales,
             fitted,
         })
@@ -656,21 +727,22 @@ fn encode(
 
 /// `process` over `paths` into a temporary folder (removed before and after), files read
 /// from disk.
-fn whole_pipeline(cfg: &Config, paths: Vec<PathBuf>) -> Result<Rate, BenchError> {
+fn whole_pipeline(cfg: &Config, paths: Vec<PathBuf>) -> Result<(Rate, usize), BenchError> {
     let pl = &cfg.pipeline;
     let out = std::env::temp_dir().join(format!("hotpipe-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let s = crate::process::run(cfg, paths, &out, Default::default());
     let _ = std::fs::remove_dir_all(&out);
     let s = s?;
-    Ok(Rate {
+    let rate = Rate {
         name: "whole pipeline (process, files on disk)".to_string(),
         threads: pl.decode_threads
             + pl.fit_threads
             + pl.encode_threads
             + 1
             + cfg.face_crop.as_ref().map_or(0, |_| pl.detect_threads),
-        images: s.done + s.failed.len(),
+        images: s.done,
         elapsed: s.elapsed,
-    })
+    };
+    Ok((rate, s.failed.len()))
 }

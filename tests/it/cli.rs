@@ -357,6 +357,9 @@ fn check_and_bench_json_describe_the_config_and_the_run() {
         assert!(ips.is_some_and(|x| x > 0.0), "{stage}: {j}");
     }
     assert_eq!(j["pipeline"]["images"], 2, "{j}");
+    assert_eq!(j["pipeline"]["failed"], 0, "{j}");
+    assert_eq!(j["skipped"], serde_json::json!([]), "{j}");
+    assert!(j["dct_speedup"].as_f64().is_some(), "{j}");
     assert!(j["detect"].is_null(), "{j}");
     assert_eq!(j["devices"], serde_json::json!(["cpu"]), "{j}");
     assert!(j["model"].as_str().unwrap().ends_with("m.pt"), "{j}");

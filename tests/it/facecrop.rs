@@ -562,6 +562,9 @@ fn bench_measures_the_detect_stage_and_names_the_bound() {
     let big = image::imageops::resize(&a, 900, 900, image::imageops::FilterType::Triangle);
     big.save(photos.join("a.jpg")).unwrap();
     two_faces(&a).save(photos.join("b.jpg")).unwrap();
+    // A photo without a face (fails in the pipeline, cheaply) and a file that is no image.
+    noise(300, 300, 7).save(photos.join("c.jpg")).unwrap();
+    std::fs::write(photos.join("notes.txt"), "not a photo\n").unwrap();
     let m = d.path().join("m.pt");
     restore_model(&m);
     let cfg = config(d.path(), &w, "", "detect_threads = 2\n");
@@ -592,7 +595,19 @@ fn bench_measures_the_detect_stage_and_names_the_bound() {
     assert!(rate("inference").1 > 0.0, "{out}");
     assert!(rate("encode").1 > 0.0, "{out}");
     assert!(rate("whole pipeline").1 > 0.0, "{out}");
-    assert!(out.contains("2 images"), "{out}");
+    // What was left out is said, and the no-face failure is not counted as made.
+    assert!(out.contains("3 images"), "{out}");
+    assert!(
+        out.contains("skipped 1 files") && out.contains("notes.txt: "),
+        "{out}"
+    );
+    assert!(out.contains("(1 failed and are not counted)"), "{out}");
+    // The face crop decodes every pixel: no DCT-scaling row and no "gain".
+    assert!(!out.contains("DCT-scaled"), "{out}");
+    assert!(
+        out.contains("JPEG DCT scaling: not used by this config"),
+        "{out}"
+    );
     assert!(out.lines().any(|l| l.starts_with("bound: ")), "{out}");
 }
 
