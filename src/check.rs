@@ -12,8 +12,8 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{Config, DeviceChoice, Filter, FitMode, Format};
-use crate::process::{device_name, precision_name};
 use crate::runtime::plan::RuntimePlan;
+use crate::runtime::plan::{device_name, precision_name};
 use crate::vocab::device::cuda_device_count;
 use crate::vocab::error::{PipelineError, torch_message};
 
@@ -87,18 +87,6 @@ pub fn channel_name(c: i64) -> &'static str {
         4 => "RGBA",
         _ => "unknown",
     }
-}
-
-/// A config enum's name as the file spells it: `CatmullRom` is `catmull-rom`.
-fn config_name(v: impl fmt::Debug) -> String {
-    let mut out = String::new();
-    for (i, c) in format!("{v:?}").chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('-');
-        }
-        out.push(c.to_ascii_lowercase());
-    }
-    out
 }
 
 /// A Python pipeline's `describe()` for people: its pipeline class, library and version
@@ -261,10 +249,10 @@ impl CheckReport {
                 "width": self.input.0,
                 "height": self.input.1,
                 "channels": self.input_channels,
-                "fit": config_name(self.fit),
-                "filter": config_name(self.filter),
+                "fit": self.fit.name(),
+                "filter": self.filter.name(),
             },
-            "encode": { "format": config_name(self.format), "quality": self.quality },
+            "encode": { "format": self.format.name(), "quality": self.quality },
             "face_crop": face_crop,
             "model": model,
             "hotfolder": self.hotfolder.as_ref().map(|(root, grace)| serde_json::json!({
@@ -281,88 +269,117 @@ impl fmt::Display for CheckReport {
         writeln!(f, "cuda devices: {}", self.cuda_devices)?;
         writeln!(
             f,
-            "input: {} x {} ({:?} fit, {:?} filter)",
-            self.input.0, self.input.1, self.fit, self.filter
+            "input: {} x {} ({} fit, {} filter)",
+            self.input.0,
+            self.input.1,
+            self.fit.name(),
+            self.filter.name()
         )?;
-        writeln!(f, "encode: {:?}, quality {}", self.format, self.quality)?;
+        writeln!(
+            f,
+            "encode: {}, quality {}",
+            self.format.name(),
+            self.quality
+        )?;
         if let Some(fc) = &self.face_crop {
-            let fine = if fc.refine_size > fc.detect_size {
-                format!(
-                    "then around each face on the photo (at most {} px)",
-                    fc.refine_size
-                )
-            } else {
-                "fine pass off".to_string()
-            };
-            writeln!(
-                f,
-                "face crop: weights {} on {}, {} detect workers; faces searched on a {} px copy, {fine}; smallest face found: {} px or {:.1}% of the photo's longer side, whichever is larger",
-                fc.weights.display(),
-                fc.device,
-                fc.detect_workers,
-                fc.detect_size,
-                fc.min_face,
-                1200.0 / fc.detect_size as f64,
-            )?;
+            write_face_crop(f, fc)?;
         }
         let Some(m) = &self.model else {
             return writeln!(f, "model: none (fitted images are encoded as they are)");
         };
         for d in &m.devices {
-            let (oh, ow) = d.output_hw;
-            let ch = channel_name(self.input_channels as i64);
-            let (w, h, c) = (self.input.0, self.input.1, self.input_channels);
-            match &m.python {
-                Some(entry) => {
-                    writeln!(
-                        f,
-                        "model: {entry} (Python pipeline, a worker process per device)"
-                    )?;
-                    if let Some(python) = &m.interpreter {
-                        writeln!(f, "  python: {}", python.display())?;
-                    }
-                    if let Some(about) = &m.about {
-                        writeln!(f, "{}", about_text(about))?;
-                    }
-                    writeln!(f, "  device: {}", device_name(d.device))?;
-                    writeln!(
-                        f,
-                        "  input:  N x {h} x {w} x {c} uint8 ({ch}), in shared memory"
-                    )?;
-                }
-                None => {
-                    writeln!(f, "model: {}", m.path.display())?;
-                    writeln!(
-                        f,
-                        "  device: {}, precision {:?}",
-                        device_name(d.device),
-                        d.precision
-                    )?;
-                    writeln!(f, "  input:  N x {c} x {h} x {w} float in [0, 1] ({ch})")?;
-                }
-            }
-            if d.outputs_per_input == 1 {
-                writeln!(
-                    f,
-                    "  output: N x {} x {oh} x {ow} ({}, encoded as such)",
-                    d.output_channels,
-                    channel_name(d.output_channels)
-                )?;
-            } else {
-                writeln!(
-                    f,
-                    "  output: N*{k} x {} x {oh} x {ow} ({}, encoded as such): {k} outputs per input, written <name>_1 .. <name>_{k}",
-                    d.output_channels,
-                    channel_name(d.output_channels),
-                    k = d.outputs_per_input
-                )?;
-            }
-            writeln!(
-                f,
-                "  batch: {} (dummy batch ran in {:.1} ms, output {:?})",
-                m.batch, d.dummy_ms, d.output_shape
-            )?;
+            self.write_device(f, m, d)?;
         }
         Ok(())
+    }
+}
+
+fn write_face_crop(f: &mut fmt::Formatter<'_>, fc: &FaceCropFound) -> fmt::Result {
+    let fine = if fc.refine_size > fc.detect_size {
+        format!(
+            "then around each face on the photo (at most {} px)",
+            fc.refine_size
+        )
+    } else {
+        "fine pass off".to_string()
+    };
+    writeln!(
+        f,
+        "face crop: weights {} on {}, {} detect workers; faces searched on a {} px copy, {fine}; smallest face found: {} px or {:.1}% of the photo's longer side, whichever is larger",
+        fc.weights.display(),
+        fc.device,
+        fc.detect_workers,
+        fc.detect_size,
+        fc.min_face,
+        1200.0 / fc.detect_size as f64,
+    )
+}
+
+impl CheckReport {
+    /// The model on one device: what it is, its input and output (in one layout: channels
+    /// last for a Python pipeline, which gets uint8 in shared memory; first for a
+    /// TorchScript model) and its dummy batch.
+    fn write_device(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        m: &ModelFound,
+        d: &DeviceRun,
+    ) -> fmt::Result {
+        let (oh, ow) = d.output_hw;
+        let ch = channel_name(self.input_channels as i64);
+        let (w, h, c) = (self.input.0, self.input.1, self.input_channels);
+        let oc = d.output_channels;
+        let k = d.outputs_per_input;
+        let n = if k == 1 {
+            "N".to_string()
+        } else {
+            format!("N*{k}")
+        };
+        let output = match &m.python {
+            Some(entry) => {
+                writeln!(
+                    f,
+                    "model: {entry} (Python pipeline, a worker process per device)"
+                )?;
+                if let Some(python) = &m.interpreter {
+                    writeln!(f, "  python: {}", python.display())?;
+                }
+                if let Some(about) = &m.about {
+                    writeln!(f, "{}", about_text(about))?;
+                }
+                writeln!(f, "  device: {}", device_name(d.device))?;
+                writeln!(
+                    f,
+                    "  input:  N x {h} x {w} x {c} uint8 ({ch}), in shared memory"
+                )?;
+                format!("{n} x {oh} x {ow} x {oc} uint8")
+            }
+            None => {
+                writeln!(f, "model: {}", m.path.display())?;
+                writeln!(
+                    f,
+                    "  device: {}, precision {}",
+                    device_name(d.device),
+                    precision_name(d.precision)
+                )?;
+                writeln!(f, "  input:  N x {c} x {h} x {w} float in [0, 1] ({ch})")?;
+                format!("{n} x {oc} x {oh} x {ow}")
+            }
+        };
+        let several = if k > 1 {
+            format!(": {k} outputs per input, written <name>_1 .. <name>_{k}")
+        } else {
+            String::new()
+        };
+        writeln!(
+            f,
+            "  output: {output} ({}, encoded as such){several}",
+            channel_name(oc)
+        )?;
+        writeln!(
+            f,
+            "  batch: {} (a dummy batch ran in {:.1} ms)",
+            m.batch, d.dummy_ms
+        )
     }
 }

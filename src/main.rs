@@ -34,15 +34,16 @@ Config lookup, in order (a file named by 1 or 2 must exist; of 3 and 4, the firs
   3. ./pipeline.toml
   4. /etc/hotpipe/pipeline.toml
 Relative paths inside the file are resolved against the file's folder.
---set SECTION.KEY=VALUE (process, check, bench; repeatable, the last of a key wins)
-changes one key after the file is read and before it is validated: VALUE is a TOML
-value (85, true, [640, 480], \"text\") or, when it is not one, the string it spells
-(cuda:1, /srv/in).
+--set SECTION.KEY=VALUE (run, process, check, bench; repeatable, the last of a key
+wins) changes one key after the file is read and before it is validated: VALUE is a
+TOML value (85, true, [640, 480], \"text\") or, when it is not one, the string it spells
+(cuda:1, /srv/in). run keeps its --set across reloads (SIGHUP).
 
 Exit status:
   0   success
   1   failure: a model or device that does not work, an input that failed (process)
-  2   usage error: an unknown option, a missing argument, a malformed --set
+  2   usage error: an unknown option, a missing argument, a malformed --set, a --param
+      or --manifest row that the [params] schema refuses or whose image is missing
   78  config error: no config found, unreadable, not TOML, a key unknown or invalid
       (EX_CONFIG: systemd's RestartPreventExitStatus=78 stops restarting it)";
 
@@ -397,7 +398,6 @@ fn process(
     let opts = hotpipe::process::RunOptions { progress: !quiet };
     let s =
         hotpipe::process::run_jobs(&cfg, jobs, out, opts).context("pipeline failed to start")?;
-    tracing::info!("stage telemetry\n{}", s.report);
     if json {
         println!("{}", s.to_json());
     } else {

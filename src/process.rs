@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::hotfolder::publish::DirSink;
 use crate::jobs::Job;
 use crate::pipeline::{Pipeline, RuntimeInfo};
+use crate::runtime::plan::{device_name, precision_name};
 use crate::vocab::error::{ItemError, PipelineError};
 use crate::vocab::item::Item;
 use crate::vocab::telemetry::{STAGES, Telemetry};
@@ -80,7 +81,7 @@ impl Summary {
             "failed": self.failed.len(),
             "elapsed_s": self.elapsed.as_secs_f64(),
             "images_per_s": self.images_per_s(),
-            "model": info.model,
+            "model": (!info.model.is_empty()).then_some(&info.model),
             "devices": info.devices.iter().map(|&d| device_name(d)).collect::<Vec<_>>(),
             "max_batch": info.max_batch,
             "precision": precision_name(info.precision),
@@ -96,7 +97,8 @@ impl Summary {
     }
 }
 
-/// The text summary `process` prints without `--json` (the telemetry table is logged).
+/// The text summary `process` prints without `--json`: counts, the runtime, the
+/// per-stage table, then each failure.
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
@@ -107,36 +109,18 @@ impl fmt::Display for Summary {
             self.elapsed.as_secs_f64(),
             self.images_per_s()
         )?;
-        let devices: Vec<String> = self.info.devices.iter().map(|&d| device_name(d)).collect();
         writeln!(
             f,
             "runtime: {} on {}, batch {}",
-            self.info.model,
-            devices.join(", "),
+            self.info.model_text(),
+            self.info.devices_text(),
             self.info.max_batch
         )?;
+        write!(f, "{}", self.report)?;
         for e in &self.failed {
             writeln!(f, "failed: {}: {}: {}", e.path.display(), e.stage, e.reason)?;
         }
         Ok(())
-    }
-}
-
-/// A device as the config names it (`cpu`, `cuda:1`).
-pub(crate) fn device_name(d: tch::Device) -> String {
-    match d {
-        tch::Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".to_string(),
-    }
-}
-
-/// A tensor kind as `[model] precision` names it.
-pub(crate) fn precision_name(k: tch::Kind) -> String {
-    match k {
-        tch::Kind::Float => "fp32".into(),
-        tch::Kind::Half => "fp16".into(),
-        tch::Kind::BFloat16 => "bf16".into(),
-        other => format!("{other:?}"),
     }
 }
 

@@ -20,9 +20,28 @@ struct Weights {
     map: HashMap<String, Tensor>,
 }
 
+/// Why a weights folder that is not there is most likely a path, not a missing set-up:
+/// a config copied elsewhere keeps `weights = "models/mtcnn"`, resolved against its new
+/// folder. Names the folder the set-up wrote when this build's checkout has it.
+fn no_weights_folder(dir: &Path) -> String {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mtcnn");
+    let hint = if built.join("pnet.pt").is_file() {
+        format!("; scripts/setup.sh wrote them to {}", built.display())
+    } else {
+        "; scripts/setup.sh writes them to models/mtcnn in the checkout".to_string()
+    };
+    format!(
+        "no MTCNN weights folder {}: [face_crop] weights is resolved against the config file's folder, so a copied config needs it set to the folder holding pnet.pt, rnet.pt, onet.pt{hint}",
+        dir.display()
+    )
+}
+
 impl Weights {
     fn load(dir: &Path, net: &'static str, device: Device) -> Result<Weights, PipelineError> {
         let path = dir.join(format!("{net}.pt"));
+        if !dir.is_dir() {
+            return Err(PipelineError::FaceCrop(no_weights_folder(dir)));
+        }
         if !path.is_file() {
             return Err(PipelineError::FaceCrop(format!(
                 "MTCNN weights {} are missing; run scripts/setup.sh to convert them \

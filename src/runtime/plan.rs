@@ -31,6 +31,7 @@ pub struct RuntimeInfo {
     pub output_channels: i64,
     /// Outputs per input (K): `<name>_1 .. <name>_K` when more than one.
     pub outputs_per_input: usize,
+    /// The model's path; empty without a `[model]`.
     pub model: String,
     pub precision: Kind,
     /// A Python pipeline's own account of itself (`describe()`: library, version,
@@ -51,6 +52,42 @@ pub struct RuntimePlan {
 pub struct PythonPlan {
     pub shared: Arc<SharedSlots>,
     pub stats: Vec<Arc<ModelWorkerStats>>,
+}
+
+impl RuntimeInfo {
+    /// The model for people: its path, or that there is none.
+    pub fn model_text(&self) -> &str {
+        if self.model.is_empty() {
+            "no model"
+        } else {
+            &self.model
+        }
+    }
+
+    /// The devices as the config names them (`cpu`, `cuda:1`), comma-separated.
+    pub fn devices_text(&self) -> String {
+        let names: Vec<String> = self.devices.iter().map(|&d| device_name(d)).collect();
+        names.join(", ")
+    }
+}
+
+/// A device as the config names it (`cpu`, `cuda:1`).
+pub fn device_name(d: Device) -> String {
+    match d {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_string(),
+    }
+}
+
+/// A tensor kind as `[model] precision` names it (`uint8`: pixels as they are, without
+/// a model or through a Python pipeline).
+pub fn precision_name(k: Kind) -> String {
+    match k {
+        Kind::Float => "fp32".into(),
+        Kind::Half => "fp16".into(),
+        Kind::BFloat16 => "bf16".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
 }
 
 impl RuntimePlan {
@@ -185,7 +222,11 @@ impl RuntimePlan {
             input_channels: m.input_channels(),
             output_channels: m.output_channels(),
             outputs_per_input: m.outputs_per_input(),
-            model: m.path().display().to_string(),
+            model: if m.is_identity() {
+                String::new()
+            } else {
+                m.path().display().to_string()
+            },
             precision: m.kind(),
             about: m.about(),
         }

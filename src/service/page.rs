@@ -63,13 +63,10 @@ pub fn render(shared: &Shared) -> String {
 }
 
 fn summary(h: &mut String, shared: &Shared, snap: &Snapshot) {
-    // A keyword, and why when it is not the phase itself ("stuck: ...", "waiting: ...").
+    // A keyword, and why when it is not the phase itself ("stuck" and what is).
     let (state, why) = match shared.status() {
         Ok(_) => (snap.phase.as_str().to_string(), String::new()),
-        Err(why) => (
-            why.split(':').next().unwrap_or("unhealthy").to_string(),
-            why,
-        ),
+        Err(status) => state_and_reason(&status),
     };
     let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let _ = write!(
@@ -88,6 +85,15 @@ done <span id=\"done\">{}</span> · failed <span id=\"failed\">{}</span> · retr
         n(&shared.retried),
         shared.in_flight.load(Ordering::Relaxed).max(0),
     );
+}
+
+/// An unhealthy status ("stuck: the infer stage ...") as its keyword and the rest, so the
+/// page does not say the keyword twice.
+fn state_and_reason(status: &str) -> (String, String) {
+    match status.split_once(':') {
+        Some((state, why)) => (state.trim().to_string(), why.trim().to_string()),
+        None => (status.to_string(), String::new()),
+    }
 }
 
 fn queues(h: &mut String, shared: &Shared) {
@@ -114,7 +120,8 @@ fn queues(h: &mut String, shared: &Shared) {
 fn chart(h: &mut String, per_minute: &[u64]) {
     const W: usize = 600;
     const H: usize = 120;
-    let max = per_minute.iter().copied().max().unwrap_or(0).max(1);
+    let peak = per_minute.iter().copied().max().unwrap_or(0);
+    let max = peak.max(1);
     let bar = W / per_minute.len().max(1);
     let _ = write!(
         h,
@@ -136,9 +143,14 @@ aria-label=\"outcomes per minute\"><rect width=\"{W}\" height=\"{H}\" fill=\"#f4
             bar.saturating_sub(1).max(1),
         );
     }
+    let right = if peak == 0 {
+        "now · none yet".to_string()
+    } else {
+        format!("now · peak {peak}/min")
+    };
     let _ = write!(
         h,
-        "<text x=\"0\" y=\"{}\" font-size=\"11\">-60 min</text><text x=\"{}\" y=\"{}\" font-size=\"11\">now · peak {max}/min</text></svg>",
+        "<text x=\"0\" y=\"{}\" font-size=\"11\">-60 min</text><text x=\"{}\" y=\"{}\" font-size=\"11\">{right}</text></svg>",
         H + 13,
         W - 110,
         H + 13
@@ -192,5 +204,23 @@ mod tests {
         chart(&mut h, &m);
         assert_eq!(h.matches("class=\"bar\"").count(), 2);
         assert!(h.contains("data-n=\"6\"") && h.contains("height=\"120\""));
+        assert!(h.contains("peak 6/min"), "{h}");
+        // Nothing yet: no bar, and no peak of 1 made up.
+        let mut h = String::new();
+        chart(&mut h, &[0; 60]);
+        assert!(!h.contains("class=\"bar\"") && !h.contains("peak"), "{h}");
+        assert!(h.contains("none yet"), "{h}");
+    }
+
+    #[test]
+    fn an_unhealthy_state_names_its_keyword_once() {
+        assert_eq!(
+            state_and_reason("stuck: the infer stage has run 90 s"),
+            ("stuck".into(), "the infer stage has run 90 s".into())
+        );
+        assert_eq!(
+            state_and_reason("starting"),
+            ("starting".into(), String::new())
+        );
     }
 }

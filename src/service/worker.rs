@@ -115,7 +115,7 @@ pub fn run(cfg: &Config, signals: Receiver<Signal>) -> Result<(), ServiceError> 
     let mut pipeline = Pipeline::start(cfg, sink)?;
     let info = pipeline.info();
     let slots = info.max_batch * (cfg.pipeline.batch_slots + 1);
-    tracing::info!(worker = %worker.id, server = %cc.url, model = %info.model, devices = ?info.devices, slots, "cluster worker ready");
+    tracing::info!(worker = %worker.id, server = %cc.url, model = %info.model_text(), devices = %info.devices_text(), slots, "cluster worker ready");
     let tx = pipeline.sender();
     pipeline.close_input();
     let w = Arc::clone(&worker);

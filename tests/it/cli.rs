@@ -487,3 +487,113 @@ fn run_takes_set_overrides() {
     assert_eq!(status.code(), Some(0));
     assert!(!file_root.exists(), "the file's root was not used");
 }
+
+/// What a newcomer reads, in words they can act on: no Rust names (`Some(..)`, `[Cpu]`,
+/// `Uint8`, `Jpeg`), one layout per shape, the stage table in `process`'s summary, the
+/// exit statuses `--help` owes, and a copied config's weights path named as the fault.
+#[test]
+fn user_facing_output_speaks_the_configs_words() {
+    let d = tempfile::tempdir().unwrap();
+    restore_model(&d.path().join("m.pt"));
+    write_jpeg(&d.path().join("a.jpg"), 64, 48, 1);
+    let plain = write(&d.path().join("plain.toml"), "[preprocess]\nsize = 32\n");
+    let model = write(
+        &d.path().join("model.toml"),
+        "[model]\npath = \"m.pt\"\ndevice = \"cpu\"\nmax_batch = 2\n[preprocess]\nsize = 32\n",
+    );
+    let rust_names = [
+        "Some(", "[Cpu]", "Cpu", "Uint8", "Jpeg", "(none)", "Crop fit",
+    ];
+    let clean = |text: &str| {
+        for n in rust_names {
+            assert!(!text.contains(n), "`{n}` in:\n{text}");
+        }
+    };
+    let out = d.path().join("out");
+    let (o, p, a) = (out.to_str().unwrap(), plain.to_str().unwrap(), "a.jpg");
+    let r = cli_in(
+        d.path(),
+        None,
+        &["process", "--quiet", "-c", p, "--out", o, a],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    clean(&r.stdout);
+    assert!(
+        r.stdout.contains("runtime: no model on cpu, batch"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("stage     threads  items"),
+        "{}",
+        r.stdout
+    );
+    let o2 = d.path().join("out2");
+    let r = cli_in(
+        d.path(),
+        None,
+        &[
+            "process",
+            "--quiet",
+            "--json",
+            "-c",
+            p,
+            "--out",
+            o2.to_str().unwrap(),
+            a,
+        ],
+    );
+    let j = json(&r);
+    assert_eq!(
+        (j["model"].clone(), j["precision"].clone()),
+        (serde_json::Value::Null, "uint8".into()),
+        "{j}"
+    );
+
+    let r = cli_in(d.path(), None, &["check", "-c", model.to_str().unwrap()]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    clean(&r.stdout);
+    for line in [
+        "input: 32 x 32 (crop fit, bilinear filter)",
+        "encode: jpeg, quality 90",
+        "  device: cpu, precision fp32",
+        "  input:  N x 3 x 32 x 32 float in [0, 1] (RGB)",
+        "  output: N x 3 x 32 x 32 (RGB, encoded as such)",
+        "  batch: 2 (a dummy batch ran in",
+    ] {
+        assert!(r.stdout.contains(line), "no `{line}` in:\n{}", r.stdout);
+    }
+
+    let r = cli_in(d.path(), None, &["--help"]);
+    assert!(
+        r.stdout.contains("(run, process, check, bench;"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout
+            .contains("or --manifest row that the [params] schema refuses"),
+        "{}",
+        r.stdout
+    );
+
+    // The shipped config copied elsewhere: its relative weights path is what is wrong.
+    let copied = d.path().join("copied.toml");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("pipeline.toml"),
+        &copied,
+    )
+    .unwrap();
+    let r = cli_in(d.path(), None, &["check", "-c", copied.to_str().unwrap()]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "no MTCNN weights folder {}",
+            d.path().join("models/mtcnn").display()
+        )) && r
+            .stderr
+            .contains("resolved against the config file's folder"),
+        "{}",
+        r.stderr
+    );
+}

@@ -536,6 +536,10 @@ fn t4_hostile_inbox() {
         ]
     );
     assert_eq!(names(&inbox.join("x.jpg")), ["link.jpg"]);
+    // The log names the page, and the outputs without Rust's `Some(..)`.
+    let log = daemon.log();
+    assert!(log.contains("status page on http://"), "{log}");
+    assert!(log.contains("output=") && !log.contains("Some("), "{log}");
     assert!(daemon.alive(), "still up");
     let rss = vm_rss_kib(daemon.pid());
     eprintln!("RSS: {rss0} KiB at start, {rss} KiB after the hostile inbox");
