@@ -10,7 +10,7 @@ OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 # The cuda:: tests (the Python backend's among them: its worker runs under python3).
 export HOTPIPE_PYTHON="$(command -v python3)"
-[ -x bin/it-tests ] && bin/it-tests cuda:: --nocapture 2>&1 | tail -20 | tee "$OUT/cuda-tests.txt"
+[ -x bin/it-tests ] && bin/it-tests cuda:: --include-ignored --nocapture 2>&1 | tail -20 | tee "$OUT/cuda-tests.txt"
 W=/tmp/w1; mkdir -p $W
 python3 make_data.py astronaut.png $W/D400 400 7
 python3 make_model.py $W/m.pt 48 8 >/dev/null
