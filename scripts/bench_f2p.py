@@ -164,7 +164,7 @@ def run_hotpipe(cfg, photos, work):
             if daemon.poll() is not None:
                 sys.exit(f"hotpipe exited:\n{logged()}")
             time.sleep(0.2)
-        addr = re.search(r"metrics on http://([^/\s]+)", logged()).group(1)
+        addr = re.search(r"status page on http://([^/\s]+)", logged()).group(1)
 
         def drop(name, data):
             for n, d in ((Path(name).stem + ".json", json.dumps(PARAMS).encode()), (name, data)):

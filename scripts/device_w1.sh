@@ -41,7 +41,7 @@ for r in 1 2; do
   echo "round $r hotpipe_python: $(run_py)"
   for v in model_only dataloader model_only_bf16 model_only_fp16 gpu_codec; do echo "round $r $(run_peer $v)"; done
 done 2>&1 | tee "$OUT/w1.txt"
-HOTPIPE_LOG=info bin/hotpipe process --config $W/w1.toml --out $W/o_tel $W/D400 2>&1 | grep -A12 "stage telemetry" | tee "$OUT/telemetry.txt"
+HOTPIPE_LOG=info bin/hotpipe process --config $W/w1.toml --out $W/o_tel $W/D400 2>&1 | grep -A12 "^stage  " | tee "$OUT/telemetry.txt"
 
 # Face crop on the GPU (issue 5: >= 10x the peer): the default job, same 100 images.
 python3 make_data.py astronaut.png $W/F100 100 7

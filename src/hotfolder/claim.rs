@@ -39,6 +39,17 @@ struct Seen {
     since: Instant,
 }
 
+impl Seen {
+    fn folder(t: super::folders::TreeStat, now: Instant) -> Seen {
+        Seen {
+            size: t.bytes,
+            mtime: t.newest,
+            entries: t.entries,
+            since: now,
+        }
+    }
+}
+
 /// Settle bookkeeping across scans.
 pub struct Scanner {
     settle: Duration,
@@ -93,13 +104,8 @@ impl Scanner {
                     tracing::warn!(folder = ?name, files = n, "folder emptied into the inbox but for what is not a regular file (links, names still being written); it stays");
                     // Left alone until it changes again.
                     if let Ok(t) = super::folders::tree_stat(&layout.inbox.join(name)) {
-                        let seen = Seen {
-                            size: t.bytes,
-                            mtime: t.newest,
-                            entries: t.entries,
-                            since: Instant::now(),
-                        };
-                        self.settled.insert(name.clone(), seen);
+                        self.settled
+                            .insert(name.clone(), Seen::folder(t, Instant::now()));
                     }
                 }
                 Err(e) => tracing::error!(folder = ?name, error = %e, "cannot empty the folder"),
@@ -132,12 +138,7 @@ impl Scanner {
                 let Ok(t) = super::folders::tree_stat(&e.path()) else {
                     continue;
                 };
-                Seen {
-                    size: t.bytes,
-                    mtime: t.newest,
-                    entries: t.entries,
-                    since: now,
-                }
+                Seen::folder(t, now)
             } else if meta.is_file() {
                 Seen {
                     size: meta.len(),

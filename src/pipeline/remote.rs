@@ -198,11 +198,11 @@ impl Remote {
                 Ok(_) => return,
                 Err(ClusterError::Full { .. }) => {
                     if !full_logged {
-                        tracing::warn!(file = %name, "the work queue is full; waiting ([cluster] max_queue)");
+                        tracing::warn!(file = ?name, "the work queue is full; waiting ([cluster] max_queue)");
                         full_logged = true;
                     }
                 }
-                Err(e) => tracing::warn!(file = %name, error = %e, "cannot queue; trying again"),
+                Err(e) => tracing::warn!(file = ?name, error = %e, "cannot queue; trying again"),
             }
             std::thread::sleep(RETRY_PAUSE);
         }

@@ -68,7 +68,10 @@ impl StageWorker for Reader {
 
     fn process(&mut self, item: &mut Item, _: ()) -> Result<Input, StageError> {
         if let Some(bytes) = item.data.take() {
-            return owned_input(bytes, self.max_bytes);
+            let input = owned_input(bytes, self.max_bytes)?;
+            // Its size, for the sidecar (no mtime: the bytes came from the server).
+            item.source = Some(input.stat);
+            return Ok(input);
         }
         let input = read_input(&item.path, self.max_bytes)?;
         item.source = Some(input.stat);

@@ -12,7 +12,11 @@
 //! means for an item is decided by `hotfolder::recover`; here is only the mechanism.
 //!
 //! What cannot be caught (SIGKILL from an operator or the OOM killer, a power cut) leaves
-//! no record, and no item is blamed for it.
+//! no record, and no item is blamed for it. Nor does a catchable signal sent from another
+//! process (`kill -ABRT`, `systemctl kill`, systemd's watchdog): it lands on whatever
+//! thread the kernel picks, which says nothing about that thread's item. Only what the
+//! process raised itself is recorded: a fault (`si_code > 0`) or a signal whose sender
+//! is this process (`abort`, `raise`: `si_pid` is our own).
 //!
 //! Layout: every thread that holds items owns one [`Node`] of a global list. Nodes are
 //! leaked, never freed, and reused by later threads, so the handler can walk the list with
@@ -241,7 +245,8 @@ fn install() {
 /// raise, gettid) and atomic loads.
 extern "C" fn on_fatal(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     let fd = FD.swap(-1, Ordering::AcqRel);
-    if fd >= 0 {
+    // SAFETY: `info` is the kernel's siginfo for this signal (SA_SIGINFO), or null.
+    if fd >= 0 && unsafe { raised_here(info) } {
         write_record(fd, sig);
     }
     if let Some(prev) = PREVIOUS.get()
@@ -257,6 +262,21 @@ extern "C" fn on_fatal(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
         // SAFETY: raise is async-signal-safe.
         unsafe { libc::raise(sig) };
     }
+}
+
+/// Whether this process caused the signal: a fault the kernel raised (`si_code > 0`), or
+/// one sent by this process itself (`abort`, `raise`). A signal from another process is
+/// no item's doing.
+///
+/// # Safety
+/// `info` is null or the siginfo the kernel passed to a SA_SIGINFO handler.
+unsafe fn raised_here(info: *const libc::siginfo_t) -> bool {
+    if info.is_null() {
+        return true;
+    }
+    // SAFETY: per the contract; `si_pid` is valid to read for the sent codes (<= 0),
+    // and getpid is async-signal-safe.
+    unsafe { (*info).si_code > 0 || (*info).si_pid() == libc::getpid() }
 }
 
 /// A fixed buffer for the handler's output: no allocation.

@@ -354,6 +354,52 @@ fn t1_sigkill_storm_quarantines_the_poison_file_after_three_crashes() {
     assert_eq!(reason["crashes"], 3, "{reason}");
 }
 
+/// A SIGABRT sent from outside (an operator's `kill -ABRT`, `systemctl kill`, systemd's
+/// watchdog) while a file is being decoded blames no file: with `max_attempts = 1` it is
+/// done at the next start, not quarantined as "hotpipe crashed 1 times". The process's
+/// own abort still blames its file (the poison storm above).
+#[test]
+fn a_signal_from_outside_blames_no_file() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "max_attempts = 1\n", "");
+    let hf = d.path().join("hf");
+    // Three seconds inside the decode stage for slow.jpg, the time to send the signal.
+    let mut daemon = Daemon::start(&cfg, &[("HOTPIPE_FAULTS", "decode:stall:1:slow.jpg")]);
+    daemon.expect_log("hot folder ready", Duration::from_secs(30));
+    deliver(&hf, "slow.jpg", &jpeg_bytes(3));
+    assert!(wait_until(Duration::from_secs(10), || hf
+        .join("work/slow.jpg")
+        .exists()));
+    std::thread::sleep(Duration::from_millis(700));
+    // To the decode thread that holds it: where the kernel may deliver a kill(2) too.
+    let pid = daemon.pid();
+    let tid = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| t.ok())
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("hp-decode"))
+        })
+        .and_then(|t| t.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .expect("a decode thread");
+    // SAFETY: tgkill has no memory effects; pid and tid name the daemon's own thread.
+    unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGABRT) };
+    assert!(
+        wait_until(Duration::from_secs(10), || !daemon.alive()),
+        "{}",
+        daemon.log()
+    );
+    let daemon = Daemon::start(&cfg, &[]);
+    assert!(
+        wait_until(Duration::from_secs(30), || count(&hf.join("done")) == 1),
+        "done {:?} failed {:?}\n{}",
+        names(&hf.join("done")),
+        names(&hf.join("failed")),
+        daemon.log()
+    );
+    assert_eq!(names(&hf.join("failed")), Vec::<String>::new());
+    assert_eq!(daemon.stop().0, Some(0));
+}
+
 /// Test 2: No watcher at all: the periodic rescan alone finds every file, and a burst of
 /// 2,000 arriving while the daemon runs is processed exactly once.
 #[test]

@@ -330,7 +330,7 @@ fn relay_stderr(err: std::process::ChildStderr, pid: u32, device: &str) {
     let relay = move || {
         for line in std::io::BufRead::lines(BufReader::new(err)) {
             let Ok(line) = line else { break };
-            tracing::info!(target: "hotpipe::worker", pid, device, "{line}");
+            tracing::info!(target: "hotpipe::worker", pid, device, "{}", printable(&line));
         }
     };
     if let Err(e) = std::thread::Builder::new()
@@ -341,6 +341,24 @@ fn relay_stderr(err: std::process::ChildStderr, pid: u32, device: &str) {
         // (EPIPE) rather than block it once the pipe is full.
         tracing::error!(error = %e, "cannot start the thread relaying a worker's stderr; its prints are lost");
     }
+}
+
+/// A worker's line with its control characters escaped (`\u{1b}`), so that what a
+/// pipeline prints cannot colour, rewrite or forge the log's lines.
+fn printable(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.chars().any(|c| c.is_control() && c != '\t') {
+        return line.into();
+    }
+    line.chars()
+        .map(|c| {
+            if c.is_control() && c != '\t' {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 fn spawn_kept(mut cmd: Command) -> std::io::Result<Child> {

@@ -119,7 +119,8 @@ impl Daemon {
 
     pub fn metrics_addr(&self) -> String {
         let log = self.log();
-        let i = log.find("metrics on http://").expect("metrics line") + "metrics on http://".len();
+        let needle = "status page on http://";
+        let i = log.find(needle).expect("the status page line") + needle.len();
         log[i..].split('/').next().unwrap().to_string()
     }
 }
