@@ -891,6 +891,20 @@ impl Claimer {
     }
 }
 
+/// A second daemon on a folder one already serves is told so first, not that the
+/// metrics port is taken (what it said before, the lock coming later). Only a look: the
+/// session takes the lock for good.
+fn refuse_a_second_daemon(cfg: &Config) -> Result<(), ServiceError> {
+    let Some(hf) = &cfg.hotfolder else {
+        return Ok(());
+    };
+    let layout = Layout::new(&hf.root);
+    if layout.root.is_dir() {
+        drop(layout.lock()?);
+    }
+    Ok(())
+}
+
 /// The config (the file with its `--set` overrides, read again on every SIGHUP).
 fn load(source: &ConfigSource) -> Result<Config, ServiceError> {
     let cfg = source.load()?;
@@ -922,6 +936,7 @@ pub fn run(
     }
     let notifier = systemd::Notifier::from_env();
     let cfg = load(config)?;
+    refuse_a_second_daemon(&cfg)?;
     let shared = Arc::new(Shared::new(60));
     if let Some(addr) = cfg.metrics.listen {
         let local = http::serve(addr, Arc::clone(&shared)).map_err(|source| ServiceError::Io {

@@ -400,6 +400,32 @@ fn a_signal_from_outside_blames_no_file() {
     assert_eq!(daemon.stop().0, Some(0));
 }
 
+/// A second daemon on the same folder and metrics port says the folder is taken, not
+/// that the port is ("Address already in use", which it said before, and twice).
+#[test]
+fn a_second_daemon_on_a_folder_is_told_it_is_taken() {
+    let d = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = config(d.path(), "", "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let cfg = write(
+        &cfg,
+        &text.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+    );
+    let first = Daemon::start(&cfg, &[]);
+    first.expect_log("hot folder ready", Duration::from_secs(30));
+    let second = hotpipe().args(["run", "-c"]).arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_ne!(second.status.code(), Some(0), "{err}");
+    assert!(err.contains("another hotpipe already runs on"), "{err}");
+    assert!(!err.contains("Address already in use"), "{err}");
+    assert_eq!(first.stop().0, Some(0));
+}
+
 /// Test 2: No watcher at all: the periodic rescan alone finds every file, and a burst of
 /// 2,000 arriving while the daemon runs is processed exactly once.
 #[test]
