@@ -11,7 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::ConfigError;
-use super::parse::{Ctx, name_in};
+use super::parse::{Ctx, config_names};
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -55,18 +55,11 @@ pub struct DecodeConfig {
     pub background: Option<[u8; 3]>,
 }
 
-impl DctScaling {
-    const NAMES: &[(&'static str, DctScaling)] = &[
-        ("auto", DctScaling::Auto),
-        ("fast", DctScaling::Fast),
-        ("off", DctScaling::Off),
-    ];
-
-    /// As `decode.dct_scaling` spells it.
-    pub fn name(self) -> &'static str {
-        name_in(Self::NAMES, self)
-    }
-}
+config_names!(
+    DctScaling,
+    "decode.dct_scaling",
+    [("auto", Auto), ("fast", Fast), ("off", Off),]
+);
 
 /// The smallest configurable budget: below this, ordinary photos would not fit.
 const MIN_BUDGET_MIB: i64 = 16;

@@ -4,7 +4,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::ConfigError;
-use super::parse::{Ctx, name_in};
+use super::parse::{Ctx, config_names};
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -13,6 +13,12 @@ pub(super) struct RawEncode {
     quality: Option<Spanned<i64>>,
     keep_metadata: Option<Spanned<bool>>,
 }
+
+config_names!(
+    Format,
+    "encode.format",
+    [("jpeg", Jpeg), ("png", Png), ("webp", Webp)]
+);
 
 /// Output encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,17 +29,6 @@ pub enum Format {
 }
 
 impl Format {
-    const NAMES: &[(&'static str, Format)] = &[
-        ("jpeg", Format::Jpeg),
-        ("png", Format::Png),
-        ("webp", Format::Webp),
-    ];
-
-    /// As `encode.format` spells it.
-    pub fn name(self) -> &'static str {
-        name_in(Self::NAMES, self)
-    }
-
     pub fn extension(self) -> &'static str {
         match self {
             Format::Jpeg => "jpg",

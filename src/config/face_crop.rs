@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::parse::{Ctx, name_in, parse_device};
+use super::parse::{Ctx, config_names, parse_device};
 use super::{ConfigError, DeviceChoice, ModelConfig};
 
 #[derive(Debug, Deserialize)]
@@ -39,27 +39,17 @@ pub enum NoFacePolicy {
     Pass,
 }
 
-impl FaceSelect {
-    const NAMES: &[(&'static str, FaceSelect)] = &[
-        ("largest", FaceSelect::Largest),
-        ("most_confident", FaceSelect::MostConfident),
-    ];
+config_names!(
+    FaceSelect,
+    "face_crop.select",
+    [("largest", Largest), ("most_confident", MostConfident),]
+);
 
-    /// As `face_crop.select` spells it.
-    pub fn name(self) -> &'static str {
-        name_in(Self::NAMES, self)
-    }
-}
-
-impl NoFacePolicy {
-    const NAMES: &[(&'static str, NoFacePolicy)] =
-        &[("fail", NoFacePolicy::Fail), ("pass", NoFacePolicy::Pass)];
-
-    /// As `face_crop.on_no_face` spells it.
-    pub fn name(self) -> &'static str {
-        name_in(Self::NAMES, self)
-    }
-}
+config_names!(
+    NoFacePolicy,
+    "face_crop.on_no_face",
+    [("fail", Fail), ("pass", Pass),]
+);
 
 /// `[face_crop] detect_size` when not set.
 pub const DEFAULT_DETECT_SIZE: u32 = 512;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::parse::{Ctx, name_in, parse_device};
+use super::parse::{Ctx, config_names, parse_device};
 use super::{ConfigError, DeviceChoice};
 
 #[derive(Debug, Deserialize)]
@@ -59,18 +59,11 @@ pub enum Precision {
     Bf16,
 }
 
-impl Precision {
-    const NAMES: &[(&'static str, Precision)] = &[
-        ("fp32", Precision::Fp32),
-        ("fp16", Precision::Fp16),
-        ("bf16", Precision::Bf16),
-    ];
-
-    /// As `model.precision` spells it.
-    pub fn name(self) -> &'static str {
-        name_in(Self::NAMES, self)
-    }
-}
+config_names!(
+    Precision,
+    "model.precision",
+    [("fp32", Fp32), ("fp16", Fp16), ("bf16", Bf16),]
+);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchSize {

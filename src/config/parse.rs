@@ -350,14 +350,25 @@ fn shifted(v: Spanned<DeValue<'_>>, by: usize) -> Spanned<DeValue<'_>> {
     Spanned::new(span, inner)
 }
 
-/// The name a config key spells `value` with, from the same table `Ctx::choice` reads
-/// it by, so a value is written back (sidecars, `check`) exactly as it is configured.
-pub(super) fn name_in<T: Copy + PartialEq>(table: &[(&'static str, T)], value: T) -> &'static str {
-    table
-        .iter()
-        .find(|(_, v)| *v == value)
-        .map_or("?", |(n, _)| n)
+/// For a config enum: `NAMES`, the table `Ctx::choice` reads a key by, and `name()`,
+/// which writes a value back (sidecars, `check`) as that same table spells it, so the
+/// two can never disagree.
+macro_rules! config_names {
+    ($t:ident, $key:literal, [$(($n:literal, $v:ident)),+ $(,)?]) => {
+        impl $t {
+            const NAMES: &[(&'static str, $t)] = &[$(($n, $t::$v)),+];
+
+            #[doc = concat!("As `", $key, "` spells it.")]
+            pub fn name(self) -> &'static str {
+                Self::NAMES
+                    .iter()
+                    .find(|(_, v)| *v == self)
+                    .map_or("?", |(n, _)| n)
+            }
+        }
+    };
 }
+pub(super) use config_names;
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::ConfigError;
-use super::parse::{Ctx, name_in};
+use super::parse::{Ctx, config_names};
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -48,35 +48,25 @@ pub enum Filter {
     Lanczos3,
 }
 
-impl FitMode {
-    const NAMES: &[(&'static str, FitMode)] = &[
-        ("crop", FitMode::Crop),
-        ("pad", FitMode::Pad),
-        ("stretch", FitMode::Stretch),
-    ];
+config_names!(
+    FitMode,
+    "preprocess.fit",
+    [("crop", Crop), ("pad", Pad), ("stretch", Stretch),]
+);
 
-    /// As `preprocess.fit` spells it.
-    pub fn name(self) -> &'static str {
-        name_in(Self::NAMES, self)
-    }
-}
-
-impl Filter {
-    const NAMES: &[(&'static str, Filter)] = &[
-        ("nearest", Filter::Nearest),
-        ("box", Filter::Box),
-        ("bilinear", Filter::Bilinear),
-        ("hamming", Filter::Hamming),
-        ("catmull-rom", Filter::CatmullRom),
-        ("mitchell", Filter::Mitchell),
-        ("lanczos3", Filter::Lanczos3),
-    ];
-
-    /// As `preprocess.filter` spells it.
-    pub fn name(self) -> &'static str {
-        name_in(Self::NAMES, self)
-    }
-}
+config_names!(
+    Filter,
+    "preprocess.filter",
+    [
+        ("nearest", Nearest),
+        ("box", Box),
+        ("bilinear", Bilinear),
+        ("hamming", Hamming),
+        ("catmull-rom", CatmullRom),
+        ("mitchell", Mitchell),
+        ("lanczos3", Lanczos3),
+    ]
+);
 
 #[derive(Debug, Clone)]
 pub struct PreprocessConfig {
